@@ -1,0 +1,214 @@
+//! Harness for tests against the real local control plane (`make cluster-up`).
+//!
+//! Tests read `KUBECONFIG` (set by `make test`), install the generated CRDs from
+//! `crds/`, and each work in a namespace of their own that is deleted afterwards, so
+//! test binaries and the tests inside them can run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, ResourceExt};
+use serde::Deserialize as _;
+
+/// Field manager the harness applies with.
+pub const FIELD_MANAGER: &str = "siterecovery-e2e";
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ has a parent")
+        .to_path_buf()
+}
+
+/// A client for the local control plane, with a clear error when it is not running.
+pub async fn client() -> anyhow::Result<Client> {
+    ensure!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "KUBECONFIG is not set: these tests need the local control plane; run `make test` \
+         (or `make cluster-up && source target/cluster/env.sh`)"
+    );
+    let client = Client::try_default()
+        .await
+        .context("building a client from KUBECONFIG")?;
+    client
+        .apiserver_version()
+        .await
+        .context("the API server in KUBECONFIG does not answer")?;
+    Ok(client)
+}
+
+/// The kubectl binary: `$KUBECTL`, else the one on `PATH`.
+pub fn kubectl_path() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned())
+}
+
+/// Runs kubectl with `args`, feeding `stdin`; returns stdout, or an error with stderr.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut cmd = Command::new(kubectl_path());
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running {}", kubectl_path()))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Server-side applies every CRD YAML in `crds/` and waits until each is Established.
+pub async fn install_crds(client: &Client) -> anyhow::Result<Vec<CustomResourceDefinition>> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut installed = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("crds"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let name = crd.name_any();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("applying {}", path.display()))?;
+        installed.push(crd);
+    }
+    for crd in &installed {
+        let name = crd.name_any();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("CRD {name} not Established within 60s"))??;
+    }
+    // Established CRDs can take a moment more to appear in discovery (kubectl explain).
+    wait_for_discovery(client).await?;
+    Ok(installed)
+}
+
+async fn wait_for_discovery(client: &Client) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if let Ok(list) = client
+            .list_api_group_resources(&format!(
+                "{}/{}",
+                siterecovery_api::GROUP,
+                siterecovery_api::VERSION
+            ))
+            .await
+            && list.resources.len() >= siterecovery_api::crds().len()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the siterecovery.io API group did not appear in discovery")
+}
+
+/// A namespace that exists for one test and is deleted when dropped.
+pub struct TestNamespace {
+    /// Its name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `sr-<prefix>-<random>`.
+    pub async fn create(client: &Client, prefix: &str) -> anyhow::Result<Self> {
+        let suffix: String = format!("{:08x}", rand_u32());
+        let name = format!("sr-{prefix}-{suffix}");
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"siterecovery.io/e2e": "true"}}
+        }))?;
+        api.create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(Self {
+            name,
+            client: client.clone(),
+        })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let name = self.name.clone();
+        // Best effort and non-blocking: the namespace controller finishes the deletion.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = api.delete(&name, &DeleteParams::background()).await;
+            });
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish() as u32
+}
+
+/// Every document of every YAML file in `examples/`, with the file it came from.
+pub fn example_documents() -> anyhow::Result<Vec<(PathBuf, serde_json::Value)>> {
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_json::to_value(serde_yaml::Value::deserialize(doc)?)?;
+            if !value.is_null() {
+                out.push((path.clone(), value));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The first example document of `kind`.
+pub fn example(kind: &str) -> anyhow::Result<serde_json::Value> {
+    example_documents()?
+        .into_iter()
+        .map(|(_, v)| v)
+        .find(|v| v["kind"] == kind)
+        .with_context(|| format!("no {kind} in examples/"))
+}
