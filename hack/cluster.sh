@@ -176,6 +176,7 @@ up() {
 # source this file to talk to the local control plane
 export KUBECONFIG=$d/admin.kubeconfig
 export PATH=$bin/kube:$bin/helm:\$PATH
+export KUBECTL=$bin/kube/kubectl
 ENV
   start_etcd
   start_apiserver

@@ -21,10 +21,7 @@ pub const FIELD_MANAGER: &str = "siterecovery-e2e";
 
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e/ has a parent").to_path_buf()
 }
 
 /// A client for the local control plane, with a clear error when it is not running.
@@ -34,13 +31,8 @@ pub async fn client() -> anyhow::Result<Client> {
         "KUBECONFIG is not set: these tests need the local control plane; run `make test` \
          (or `make cluster-up && source target/cluster/env.sh`)"
     );
-    let client = Client::try_default()
-        .await
-        .context("building a client from KUBECONFIG")?;
-    client
-        .apiserver_version()
-        .await
-        .context("the API server in KUBECONFIG does not answer")?;
+    let client = Client::try_default().await.context("building a client from KUBECONFIG")?;
+    client.apiserver_version().await.context("the API server in KUBECONFIG does not answer")?;
     Ok(client)
 }
 
@@ -54,30 +46,16 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     use std::io::Write;
     let mut cmd = Command::new(kubectl_path());
     cmd.args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
+        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("running {}", kubectl_path()))?;
+    let mut child = cmd.spawn().with_context(|| format!("running {}", kubectl_path()))?;
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(input.as_bytes())?;
+        child.stdin.take().expect("piped").write_all(input.as_bytes())?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!(
-            "kubectl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -96,9 +74,7 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<Vec<CustomResourceD
             .with_context(|| format!("parsing {}", path.display()))?;
         let name = crd.name_any();
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(&name, &params, &Patch::Apply(&crd))
-            .await
-            .with_context(|| format!("applying {}", path.display()))?;
+        api.patch(&name, &params, &Patch::Apply(&crd)).await.with_context(|| format!("applying {}", path.display()))?;
         installed.push(crd);
     }
     for crd in &installed {
@@ -115,22 +91,27 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<Vec<CustomResourceD
     Ok(installed)
 }
 
+/// Waits until the group is in discovery and its kinds are in the published OpenAPI v3
+/// document (what `kubectl explain` reads); both lag a little behind `Established`.
 async fn wait_for_discovery(client: &Client) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if let Ok(list) = client
-            .list_api_group_resources(&format!(
-                "{}/{}",
-                siterecovery_api::GROUP,
-                siterecovery_api::VERSION
-            ))
+    let group_version = format!("{}/{}", siterecovery_api::GROUP, siterecovery_api::VERSION);
+    let kinds: Vec<String> = siterecovery_api::crds().iter().map(|c| c.spec.names.kind.clone()).collect();
+    for _ in 0..300 {
+        let discovered = client
+            .list_api_group_resources(&group_version)
             .await
-            && list.resources.len() >= siterecovery_api::crds().len()
-        {
-            return Ok(());
+            .is_ok_and(|list| kinds.iter().all(|k| list.resources.iter().any(|r| &r.kind == k)));
+        if discovered {
+            let request = http::Request::get(format!("/openapi/v3/apis/{group_version}")).body(Vec::new())?;
+            if let Ok(doc) = client.request_text(request).await
+                && kinds.iter().all(|k| doc.contains(&format!("io.siterecovery.v1alpha1.{k}")))
+            {
+                return Ok(());
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the siterecovery.io API group did not appear in discovery")
+    bail!("the {group_version} kinds did not appear in discovery and OpenAPI v3 within 30s")
 }
 
 /// A namespace that exists for one test and is deleted when dropped.
@@ -149,13 +130,8 @@ impl TestNamespace {
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"siterecovery.io/e2e": "true"}}
         }))?;
-        api.create(&PostParams::default(), &ns)
-            .await
-            .with_context(|| format!("creating namespace {name}"))?;
-        Ok(Self {
-            name,
-            client: client.clone(),
-        })
+        api.create(&PostParams::default(), &ns).await.with_context(|| format!("creating namespace {name}"))?;
+        Ok(Self { name, client: client.clone() })
     }
 }
 
@@ -175,12 +151,7 @@ impl Drop for TestNamespace {
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.finish() as u32
 }
 

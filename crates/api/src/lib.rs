@@ -39,10 +39,5 @@ pub mod field_manager {
 
 /// Every CustomResourceDefinition, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![
-        ReplicationPolicy::crd(),
-        ProtectedServer::crd(),
-        RecoveryPlan::crd(),
-        FailbackJob::crd(),
-    ]
+    vec![ReplicationPolicy::crd(), ProtectedServer::crd(), RecoveryPlan::crd(), FailbackJob::crd()]
 }

@@ -53,10 +53,7 @@ pub struct RecoveryPlanSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryGroup {
     /// Group name, unique in the plan.
-    #[schemars(
-        length(min = 1, max = 31),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 31), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// ProtectedServers (names, same namespace) in this group.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 63)))]
@@ -76,10 +73,7 @@ pub struct RecoveryGroup {
     .message("spec.groups[].actions[] needs exactly one of job or manualApproval"))]
 pub struct PlanAction {
     /// Action name, unique in the group.
-    #[schemars(
-        length(min = 1, max = 31),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 31), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Run before or after the group's servers are recovered.
     pub when: ActionTiming,
@@ -161,10 +155,7 @@ pub struct PlanOperation {
     pub type_: PlanOperationType,
     /// Identifies this run; change it to run the same operation again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub run_id: Option<String>,
     /// Which recovery point to use; `Latest` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -129,10 +129,7 @@ pub struct Compression {
 
 impl Default for Compression {
     fn default() -> Self {
-        Self {
-            algorithm: CompressionAlgorithm::default(),
-            level: default_zstd_level(),
-        }
+        Self { algorithm: CompressionAlgorithm::default(), level: default_zstd_level() }
     }
 }
 
@@ -169,10 +166,7 @@ pub struct Bandwidth {
     pub limit_mbps: u32,
     /// IANA time zone the windows are written in.
     #[serde(default = "default_time_zone")]
-    #[schemars(
-        length(min = 1, max = 64),
-        regex(pattern = r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$")
-    )]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$"))]
     pub time_zone: String,
     /// Time windows with their own limit; the first matching window wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -237,10 +231,7 @@ pub struct TargetStorage {
     #[schemars(length(min = 8, max = 512), regex(pattern = r"^https?://[^\s]+$"))]
     pub endpoint: String,
     /// Container that holds this policy's data.
-    #[schemars(
-        length(min = 3, max = 63),
-        regex(pattern = r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
-    )]
+    #[schemars(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9][a-z0-9-]*[a-z0-9]$"))]
     pub container: String,
     /// How the process servers authenticate to the storage account.
     pub credential: StorageCredential,

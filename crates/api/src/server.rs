@@ -45,18 +45,12 @@ pub struct ProtectedServerSpec {
     /// Pin the server to this process server (its pod name) instead of letting the
     /// operator balance the load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub process_server: Option<String>,
     /// Servers sharing a consistency group get recovery points that are consistent
     /// across all of them (multi-tier applications).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub consistency_group: Option<String>,
     /// Where the server is recovered on failover and test failover.
     pub failover_target: FailoverTarget,
@@ -79,10 +73,7 @@ pub struct ProtectedServerSpec {
     .field_path(".machineId"))]
 pub struct AgentIdentity {
     /// Host name the agent reports; checked at registration.
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub hostname: String,
     /// `/etc/machine-id` of the server; when set, a different machine cannot register as it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,10 +91,7 @@ pub struct AgentIdentity {
 #[serde(rename_all = "camelCase")]
 pub struct ProtectedDisk {
     /// Stable id of the disk inside this server (names blobs and recovered disks).
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub id: String,
     /// Block device or image file on the server; prefer `/dev/disk/by-id/...` paths.
     #[schemars(length(min = 2, max = 1024), regex(pattern = r"^/[^\x00]*$"))]
@@ -147,10 +135,7 @@ pub struct LocalTarget {
 pub struct KubevirtTarget {
     /// Namespace of the VirtualMachine and DataVolumes; the server's namespace when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: Option<String>,
     /// StorageClass of the DataVolumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,23 +171,14 @@ pub struct AzureTarget {
     #[schemars(length(min = 2, max = 64), regex(pattern = r"^[a-z0-9]+$"))]
     pub location: String,
     /// VM size, e.g. `Standard_D4s_v5`.
-    #[schemars(
-        length(min = 1, max = 64),
-        regex(pattern = r"^(Standard|Basic)_[A-Za-z0-9_]+$")
-    )]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^(Standard|Basic)_[A-Za-z0-9_]+$"))]
     pub vm_size: String,
     /// Subnet resource id for production failover.
-    #[schemars(
-        length(min = 1, max = 512),
-        regex(pattern = r"^/subscriptions/.+/subnets/[^/]+$")
-    )]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^/subscriptions/.+/subnets/[^/]+$"))]
     pub subnet_id: String,
     /// Subnet resource id for test failover, isolated from production.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 512),
-        regex(pattern = r"^/subscriptions/.+/subnets/[^/]+$")
-    )]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^/subscriptions/.+/subnets/[^/]+$"))]
     pub test_subnet_id: Option<String>,
     /// Managed disk SKU.
     #[serde(default)]
