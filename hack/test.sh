@@ -11,7 +11,7 @@ make --no-print-directory lint
 cargo build --workspace --tests
 
 export SR_CLUSTER_DIR=${SR_TEST_CLUSTER_DIR:-$PWD/target/test-cluster}
-export SR_ETCD_PORT=${SR_TEST_ETCD_PORT:-23890} SR_APISERVER_PORT=${SR_TEST_APISERVER_PORT:-16543} SR_KCM_PORT=16544
+export SR_ETCD_PORT=${SR_TEST_ETCD_PORT:-23890} SR_APISERVER_PORT=${SR_TEST_APISERVER_PORT:-16543} SR_KCM_PORT=${SR_TEST_KCM_PORT:-16544}
 trap '"$here/cluster.sh" down >/dev/null 2>&1 || true' EXIT
 "$here/cluster.sh" down >/dev/null 2>&1 || true
 "$here/cluster.sh" up
