@@ -4,6 +4,8 @@
 //! `crds/`, and each work in a namespace of their own that is deleted afterwards, so
 //! test binaries and the tests inside them can run in parallel.
 
+pub mod operator;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -148,7 +150,7 @@ impl Drop for TestNamespace {
     }
 }
 
-fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
@@ -182,4 +184,43 @@ pub fn example(kind: &str) -> anyhow::Result<serde_json::Value> {
         .map(|(_, v)| v)
         .find(|v| v["kind"] == kind)
         .with_context(|| format!("no {kind} in examples/"))
+}
+
+/// Polls `get` every 200 ms until `done` holds for the object, or fails after `timeout`
+/// with the last state seen (so a failing test says what it was waiting on).
+pub async fn wait_for<K, F>(api: &Api<K>, name: &str, timeout: Duration, what: &str, done: F) -> anyhow::Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    F: Fn(&K) -> bool,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Some(obj) = api.get_opt(name).await? {
+            if done(&obj) {
+                return Ok(obj);
+            }
+            last = Some(obj);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let seen = last.map(|o| serde_json::to_string_pretty(&o).unwrap_or_default()).unwrap_or("nothing".into());
+            bail!("timed out after {timeout:?} waiting for {name}: {what}; last seen:\n{seen}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls until `name` no longer exists.
+pub async fn wait_gone<K>(api: &Api<K>, name: &str, timeout: Duration) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while api.get_opt(name).await?.is_some() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("{name} still exists after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }

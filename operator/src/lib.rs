@@ -1,5 +1,12 @@
-//! The Site Recovery operator (configuration-server role). For now it carries the CRD
-//! generator shared by the `crdgen` binary and the freshness test; the reconcilers
-//! live here too as they arrive, one module per kind.
+//! The Site Recovery operator (configuration-server role): one reconciler module per
+//! custom resource, plus the shared context, errors, status helpers, leader election
+//! and telemetry. `crdgen` renders the CRDs from `siterecovery-api`.
 
+pub mod context;
 pub mod crdgen;
+pub mod error;
+pub mod leader;
+pub mod policy;
+pub mod server;
+pub mod status;
+pub mod telemetry;

@@ -173,6 +173,29 @@ pub struct Condition<T> {
     pub observed_generation: Option<i64>,
 }
 
+/// The kstatus condition types every kind's condition enum has, so status code can be
+/// written once for all kinds.
+pub trait KstatusConditions: Copy + PartialEq + std::fmt::Debug {
+    /// `Ready`: the object is in its desired state.
+    const READY: Self;
+    /// `Reconciling`: the controller is working towards the desired state.
+    const RECONCILING: Self;
+    /// `Stalled`: no progress without a change; the message says what to fix.
+    const STALLED: Self;
+}
+
+/// Implements [`KstatusConditions`] for a condition enum with `Ready`, `Reconciling`, `Stalled`.
+#[macro_export]
+macro_rules! kstatus_conditions {
+    ($($t:ty),*) => {$(
+        impl $crate::common::KstatusConditions for $t {
+            const READY: Self = <$t>::Ready;
+            const RECONCILING: Self = <$t>::Reconciling;
+            const STALLED: Self = <$t>::Stalled;
+        }
+    )*};
+}
+
 /// Kind of a recovery point, from weakest to strongest consistency guarantee.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum RecoveryPointKind {

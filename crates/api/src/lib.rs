@@ -9,11 +9,18 @@ pub mod policy;
 mod schema;
 pub mod server;
 
-pub use common::{Condition, ConditionStatus, Duration, RecoveryPointRef, RecoveryPointSelector};
+pub use common::{Condition, ConditionStatus, Duration, KstatusConditions, RecoveryPointRef, RecoveryPointSelector};
 pub use failback::{FailbackJob, FailbackJobSpec, FailbackJobStatus};
 pub use plan::{RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus};
 pub use policy::{ReplicationPolicy, ReplicationPolicySpec, ReplicationPolicyStatus};
 pub use server::{ProtectedServer, ProtectedServerSpec, ProtectedServerStatus, ServerPhase};
+
+kstatus_conditions!(
+    policy::PolicyConditionType,
+    server::ServerConditionType,
+    plan::PlanConditionType,
+    failback::FailbackConditionType
+);
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

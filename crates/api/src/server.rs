@@ -374,7 +374,7 @@ pub struct LatestRecoveryPoints {
 }
 
 /// Why a resync happens.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum ResyncReason {
     /// Change tracking stopped (agent crash, reboot, lost eBPF events).
     TrackingLost,

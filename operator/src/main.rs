@@ -1,0 +1,248 @@
+//! `siterecovery-operator`: the configuration-server role. Elects a leader, then runs
+//! one controller per custom resource; serves /metrics, /healthz and /readyz.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use siterecovery_api::{ProtectedServer, ReplicationPolicy};
+use siterecovery_operator::context::Context;
+use siterecovery_operator::leader::{LeaderElectionConfig, LeaderElector};
+use siterecovery_operator::telemetry::{self, Health, Metrics};
+use siterecovery_operator::{policy, server};
+use tokio::sync::watch as signal_watch;
+use tracing::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Site Recovery operator: orchestrates protection, failover and failback")]
+struct Args {
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "SR_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SR_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Log format.
+    #[arg(long, env = "SR_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+    /// Turn leader election off (a single replica only).
+    #[arg(long, env = "SR_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "siterecovery-system")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "siterecovery-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Reconciles of one kind running at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let (stop_tx, stop_rx) = signal_watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::default();
+    let http = tokio::spawn(telemetry::serve(args.metrics_addr, metrics.clone(), health.clone(), stopped()));
+
+    let client = Client::try_default().await?;
+    let version = client.apiserver_version().await?;
+    info!(kubernetes = %version.git_version, "connected to the API server");
+    health.set_ready(true);
+
+    let guard = if args.no_leader_election {
+        None
+    } else {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let elector = LeaderElector::new(
+            client.clone(),
+            LeaderElectionConfig {
+                namespace: args.lease_namespace.clone(),
+                lease_name: args.lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(15),
+                renew_interval: Duration::from_secs(5),
+            },
+        );
+        info!(%identity, lease = %args.lease_name, "waiting to become leader");
+        tokio::select! {
+            guard = elector.acquire() => Some(guard?),
+            _ = stopped() => return Ok(()),
+        }
+    };
+    info!("leading: starting controllers");
+
+    let controllers = run_controllers(client, metrics, &args, stopped);
+    let result = match &guard {
+        Some(g) => tokio::select! {
+            _ = controllers => Ok(()),
+            _ = g.lost() => Err(anyhow::anyhow!("lost the leader lease; exiting so a fresh start can compete again")),
+        },
+        None => {
+            controllers.await;
+            Ok(())
+        }
+    };
+    if let Some(g) = guard
+        && result.is_ok()
+    {
+        g.release().await?;
+        info!("released the leader lease");
+    }
+    health.set_ready(false);
+    let _ = http.await;
+    result
+}
+
+/// Runs every controller until `stopped` resolves (each finishes its reconciles first).
+async fn run_controllers<F, Fut>(client: Client, metrics: Arc<Metrics>, args: &Args, stopped: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let servers: Api<ProtectedServer> = scoped(&client, &args.namespace);
+    let policies: Api<ReplicationPolicy> = scoped(&client, &args.namespace);
+    let config = ControllerConfig::default().concurrency(args.concurrency).debounce(Duration::from_millis(500));
+
+    let server_controller = Controller::new(servers.clone(), watcher::Config::default()).with_config(config.clone());
+    let store = server_controller.store();
+    let ctx = Context::new(client.clone(), metrics.clone(), store.clone());
+
+    // A policy change concerns every server using it.
+    let by_policy = store.clone();
+    let server_controller = server_controller
+        .watches(policies.clone(), watcher::Config::default(), move |policy: ReplicationPolicy| {
+            let (ns, name) = (policy.namespace(), policy.name_any());
+            by_policy
+                .state()
+                .iter()
+                .filter(|s| s.namespace() == ns && s.spec.policy_ref.name == name)
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stopped())
+        .run(server::reconcile, server::error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    // A server that starts or stops using a policy changes its count and its deletion.
+    let policy_controller = Controller::new(policies, watcher::Config::default())
+        .with_config(config)
+        .watches(servers, watcher::Config::default(), |server: ProtectedServer| {
+            let ns = server.namespace().unwrap_or_default();
+            Some(ObjectRef::<ReplicationPolicy>::new(&server.spec.policy_ref.name).within(&ns))
+        })
+        .graceful_shutdown_on(stopped())
+        .run(policy::reconcile, policy::error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let phase_counts = count_phases(store, metrics, stopped());
+    tokio::join!(server_controller, policy_controller, phase_counts);
+}
+
+/// Publishes the number of servers per phase every 15 s.
+async fn count_phases(
+    store: kube::runtime::reflector::Store<ProtectedServer>,
+    metrics: Arc<Metrics>,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stopped);
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        let mut counts: BTreeMap<String, i64> =
+            siterecovery_core::lifecycle::ALL_PHASES.iter().map(|p| (format!("{p:?}"), 0)).collect();
+        for s in store.state() {
+            let phase = s.status.as_ref().and_then(|st| st.phase).map(|p| format!("{p:?}"));
+            *counts.entry(phase.unwrap_or_else(|| "Enabling".into())).or_default() += 1;
+        }
+        for (phase, count) in counts {
+            metrics.set_phase_count(&phase, count);
+        }
+    }
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn default_identity() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| format!("siterecovery-operator-{}", std::process::id()))
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
