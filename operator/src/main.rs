@@ -8,16 +8,17 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use siterecovery_api::{ProtectedServer, ReplicationPolicy};
+use siterecovery_api::{ProtectedServer, RecoveryPlan, ReplicationPolicy};
 use siterecovery_operator::context::Context;
 use siterecovery_operator::leader::{LeaderElectionConfig, LeaderElector};
 use siterecovery_operator::telemetry::{self, Health, Metrics};
-use siterecovery_operator::{policy, server};
+use siterecovery_operator::{plan, policy, server};
 use tokio::sync::watch as signal_watch;
 use tracing::{error, info};
 
@@ -170,8 +171,35 @@ where
         .run(policy::reconcile, policy::error_policy, ctx.clone())
         .for_each(|_| async {});
 
+    // Plans run Jobs and follow their servers' progress.
+    let plans: Api<RecoveryPlan> = scoped(&client, &args.namespace);
+    let plan_controller = Controller::new(plans, watcher::Config::default()).with_config(config_for_plans(args));
+    let plan_store = plan_controller.store();
+    let plan_controller = plan_controller
+        .owns(scoped::<Job>(&client, &args.namespace), watcher::Config::default().labels(plan::PLAN_LABEL))
+        .watches(
+            scoped::<ProtectedServer>(&client, &args.namespace),
+            watcher::Config::default(),
+            move |s: ProtectedServer| {
+                let (ns, name) = (s.namespace(), s.name_any());
+                plan_store
+                    .state()
+                    .iter()
+                    .filter(|p| p.namespace() == ns && p.spec.groups.iter().any(|g| g.servers.contains(&name)))
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stopped())
+        .run(plan::reconcile, plan::error_policy, ctx.clone())
+        .for_each(|_| async {});
+
     let phase_counts = count_phases(store, metrics, stopped());
-    tokio::join!(server_controller, policy_controller, phase_counts);
+    tokio::join!(server_controller, policy_controller, plan_controller, phase_counts);
+}
+
+fn config_for_plans(args: &Args) -> ControllerConfig {
+    ControllerConfig::default().concurrency(args.concurrency).debounce(Duration::from_millis(200))
 }
 
 /// Publishes the number of servers per phase every 15 s.

@@ -8,80 +8,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use siterecovery_api::field_manager::{AGENT, PROCESS_SERVER};
 use siterecovery_api::{ConditionStatus, KstatusConditions, ProtectedServer, ReplicationPolicy, ServerPhase};
+use siterecovery_e2e::fixtures::{ago, condition, events_for, policy, report, sas_secret, server};
 use siterecovery_e2e::operator::{OperatorProcess, client_as};
 use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn condition<T: KstatusConditions>(
-    conds: &[siterecovery_api::Condition<T>],
-    t: T,
-) -> Option<(ConditionStatus, String, String)> {
-    conds.iter().find(|c| c.type_ == t).map(|c| (c.status, c.reason.clone(), c.message.clone()))
-}
-
-fn policy(name: &str) -> ReplicationPolicy {
-    serde_json::from_value(json!({
-        "apiVersion": "siterecovery.io/v1alpha1", "kind": "ReplicationPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "rpoThreshold": "2m", "crashConsistentInterval": "5s", "retention": {"window": "24h"},
-            "target": {"endpoint": "http://127.0.0.1:10000/devstoreaccount1", "container": "dr-data",
-                       "credential": {"secretRef": {"name": "storage"}}}
-        }
-    }))
-    .unwrap()
-}
-
-fn server(name: &str) -> ProtectedServer {
-    serde_json::from_value(json!({
-        "apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer",
-        "metadata": {"name": name},
-        "spec": {
-            "policyRef": {"name": "gold"},
-            "agent": {"hostname": format!("{name}.example.com")},
-            "disks": [{"id": "os", "path": "/dev/loop0"}],
-            "failoverTarget": {"local": {"directory": "/srv/recovered"}}
-        }
-    }))
-    .unwrap()
-}
-
-/// A status report as the agent or process server sends it: server-side apply on the
-/// status subresource under its own field manager.
-async fn report(
-    api: &Api<ProtectedServer>,
-    name: &str,
-    manager: &str,
-    status: serde_json::Value,
-) -> anyhow::Result<()> {
-    let patch = json!({"apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer", "status": status});
-    api.patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&patch)).await?;
-    Ok(())
-}
-
-fn ago(secs: i64) -> String {
-    (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs)).to_string()
-}
-
-async fn events_for(client: &Client, ns: &str, name: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect())
-}
 
 #[tokio::test]
 async fn policy_and_server_lifecycle_with_chart_rbac() -> anyhow::Result<()> {
@@ -121,9 +58,7 @@ async fn scenario(admin: &Client, ns: &str, operator: &OperatorProcess) -> anyho
     assert!(key.metadata.owner_references.is_none());
 
     // Providing the Secret makes the policy Ready (credentials are re-read while broken).
-    let sas: Secret = serde_json::from_value(json!({"metadata": {"name": "storage"},
-        "stringData": {"sasToken": "sv=2024-11-04&ss=b&srt=co&sp=rwdlac&sig=c2VjcmV0"}}))?;
-    secrets.create(&PostParams::default(), &sas).await?;
+    secrets.create(&PostParams::default(), &sas_secret()).await?;
     let ready = wait_for(&policies, "gold", WAIT, "Ready", |p| {
         p.status
             .as_ref()

@@ -423,23 +423,36 @@ pub struct AgentStatus {
     pub certificate_expiry_time: Option<Time>,
 }
 
-/// State of a failover or test failover of one server.
+/// A failover or test failover of one server: the request (written by the operator when
+/// a RecoveryPlan asks for it) and its execution (written by the restore worker of the
+/// data plane). See `docs/lifecycle.md` for the protocol.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailoverStatus {
+    /// What was requested: TestFailover, TestFailoverCleanup, PlannedFailover,
+    /// UnplannedFailover or ChangeRecoveryPoint.
+    pub operation: crate::plan::PlanOperationType,
+    /// The plan run that asked for it (`<plan>/<runId>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    /// How the recovery point is to be chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_choice: Option<crate::plan::RecoveryPointChoice>,
+    /// `Pending` (requested), `Running`, `Succeeded` or `Failed` (set by the worker).
+    pub state: crate::plan::RunState,
+    /// Why it failed, or what it is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Point the disks were (or are being) materialised at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_point: Option<RecoveryPointRef>,
-    /// RecoveryPlan that drove it, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub plan: Option<String>,
     /// Progress of the restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<SyncProgress>,
     /// Where the recovered disks or VM are (paths, VM name or resource id).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recovered_disks: Vec<String>,
-    /// When it started.
+    /// When it was requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When it completed.

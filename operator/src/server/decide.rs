@@ -157,6 +157,15 @@ fn events(server: &ProtectedServer) -> Vec<Event> {
         Some(_) => events.push(Event::ResyncComplete),
         None => {}
     }
+    // The restore worker's verdict on a failover the operator recorded as FailingOver.
+    if status.phase == Some(P::FailingOver) {
+        use siterecovery_api::plan::RunState as R;
+        match status.failover.as_ref().map(|f| f.state) {
+            Some(R::Succeeded) => events.push(Event::FailoverComplete),
+            Some(R::Failed) => events.push(Event::FailoverFailed),
+            _ => {}
+        }
+    }
     let answered = status.resync.as_ref().and_then(|r| r.token.as_ref());
     if server.spec.resync_token.is_some() && server.spec.resync_token.as_ref() != answered {
         events.push(Event::Resync(ResyncReason::Manual));
@@ -164,11 +173,18 @@ fn events(server: &ProtectedServer) -> Vec<Event> {
     events
 }
 
-fn test_state(server: &ProtectedServer) -> TestFailoverState {
+/// The test-failover track, read from the request/execution block in status.
+pub fn test_state(server: &ProtectedServer) -> TestFailoverState {
+    use siterecovery_api::plan::{PlanOperationType as Op, RunState as R};
     match server.status.as_ref().and_then(|s| s.test_failover.as_ref()) {
         None => TestFailoverState::None,
-        Some(t) if t.completion_time.is_some() => TestFailoverState::Done,
-        Some(_) => TestFailoverState::Running,
+        Some(t) => match (t.operation, t.state) {
+            (Op::TestFailoverCleanup, R::Succeeded) => TestFailoverState::None,
+            (Op::TestFailoverCleanup, _) => TestFailoverState::CleaningUp,
+            // A failed test failover may have left artefacts: it still needs a cleanup.
+            (_, R::Succeeded | R::Failed | R::PartiallySucceeded) => TestFailoverState::Done,
+            _ => TestFailoverState::Running,
+        },
     }
 }
 

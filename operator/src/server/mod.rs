@@ -20,7 +20,7 @@ use siterecovery_api::server::ServerPhase;
 use siterecovery_api::{ProtectedServer, ReplicationPolicy};
 use tracing::{info, instrument, warn};
 
-pub use decide::{Decision, HEARTBEAT_TIMEOUT, Notice, decide};
+pub use decide::{Decision, HEARTBEAT_TIMEOUT, Notice, decide, test_state};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -72,7 +72,13 @@ async fn apply(server: &ProtectedServer, ctx: &Context) -> Result<Action> {
         Some(rpo) => ctx.metrics.set_server_rpo(&ns, &server.name_any(), rpo.as_secs_f64()),
         None => ctx.metrics.forget_server(&ns, &server.name_any()),
     }
-    let patch = json!({"apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer", "status": decision.status});
+    // resourceVersion makes the apply conditional: a RecoveryPlan may have recorded a
+    // request (a new phase) since we read the object; then we retry on fresh data.
+    let patch = json!({
+        "apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer",
+        "metadata": {"resourceVersion": server.resource_version()},
+        "status": decision.status,
+    });
     Api::<ProtectedServer>::namespaced(ctx.client.clone(), &ns)
         .patch_status(&server.name_any(), &PatchParams::apply(OPERATOR).force(), &Patch::Apply(&patch))
         .await?;
