@@ -5,6 +5,7 @@
 pub mod context;
 pub mod crdgen;
 pub mod error;
+pub mod failback;
 pub mod leader;
 pub mod plan;
 pub mod policy;

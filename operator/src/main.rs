@@ -14,11 +14,11 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use siterecovery_api::{ProtectedServer, RecoveryPlan, ReplicationPolicy};
+use siterecovery_api::{FailbackJob, ProtectedServer, RecoveryPlan, ReplicationPolicy};
 use siterecovery_operator::context::Context;
 use siterecovery_operator::leader::{LeaderElectionConfig, LeaderElector};
 use siterecovery_operator::telemetry::{self, Health, Metrics};
-use siterecovery_operator::{plan, policy, server};
+use siterecovery_operator::{failback, plan, policy, server};
 use tokio::sync::watch as signal_watch;
 use tracing::{error, info};
 
@@ -175,6 +175,7 @@ where
     let plans: Api<RecoveryPlan> = scoped(&client, &args.namespace);
     let plan_controller = Controller::new(plans, watcher::Config::default()).with_config(config_for_plans(args));
     let plan_store = plan_controller.store();
+    let plan_store_for_jobs = plan_store.clone();
     let plan_controller = plan_controller
         .owns(scoped::<Job>(&client, &args.namespace), watcher::Config::default().labels(plan::PLAN_LABEL))
         .watches(
@@ -194,8 +195,41 @@ where
         .run(plan::reconcile, plan::error_policy, ctx.clone())
         .for_each(|_| async {});
 
+    // Failback jobs follow their servers (by name, or through their plan).
+    let jobs: Api<FailbackJob> = scoped(&client, &args.namespace);
+    let failback_controller = Controller::new(jobs, watcher::Config::default()).with_config(config_for_plans(args));
+    let job_store = failback_controller.store();
+    let plans_for_jobs = plan_store_for_jobs.clone();
+    let failback_controller = failback_controller
+        .watches(
+            scoped::<ProtectedServer>(&client, &args.namespace),
+            watcher::Config::default(),
+            move |s: ProtectedServer| {
+                let (ns, name) = (s.namespace(), s.name_any());
+                let plans = plans_for_jobs.state();
+                job_store
+                    .state()
+                    .iter()
+                    .filter(|j| j.namespace() == ns)
+                    .filter(|j| match (&j.spec.servers, &j.spec.plan_ref) {
+                        (Some(servers), _) => servers.contains(&name),
+                        (None, Some(plan)) => plans.iter().any(|p| {
+                            p.name_any() == plan.name
+                                && p.namespace() == ns
+                                && p.spec.groups.iter().any(|g| g.servers.contains(&name))
+                        }),
+                        _ => false,
+                    })
+                    .map(|j| ObjectRef::from_obj(j.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stopped())
+        .run(failback::reconcile, failback::error_policy, ctx.clone())
+        .for_each(|_| async {});
+
     let phase_counts = count_phases(store, metrics, stopped());
-    tokio::join!(server_controller, policy_controller, plan_controller, phase_counts);
+    tokio::join!(server_controller, policy_controller, plan_controller, failback_controller, phase_counts);
 }
 
 fn config_for_plans(args: &Args) -> ControllerConfig {

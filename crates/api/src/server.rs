@@ -280,6 +280,44 @@ pub struct ProtectedServerStatus {
     /// The current or last test failover (runs beside protection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover: Option<FailoverStatus>,
+    /// Reverse replication to on-prem during a failback (reprotect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_replication: Option<FailbackWork>,
+    /// The planned failover back to on-prem (cut-over) during a failback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<FailbackWork>,
+}
+
+/// One step of a failback for one server: requested by the operator for a FailbackJob,
+/// carried out by the agent on the on-prem side (master-target role) and the restore
+/// worker, which report `state`, progress and completion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailbackWork {
+    /// FailbackJob that asked for it.
+    pub failback_job: String,
+    /// `Pending` (requested), `Running`, `Succeeded` or `Failed`.
+    pub state: crate::plan::RunState,
+    /// Original location, or the alternate on-prem server and disks to write to.
+    pub location: crate::failback::FailbackLocation,
+    /// The alternate target, with `location: AlternateLocation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alternate: Option<crate::failback::AlternateTarget>,
+    /// Bytes compared and sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<SyncProgress>,
+    /// Bytes found different and sent to on-prem (only differing blocks move).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<i64>,
+    /// Why it failed, or what it is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it was requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
 }
 
 /// Condition types of a ProtectedServer.

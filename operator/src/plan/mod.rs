@@ -116,15 +116,27 @@ async fn apply_step(plan: &RecoveryPlan, step: &Step, ctx: &Context) -> Result<(
             }
         }
         Step::RequestServer { server, resource_version, status } => {
-            // A merge patch with the resourceVersion we decided on: if the server changed
-            // meanwhile, the API server answers 409 and we decide again on fresh data.
-            let patch = json!({"metadata": {"resourceVersion": resource_version}, "status": status});
-            Api::<ProtectedServer>::namespaced(ctx.client.clone(), &ns)
-                .patch_status(server, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            info!(%server, request = %status, "recorded request");
+            record_request(ctx, &ns, server, resource_version.as_deref(), status).await?;
         }
     }
+    Ok(())
+}
+
+/// Records a request (a lifecycle transition decided with `siterecovery_core`) in a
+/// server's status: a merge patch conditional on the resourceVersion the decision was
+/// made on, so a concurrent change yields 409 and a fresh decision, never a lost one.
+pub(crate) async fn record_request(
+    ctx: &Context,
+    ns: &str,
+    server: &str,
+    resource_version: Option<&str>,
+    status: &serde_json::Value,
+) -> Result<()> {
+    let patch = json!({"metadata": {"resourceVersion": resource_version}, "status": status});
+    Api::<ProtectedServer>::namespaced(ctx.client.clone(), ns)
+        .patch_status(server, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    info!(%server, request = %status, "recorded request");
     Ok(())
 }
 

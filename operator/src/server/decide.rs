@@ -166,6 +166,16 @@ fn events(server: &ProtectedServer) -> Vec<Event> {
             _ => {}
         }
     }
+    // The on-prem side's verdicts on reverse replication and cut-over.
+    let succeeded = |w: &Option<siterecovery_api::server::FailbackWork>| {
+        w.as_ref().is_some_and(|w| w.state == siterecovery_api::plan::RunState::Succeeded)
+    };
+    if status.phase == Some(P::Reprotecting) && succeeded(&status.reverse_replication) {
+        events.push(Event::ReverseSyncComplete);
+    }
+    if status.phase == Some(P::FailingBack) && succeeded(&status.failback) {
+        events.push(Event::FailbackComplete);
+    }
     let answered = status.resync.as_ref().and_then(|r| r.token.as_ref());
     if server.spec.resync_token.is_some() && server.spec.resync_token.as_ref() != answered {
         events.push(Event::Resync(ResyncReason::Manual));
