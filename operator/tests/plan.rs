@@ -220,5 +220,23 @@ async fn job_actions_are_created_and_owned_by_the_plan() -> anyhow::Result<()> {
     .await?;
     // The server's part waits for the Before action.
     assert_eq!(p.status.unwrap().groups[0].servers[0].state, RunState::Pending);
+
+    // A Job spec the API server would refuse stalls the plan before anything runs.
+    let mut bad = plan.clone();
+    bad.metadata.name = Some("broken".into());
+    bad.spec.groups[0].actions.as_mut().unwrap()[0].job.as_mut().unwrap().spec =
+        json!({"template": {"spec": {"restartPolicy": "Always", "containers": [{"name": "c"}]}}});
+    plans.create(&PostParams::default(), &bad).await?;
+    let stalled = wait_for(&plans, "broken", WAIT, "Stalled on the Job spec", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| condition(&s.conditions, PC::STALLED))
+            .is_some_and(|(s, r, _)| s == ConditionStatus::True && r == "InvalidJob")
+    })
+    .await?;
+    let message = condition(&stalled.status.unwrap().conditions, PC::STALLED).unwrap().2;
+    assert!(message.starts_with("spec.groups[0].actions[0].job.spec: "), "{message}");
+    assert!(message.contains("image") && message.contains("restartPolicy"), "{message}");
+    assert!(jobs.get_opt("broken-t1-app-prepare").await?.is_none(), "no Job for an invalid plan");
     Ok(())
 }

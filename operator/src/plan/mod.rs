@@ -41,6 +41,17 @@ pub async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<Context>) -> Result<Act
         .filter(|s| s.namespace().as_deref() == Some(ns.as_str()))
         .map(|s| (s.name_any(), s.as_ref().clone()))
         .collect();
+    let new_generation = plan.status.as_ref().and_then(|s| s.observed_generation) != plan.meta().generation;
+    let was_invalid = plan.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == siterecovery_api::plan::PlanConditionType::Stalled && c.reason == "InvalidJob")
+    });
+    if (new_generation || was_invalid)
+        && let Some(problem) = dry_run_jobs(&plan, &ctx).await?
+    {
+        return reject(&plan, &ctx, problem).await;
+    }
     let jobs = observe_jobs(&plan, &ctx).await?;
     let decision = decide(&plan, &servers, &jobs, &now());
     for step in &decision.steps {
@@ -60,6 +71,61 @@ pub async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<Context>) -> Result<Act
 pub fn error_policy(_plan: Arc<RecoveryPlan>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed("RecoveryPlan", error.metric_label());
     error.action()
+}
+
+/// Job specs are kept as written in the CRD (the pod schema is too large to inline), so
+/// each new generation of the plan has every Job action checked by a server-side dry
+/// run; the first refusal is returned with the action named.
+async fn dry_run_jobs(plan: &RecoveryPlan, ctx: &Context) -> Result<Option<String>> {
+    let ns = plan.namespace().unwrap_or_default();
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    for (g, group) in plan.spec.groups.iter().enumerate() {
+        for (a, action) in group.actions.iter().flatten().enumerate() {
+            let Some(job) = &action.job else { continue };
+            let field = format!("spec.groups[{g}].actions[{a}].job.spec");
+            let spec: JobSpec = match serde_json::from_value(job.spec.clone()) {
+                Ok(spec) => spec,
+                Err(e) => return Ok(Some(format!("{field}: not a Job spec: {e}"))),
+            };
+            let probe = Job {
+                metadata: ObjectMeta { name: Some(format!("{}-dry-run", plan.name_any())), ..Default::default() },
+                spec: Some(spec),
+                ..Default::default()
+            };
+            match api.create(&PostParams { dry_run: true, ..Default::default() }, &probe).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+                    return Ok(Some(format!("{field}: {}", s.message)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Stalls the plan with the reason, and waits for the user to change it.
+async fn reject(plan: &RecoveryPlan, ctx: &Context, message: String) -> Result<Action> {
+    let generation = plan.meta().generation;
+    let mut conditions = plan.status.clone().unwrap_or_default().conditions;
+    let verdict = Verdict::Stalled { reason: "InvalidJob", message: message.clone() };
+    crate::status::set_verdict(&mut conditions, &verdict, generation, &now());
+    let patch = json!({"apiVersion": "siterecovery.io/v1alpha1", "kind": "RecoveryPlan",
+        "status": {"observedGeneration": generation, "conditions": conditions}});
+    Api::<RecoveryPlan>::namespaced(ctx.client.clone(), &plan.namespace().unwrap_or_default())
+        .patch_status(&plan.name_any(), &PatchParams::apply(OPERATOR).force(), &Patch::Apply(&patch))
+        .await?;
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidJob".into(),
+        note: Some(message.clone()),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &plan.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+    Err(Error::InvalidSpec(message))
 }
 
 async fn observe_jobs(plan: &RecoveryPlan, ctx: &Context) -> Result<BTreeMap<String, JobState>> {
