@@ -139,6 +139,8 @@ impl OperatorProcess {
             .env("POD_NAMESPACE", operator_ns)
             .env("POD_NAME", format!("{operator_ns}-operator-0"))
             .env("SR_METRICS_ADDR", metrics_addr.to_string())
+            // Parallel tests each run an operator: no fixed port for the registration endpoint.
+            .env("SR_REGISTRATION_ADDR", "127.0.0.1:0")
             .env("SR_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,siterecovery_operator=debug,kube=warn")
             .stdout(Stdio::from(std::fs::File::create(&log)?))
@@ -146,6 +148,11 @@ impl OperatorProcess {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         Ok(Self { child, log, metrics_addr, _dir: dir })
+    }
+
+    /// The operator's process id (benchmarks read its memory from `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The operator's log so far (for assertion messages).

@@ -18,7 +18,7 @@ use siterecovery_api::{FailbackJob, ProtectedServer, RecoveryPlan, ReplicationPo
 use siterecovery_operator::context::Context;
 use siterecovery_operator::leader::{LeaderElectionConfig, LeaderElector};
 use siterecovery_operator::telemetry::{self, Health, Metrics};
-use siterecovery_operator::{failback, plan, policy, server};
+use siterecovery_operator::{failback, plan, policy, registration, server};
 use tokio::sync::watch as signal_watch;
 use tracing::{error, info};
 
@@ -49,6 +49,21 @@ struct Args {
     /// Reconciles of one kind running at once.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
+    /// Address of the agent registration endpoint (HTTPS, `POST /register`). Loopback by default.
+    #[arg(long, env = "SR_REGISTRATION_ADDR", default_value = "127.0.0.1:9444")]
+    registration_addr: SocketAddr,
+    /// API server URL handed to registering agents (default: the operator's own).
+    #[arg(long, env = "SR_REGISTRATION_API_SERVER")]
+    registration_api_server: Option<String>,
+    /// Extra DNS names or IPs of the registration endpoint's certificate, comma-separated.
+    #[arg(long, env = "SR_REGISTRATION_DNS_NAMES", value_delimiter = ',')]
+    registration_dns_names: Vec<String>,
+    /// URL agents register at, written next to each bootstrap token for the admin.
+    #[arg(long, env = "SR_REGISTRATION_URL")]
+    registration_url: Option<String>,
+    /// Lifetime of a bootstrap token (e.g. `24h`, `90m`).
+    #[arg(long, env = "SR_BOOTSTRAP_TOKEN_TTL", default_value = "24h", value_parser = registration::parse_duration)]
+    bootstrap_token_ttl: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -85,6 +100,14 @@ async fn main() -> anyhow::Result<()> {
     let version = client.apiserver_version().await?;
     info!(kubernetes = %version.git_version, "connected to the API server");
     health.set_ready(true);
+    let api_server =
+        registration::ApiServerInfo::from_config(&kube::Config::infer().await?, args.registration_api_server.clone());
+    let mut registration_config = registration::RegistrationConfig::new(&args.lease_namespace, api_server);
+    registration_config.watch_namespace = args.namespace.clone();
+    registration_config.listen_addr = args.registration_addr;
+    registration_config.serving_names.extend(args.registration_dns_names.iter().cloned());
+    registration_config.registration_url = args.registration_url.clone();
+    registration_config.bootstrap_token_ttl = args.bootstrap_token_ttl;
 
     let guard = if args.no_leader_election {
         None
@@ -108,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     };
     info!("leading: starting controllers");
 
-    let controllers = run_controllers(client, metrics, &args, stopped);
+    let controllers = run_controllers(client, metrics, &args, registration_config, stopped);
     let result = match &guard {
         Some(g) => tokio::select! {
             _ = controllers => Ok(()),
@@ -131,8 +154,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Runs every controller until `stopped` resolves (each finishes its reconciles first).
-async fn run_controllers<F, Fut>(client: Client, metrics: Arc<Metrics>, args: &Args, stopped: F)
-where
+async fn run_controllers<F, Fut>(
+    client: Client,
+    metrics: Arc<Metrics>,
+    args: &Args,
+    registration_config: registration::RegistrationConfig,
+    stopped: F,
+) where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
@@ -228,8 +256,24 @@ where
         .run(failback::reconcile, failback::error_policy, ctx.clone())
         .for_each(|_| async {});
 
+    // Agent certificates, bootstrap tokens and the registration endpoint (leader only).
+    let registration_run = registration::run(ctx.clone(), registration_config.clone(), stopped());
+    let registration_endpoint = async {
+        if let Err(e) = registration::serve_registration(ctx.clone(), registration_config, stopped()).await {
+            error!(error = %e, "agent registration endpoint stopped");
+        }
+    };
+
     let phase_counts = count_phases(store, metrics, stopped());
-    tokio::join!(server_controller, policy_controller, plan_controller, failback_controller, phase_counts);
+    tokio::join!(
+        server_controller,
+        policy_controller,
+        plan_controller,
+        failback_controller,
+        registration_run,
+        registration_endpoint,
+        phase_counts
+    );
 }
 
 fn config_for_plans(args: &Args) -> ControllerConfig {

@@ -236,7 +236,7 @@ async fn register(
         Err((refusal, server)) => {
             let message = refusal.message(&state_secret);
             warn!(%peer, namespace = %req.namespace, server = %req.name, hostname = %req.hostname,
-                  reason = refusal.reason(), %message, "registration refused");
+                  reason = refusal.reason(), detail = %message, "registration refused");
             if let Some(server) = server
                 && !matches!(refusal, Refusal::NotReady(_))
             {
