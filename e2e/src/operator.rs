@@ -177,13 +177,14 @@ impl OperatorProcess {
     /// Sends SIGTERM and waits for a graceful exit; returns whether it exited 0.
     pub fn terminate(&mut self) -> anyhow::Result<bool> {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
-        for _ in 0..100 {
+        // The operator's own grace period is 10 s; allow for a loaded machine.
+        for _ in 0..200 {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status.success());
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        bail!("operator did not exit within 10s of SIGTERM")
+        bail!("operator did not exit within 20s of SIGTERM")
     }
 }
 

@@ -18,9 +18,12 @@ use siterecovery_api::{FailbackJob, ProtectedServer, RecoveryPlan, ReplicationPo
 use siterecovery_operator::context::Context;
 use siterecovery_operator::leader::{LeaderElectionConfig, LeaderElector};
 use siterecovery_operator::telemetry::{self, Health, Metrics};
-use siterecovery_operator::{failback, plan, policy, registration, server};
+use siterecovery_operator::{failback, plan, policy, processserver, registration, server};
 use tokio::sync::watch as signal_watch;
 use tracing::{error, info};
+
+/// How long components may take to finish in-flight work after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Site Recovery operator: orchestrates protection, failover and failback")]
@@ -64,6 +67,9 @@ struct Args {
     /// Lifetime of a bootstrap token (e.g. `24h`, `90m`).
     #[arg(long, env = "SR_BOOTSTRAP_TOKEN_TTL", default_value = "24h", value_parser = registration::parse_duration)]
     bootstrap_token_ttl: Duration,
+    /// The process-server fleet (image, port, cache volume, sizing).
+    #[command(flatten)]
+    process_servers: processserver::ProcessServerArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -75,6 +81,7 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let fleet_config = args.process_servers.config(args.namespace.clone())?;
     init_tracing(args.log_format);
     let (stop_tx, stop_rx) = signal_watch::channel(false);
     tokio::spawn(async move {
@@ -131,7 +138,18 @@ async fn main() -> anyhow::Result<()> {
     };
     info!("leading: starting controllers");
 
-    let controllers = run_controllers(client, metrics, &args, registration_config, stopped);
+    let grace = stopped();
+    let controllers = run_controllers(client, metrics, &args, registration_config, fleet_config, stopped);
+    // Components finish their in-flight work on shutdown, but never for longer than the
+    // grace period (well inside a pod's default 30 s), so the lease is always released.
+    let controllers = async move {
+        tokio::select! {
+            _ = controllers => {}
+            _ = async { grace.await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "components still busy after the grace period; stopping anyway");
+            }
+        }
+    };
     let result = match &guard {
         Some(g) => tokio::select! {
             _ = controllers => Ok(()),
@@ -159,6 +177,7 @@ async fn run_controllers<F, Fut>(
     metrics: Arc<Metrics>,
     args: &Args,
     registration_config: registration::RegistrationConfig,
+    fleet_config: processserver::ProcessServerConfig,
     stopped: F,
 ) where
     F: Fn() -> Fut,
@@ -256,6 +275,10 @@ async fn run_controllers<F, Fut>(
         .run(failback::reconcile, failback::error_policy, ctx.clone())
         .for_each(|_| async {});
 
+    // Process servers: a StatefulSet and headless Service per namespace with servers,
+    // health from their heartbeat Leases, and every server's status.processServer.
+    let process_servers = processserver::run(ctx.clone(), fleet_config, stopped());
+
     // Agent certificates, bootstrap tokens and the registration endpoint (leader only).
     let registration_run = registration::run(ctx.clone(), registration_config.clone(), stopped());
     let registration_endpoint = async {
@@ -266,14 +289,21 @@ async fn run_controllers<F, Fut>(
 
     let phase_counts = count_phases(store, metrics, stopped());
     tokio::join!(
-        server_controller,
-        policy_controller,
-        plan_controller,
-        failback_controller,
-        registration_run,
-        registration_endpoint,
-        phase_counts
+        logged("ProtectedServer controller", server_controller),
+        logged("ReplicationPolicy controller", policy_controller),
+        logged("RecoveryPlan controller", plan_controller),
+        logged("FailbackJob controller", failback_controller),
+        logged("registration controller", registration_run),
+        logged("registration endpoint", registration_endpoint),
+        logged("process-server fleet", process_servers),
+        logged("phase counter", phase_counts),
     );
+}
+
+/// Runs `part` and logs when it has stopped, so a slow shutdown names what it waits for.
+async fn logged(name: &'static str, part: impl std::future::Future<Output = ()>) {
+    part.await;
+    info!(part = name, "stopped");
 }
 
 fn config_for_plans(args: &Args) -> ControllerConfig {

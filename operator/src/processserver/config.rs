@@ -44,7 +44,7 @@ pub struct ProcessServerArgs {
     /// Memory request of each process server.
     #[arg(long = "process-server-memory-request", env = "SR_PROCESS_SERVER_MEMORY_REQUEST", default_value = "1Gi")]
     pub memory_request: String,
-    /// Memory limit of each process server; none when unset.
+    /// Memory limit of each process server; an empty value sets none.
     #[arg(long = "process-server-memory-limit", env = "SR_PROCESS_SERVER_MEMORY_LIMIT", default_value = "2Gi")]
     pub memory_limit: Option<String>,
     /// ServiceAccount the process-server pods run as (it must be allowed to write their

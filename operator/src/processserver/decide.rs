@@ -14,19 +14,13 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use siterecovery_api::ProtectedServer;
 use siterecovery_core::assignment::{
-    Assignment, AssignmentReason, HEARTBEAT_CRITICAL, HEARTBEAT_WARNING, Health, ProcessServerReport,
-    ProcessServerState, ServerLoad, assign, health, replicas_needed,
+    Assignment, AssignmentReason, HEARTBEAT_CRITICAL, HEARTBEAT_WARNING, Health, ProcessServerState, ServerLoad,
+    assign, replicas_needed,
 };
 
 use super::config::ProcessServerConfig;
 use super::fleet::{self, CACHE_VOLUME, HEALTH_ANNOTATION, NAME};
-
-/// Heartbeat Leases are named `sr-ps-<pod>`.
-pub const LEASE_PREFIX: &str = "sr-ps-";
-/// Lease annotation: free space of the cache volume, 0–100.
-pub const CACHE_FREE_ANNOTATION: &str = "siterecovery.io/cache-free-percent";
-/// Lease annotation: bytes acknowledged to agents and not yet uploaded.
-pub const BACKLOG_ANNOTATION: &str = "siterecovery.io/upload-backlog-bytes";
+use super::lease::{LEASE_PREFIX, LeaseReport, level, read_lease, silence};
 
 /// Everything one pass looks at, for one namespace.
 #[derive(Clone, Debug)]
@@ -101,81 +95,6 @@ pub struct Decision {
     pub requeue_after: Option<Duration>,
 }
 
-/// What a process server's Lease says.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LeaseReport {
-    /// Pod name.
-    pub process_server: String,
-    /// Its ordinal in the StatefulSet.
-    pub ordinal: u32,
-    /// Health at `now`; a Lease that breaks the contract (annotation missing or not a
-    /// number, no renewTime) is Critical, naming what is wrong.
-    pub health: Health,
-    /// `spec.renewTime`.
-    pub heartbeat: Option<Timestamp>,
-    /// Upload backlog, if readable.
-    pub backlog: Option<u64>,
-}
-
-impl LeaseReport {
-    /// Whether the process server still has acknowledged data to upload and is alive to
-    /// do it; such a process server is not removed. An unreadable backlog counts as data.
-    pub fn holds_data(&self, now: Timestamp) -> bool {
-        let alive = self.heartbeat.is_some_and(|h| silence(now, h) <= HEARTBEAT_CRITICAL);
-        alive && self.backlog != Some(0)
-    }
-}
-
-/// Reads a heartbeat Lease; `None` when it is not named after a pod of this fleet.
-pub fn read_lease(lease: &Lease, now: Timestamp) -> Option<LeaseReport> {
-    let pod = lease.metadata.name.as_deref()?.strip_prefix(LEASE_PREFIX)?;
-    let ordinal = fleet::ordinal(pod)?;
-    let annotations = lease.annotations();
-    let mut problems = Vec::new();
-    let mut number = |key: &str| -> Option<f64> {
-        match annotations.get(key).map(|v| (v, v.trim().parse::<f64>())) {
-            Some((_, Ok(n))) if n.is_finite() && n >= 0.0 => Some(n),
-            Some((v, _)) => {
-                problems.push(format!("annotation {key} is {v:?}, not a non-negative number"));
-                None
-            }
-            None => {
-                problems.push(format!("annotation {key} is missing"));
-                None
-            }
-        }
-    };
-    let cache_free = number(CACHE_FREE_ANNOTATION);
-    let backlog = number(BACKLOG_ANNOTATION).map(|b| b as u64);
-    let heartbeat = lease.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| t.0);
-    if heartbeat.is_none() {
-        problems.push("spec.renewTime is not set (no heartbeat yet)".to_owned());
-    }
-    // Judge what could be read; a broken contract then makes it Critical on top.
-    let report = ProcessServerReport {
-        cache_free_percent: cache_free.unwrap_or(100.0),
-        upload_backlog_bytes: backlog.unwrap_or(0),
-        last_heartbeat: heartbeat.unwrap_or(now),
-    };
-    let judged = health(&report, now);
-    let health = if problems.is_empty() {
-        judged
-    } else {
-        problems.extend(judged.reasons().iter().cloned());
-        Health::Critical(problems)
-    };
-    Some(LeaseReport { process_server: pod.to_owned(), ordinal, health, heartbeat, backlog })
-}
-
-/// `Healthy`, `Warning` or `Critical`.
-pub fn level(health: &Health) -> &'static str {
-    match health {
-        Health::Healthy => "Healthy",
-        Health::Warning(_) => "Warning",
-        Health::Critical(_) => "Critical",
-    }
-}
-
 /// Decides one namespace's fleet and assignments.
 pub fn decide(observed: &Observed, config: &ProcessServerConfig, now: Timestamp) -> Decision {
     let reports: BTreeMap<u32, LeaseReport> =
@@ -187,26 +106,8 @@ pub fn decide(observed: &Observed, config: &ProcessServerConfig, now: Timestamp)
         return without_servers(observed, &reports, current, now);
     }
 
-    let limits = &config.limits;
-    let churn: u64 = observed.servers.iter().map(|s| churn_of(s)).fold(0, u64::saturating_add);
-    // A pin names a pod: keep it in the fleet (within the replica limit) so the pin holds.
-    let pin_floor = observed
-        .servers
-        .iter()
-        .filter_map(|s| s.spec.process_server.as_deref().and_then(fleet::ordinal))
-        .map(|o| o.saturating_add(1).min(limits.max_replicas))
-        .max()
-        .unwrap_or(0);
-    let base = replicas_needed(observed.servers.len(), churn, limits).max(pin_floor);
-    let needed = with_spares(base, &reports, limits.max_replicas);
-    // Scaling down drains first: the surplus process servers take no servers, and the
-    // StatefulSet shrinks only past those that have nothing left to upload.
-    let holding: Vec<&LeaseReport> = match needed < current {
-        true => reports.range(needed..current).map(|(_, r)| r).filter(|r| r.holds_data(now)).collect(),
-        false => Vec::new(),
-    };
-    let replicas = holding.iter().map(|r| r.ordinal + 1).max().unwrap_or(needed).max(needed);
-
+    let sizing = size(observed, &reports, current, config, now);
+    let Sizing { needed, replicas, .. } = sizing;
     let health: BTreeMap<String, Health> =
         reports.range(..replicas).map(|(_, r)| (r.process_server.clone(), r.health.clone())).collect();
     let states: Vec<ProcessServerState> = reports
@@ -223,37 +124,16 @@ pub fn decide(observed: &Observed, config: &ProcessServerConfig, now: Timestamp)
             churn_bytes_per_day: churn_of(s),
         })
         .collect();
-    let assignments = assign(&states, &loads, limits);
+    let assignments = assign(&states, &loads, &config.limits);
 
-    let context = Context { needed, replicas, starting: states.is_empty() };
+    let facts = FleetFacts { needed, replicas, starting: states.is_empty() };
     let mut announced = BTreeSet::new();
-    let (writes, server_notices) = server_changes(observed, &assignments, &context, &mut announced);
+    let (writes, server_notices) = server_changes(observed, &assignments, &facts, &mut announced);
 
-    let previous = previous_health(observed.stateful_set);
-    let mut fleet_notices = health_notices(&previous, &health, replicas);
-    if observed.stateful_set.is_some() && current != replicas {
-        let mut note = format!(
-            "{current} → {replicas} process servers for {} protected servers churning {}/day",
-            observed.servers.len(),
-            bytes(churn)
-        );
-        if replicas > needed {
-            note.push_str(&format!("; {} still upload their backlog before removal", names(&holding)));
-        }
-        fleet_notices.push(Notice { type_: EventType::Normal, reason: "Scaled", note });
-    }
-    if replicas > needed && current > needed {
-        let key = format!("drain/{needed}/{}", names(&holding));
-        if !observed.announced.contains(&key) {
-            let note = format!("scaling down to {needed} waits for {} to upload their backlog", names(&holding));
-            fleet_notices.push(Notice { type_: EventType::Normal, reason: "ScaleDownWaiting", note });
-        }
-        announced.insert(key);
-    }
     let claims = existing_claims(observed.stateful_set);
-    if let Some(notice) = cache_settings_notice(claims.as_deref(), config, observed.announced, &mut announced) {
-        fleet_notices.push(notice);
-    }
+    let mut fleet_notices = health_notices(&previous_health(observed.stateful_set), &health, replicas);
+    fleet_notices.extend(scaling_notices(observed, &sizing, current, &mut announced));
+    fleet_notices.extend(cache_settings_notice(claims.as_deref(), config, observed.announced, &mut announced));
 
     let annotation = serde_json::to_string(&health.iter().map(|(k, v)| (k, level(v))).collect::<BTreeMap<_, _>>())
         .unwrap_or_default();
@@ -270,6 +150,80 @@ pub fn decide(observed: &Observed, config: &ProcessServerConfig, now: Timestamp)
         announced,
         requeue_after: next_threshold(reports.range(..replicas).map(|(_, r)| r), now),
     }
+}
+
+/// How big the fleet is to be.
+struct Sizing<'a> {
+    /// Process servers that take servers (ordinals below this).
+    needed: u32,
+    /// StatefulSet replicas: `needed`, plus surplus ones still uploading.
+    replicas: u32,
+    /// The surplus process servers still uploading.
+    holding: Vec<&'a LeaseReport>,
+    /// Daily churn of all servers.
+    churn: u64,
+}
+
+fn size<'a>(
+    observed: &Observed,
+    reports: &'a BTreeMap<u32, LeaseReport>,
+    current: u32,
+    config: &ProcessServerConfig,
+    now: Timestamp,
+) -> Sizing<'a> {
+    let limits = &config.limits;
+    let churn: u64 = observed.servers.iter().map(|s| churn_of(s)).fold(0, u64::saturating_add);
+    // A pin names a pod: keep it in the fleet (within the replica limit) so the pin holds.
+    let pin_floor = observed
+        .servers
+        .iter()
+        .filter_map(|s| s.spec.process_server.as_deref().and_then(fleet::ordinal))
+        .map(|o| o.saturating_add(1).min(limits.max_replicas))
+        .max()
+        .unwrap_or(0);
+    let base = replicas_needed(observed.servers.len(), churn, limits).max(pin_floor);
+    let needed = with_spares(base, reports, limits.max_replicas);
+    // Scaling down drains first: the surplus process servers take no servers, and the
+    // StatefulSet shrinks only past those that have nothing left to upload.
+    let holding: Vec<&LeaseReport> = if needed < current {
+        reports.range(needed..current).map(|(_, r)| r).filter(|r| r.holds_data(now)).collect()
+    } else {
+        Vec::new()
+    };
+    let replicas = holding.iter().map(|r| r.ordinal + 1).max().unwrap_or(needed).max(needed);
+    Sizing { needed, replicas, holding, churn }
+}
+
+/// `Scaled` when the replica count changes; `ScaleDownWaiting` once while surplus
+/// process servers finish their uploads.
+fn scaling_notices(
+    observed: &Observed,
+    sizing: &Sizing,
+    current: u32,
+    announced: &mut BTreeSet<String>,
+) -> Vec<Notice> {
+    let Sizing { needed, replicas, ref holding, churn } = *sizing;
+    let mut notices = Vec::new();
+    if observed.stateful_set.is_some() && current != replicas {
+        let mut note = format!(
+            "{current} → {replicas} process servers for {} protected servers churning {}/day",
+            observed.servers.len(),
+            bytes(churn)
+        );
+        if replicas > needed {
+            note.push_str(&format!("; {} still upload their backlog before removal", names(holding)));
+        }
+        notices.push(normal("Scaled", note));
+    }
+    if replicas > needed && current > needed {
+        let key = format!("drain/{needed}/{}", names(holding));
+        if !observed.announced.contains(&key) {
+            let note = format!("scaling down to {needed} waits for {} to upload their backlog", names(holding));
+            notices.push(normal("ScaleDownWaiting", note));
+        }
+        announced.insert(key);
+    }
+    notices
 }
 
 /// A Critical process server carries nothing, so the fleet runs one more replica for each
@@ -317,21 +271,24 @@ fn without_servers(
 }
 
 /// Facts about the fleet that server events mention.
-struct Context {
+struct FleetFacts {
     needed: u32,
     replicas: u32,
     /// No process server of the fleet has reported yet.
     starting: bool,
 }
 
+/// The status writes and events for the servers whose process server changes.
 fn server_changes(
     observed: &Observed,
     assignments: &[Assignment],
-    context: &Context,
+    facts: &FleetFacts,
     announced: &mut BTreeSet<String>,
 ) -> (Vec<StatusWrite>, Vec<(String, Notice)>) {
     let current: BTreeMap<String, Option<String>> =
         observed.servers.iter().map(|s| (s.name_any(), current_of(s))).collect();
+    let pinned: BTreeSet<String> =
+        observed.servers.iter().filter(|s| s.spec.process_server.is_some()).map(|s| s.name_any()).collect();
     let mut writes = Vec::new();
     let mut notices = Vec::new();
     for a in assignments {
@@ -339,44 +296,25 @@ fn server_changes(
         if was != a.process_server {
             writes.push(StatusWrite { server: a.server.clone(), process_server: a.process_server.clone() });
         }
-        let notice = match (&a.process_server, &was, &a.reason) {
-            (Some(to), Some(from), _) if to == from => None,
-            (Some(to), None, AssignmentReason::Pinned) => {
+        let notice = match (&a.process_server, &was) {
+            (Some(to), Some(from)) if to == from => None,
+            (Some(to), None) if a.reason == AssignmentReason::Pinned => {
                 Some(normal("ProcessServerAssigned", format!("assigned to {to} (pinned by spec.processServer)")))
             }
-            (Some(to), None, _) => Some(normal("ProcessServerAssigned", format!("assigned to {to}"))),
-            (Some(to), Some(from), reason) => {
-                let why = match reason {
-                    AssignmentReason::Pinned => "pinned by spec.processServer".to_owned(),
-                    _ if fleet::ordinal(from).is_some_and(|o| o >= context.needed) => {
-                        format!("process server {from} is drained before the fleet scales down to {}", context.needed)
-                    }
-                    AssignmentReason::Reassigned { why, .. } => why.clone(),
-                    _ => "rebalanced".to_owned(),
+            (Some(to), None) => Some(normal("ProcessServerAssigned", format!("assigned to {to}"))),
+            (Some(to), Some(from)) => Some(moved(from, to, &a.reason, facts)),
+            (None, _) => {
+                // Announced once per kind of cause, not on every pass: the reasons carry
+                // figures (heartbeat ages, percentages) that change all the time.
+                let cause = match () {
+                    _ if facts.starting => "starting",
+                    _ if pinned.contains(&a.server) => "pin",
+                    _ => "no-room",
                 };
-                Some(normal("ProcessServerReassigned", format!("moved from {from} to {to}: {why}")))
-            }
-            (None, _, reason) => {
-                let why = match reason {
-                    AssignmentReason::Unassigned { .. } if context.starting && context.replicas > 0 => format!(
-                        "waiting for the first process server to report: none of the {} replicas of StatefulSet \
-                         {NAME} has a heartbeat Lease yet",
-                        context.replicas
-                    ),
-                    AssignmentReason::Unassigned { why } => why.clone(),
-                    other => format!("{other:?}"),
-                };
-                // Announced once per cause: the key drops the figures (heartbeat ages,
-                // percentages) that change on every pass, keeping the kind of cause.
-                let cause: String = why.chars().filter(|c| !c.is_ascii_digit()).collect();
                 let key = format!("unassigned/{}/{cause}", a.server);
                 let first = was.is_some() || !observed.announced.contains(&key);
                 announced.insert(key);
-                let note = match &was {
-                    Some(from) => format!("no longer replicates through {from}: {why}"),
-                    None => format!("no process server: {why}"),
-                };
-                first.then_some(Notice { type_: EventType::Warning, reason: "ProcessServerUnassigned", note })
+                first.then(|| unassigned(was.as_deref(), &a.reason, facts))
             }
         };
         if let Some(n) = notice {
@@ -384,6 +322,36 @@ fn server_changes(
         }
     }
     (writes, notices)
+}
+
+fn moved(from: &str, to: &str, reason: &AssignmentReason, facts: &FleetFacts) -> Notice {
+    let why = match reason {
+        AssignmentReason::Pinned => "pinned by spec.processServer".to_owned(),
+        // Core sees a draining process server as gone; say what really happens.
+        _ if fleet::ordinal(from).is_some_and(|o| o >= facts.needed) => {
+            format!("process server {from} is drained before the fleet scales down to {}", facts.needed)
+        }
+        AssignmentReason::Reassigned { why, .. } => why.clone(),
+        _ => "rebalanced".to_owned(),
+    };
+    normal("ProcessServerReassigned", format!("moved from {from} to {to}: {why}"))
+}
+
+fn unassigned(was: Option<&str>, reason: &AssignmentReason, facts: &FleetFacts) -> Notice {
+    let why = match reason {
+        _ if facts.starting && facts.replicas > 0 => format!(
+            "waiting for the first process server to report: none of the {} replicas of StatefulSet {NAME} has a \
+             heartbeat Lease yet",
+            facts.replicas
+        ),
+        AssignmentReason::Unassigned { why } => why.clone(),
+        other => format!("{other:?}"),
+    };
+    let note = match was {
+        Some(from) => format!("no longer replicates through {from}: {why}"),
+        None => format!("no process server: {why}"),
+    };
+    Notice { type_: EventType::Warning, reason: "ProcessServerUnassigned", note }
 }
 
 fn normal(reason: &'static str, note: String) -> Notice {
@@ -404,7 +372,7 @@ fn health_notices(
         }
         let reasons = h.reasons().join("; ");
         notices.push(match (h, was) {
-            (Health::Healthy, None) => normal("ProcessServerRegistered", format!("{ps} reported its first heartbeat")),
+            (Health::Healthy, None) => normal("ProcessServerRegistered", format!("{ps} joined the fleet: Healthy")),
             (Health::Healthy, Some(_)) => normal("ProcessServerHealthy", format!("{ps} is Healthy again")),
             (Health::Warning(_), _) => Notice {
                 type_: EventType::Warning,
@@ -482,10 +450,6 @@ fn next_threshold<'a>(reports: impl Iterator<Item = &'a LeaseReport>, now: Times
         .filter(|left| !left.is_zero())
         .min()
         .map(|left| left + Duration::from_secs(1))
-}
-
-fn silence(now: Timestamp, heartbeat: Timestamp) -> Duration {
-    Duration::try_from(now.duration_since(heartbeat)).unwrap_or(Duration::ZERO)
 }
 
 fn current_of(server: &ProtectedServer) -> Option<String> {

@@ -4,6 +4,7 @@ use siterecovery_core::assignment::SizingLimits;
 use super::*;
 use crate::processserver::config::DEFAULT_IMAGE;
 use crate::processserver::fleet::CACHE_DIR;
+use crate::processserver::lease::{BACKLOG_ANNOTATION, CACHE_FREE_ANNOTATION};
 
 const NOW: &str = "2026-11-27T10:00:00Z";
 const GIB: u64 = 1 << 30;
@@ -157,6 +158,9 @@ fn the_statefulset_is_a_hardened_fleet_with_a_cache_volume_and_a_headless_servic
     assert!(env.iter().any(|e| e.name == "SR_LISTEN_PORT" && e.value.as_deref() == Some("10443")));
     let mounts = c.volume_mounts.clone().unwrap();
     assert!(mounts.iter().any(|m| m.name == CACHE_VOLUME && m.mount_path == CACHE_DIR));
+    assert_eq!(NAME, "siterecovery-process-server");
+    let tls = pod.volumes.clone().unwrap().into_iter().find(|v| v.name == "tls").unwrap().secret.unwrap();
+    assert_eq!(tls.secret_name.as_deref(), Some("siterecovery-process-server-tls"), "registration's Secret");
 
     let claim = &spec.volume_claim_templates.clone().unwrap()[0];
     assert_eq!(fleet::cache_settings(claim), (Some("20Gi".into()), Some("fast".into())));
@@ -292,7 +296,7 @@ fn health_changes_are_announced_once_each() {
             ),
         ),
         ("ProcessServerHealthy", format!("{} is Healthy again", ps(1))),
-        ("ProcessServerRegistered", format!("{} reported its first heartbeat", ps(2))),
+        ("ProcessServerRegistered", format!("{} joined the fleet: Healthy", ps(2))),
         ("ProcessServerLost", format!("{} no longer reports: its heartbeat Lease sr-ps-{} is gone", ps(3), ps(3))),
     ];
     assert_eq!(notes, expected.iter().map(|(r, n)| (*r, n.as_str())).collect::<Vec<_>>());
@@ -300,42 +304,28 @@ fn health_changes_are_announced_once_each() {
 }
 
 #[test]
-fn a_lease_that_breaks_the_contract_is_critical_naming_the_problem() {
-    let mut broken = lease(0, "plenty", "0", 10);
-    broken.annotations_mut().remove(BACKLOG_ANNOTATION);
-    let report = read_lease(&broken, now()).unwrap();
-    assert_eq!(
-        report.health,
-        Health::Critical(vec![
-            format!("annotation {CACHE_FREE_ANNOTATION} is \"plenty\", not a non-negative number"),
-            format!("annotation {BACKLOG_ANNOTATION} is missing"),
-        ])
-    );
-    assert!(report.holds_data(now()), "an unknown backlog may hold data");
-    let mut foreign = healthy(0);
-    foreign.metadata.name = Some("sr-ps-someone-else-0".into());
-    assert!(read_lease(&foreign, now()).is_none(), "not a pod of this fleet");
-}
-
-#[test]
 fn an_unassigned_server_is_announced_once_per_cause() {
     let mut case = Case::new(vec![server("a", None, None, 0)], vec![]);
     let d = case.decide();
     let n = server_notice(&d, "a").unwrap();
-    assert_eq!((n.type_.clone(), n.reason), (EventType::Warning, "ProcessServerUnassigned"));
+    assert_eq!((n.type_, n.reason), (EventType::Warning, "ProcessServerUnassigned"));
     assert!(n.note.contains("waiting for the first process server to report"), "{}", n.note);
     assert!(d.writes.is_empty(), "nothing to remove");
 
     case.announced = d.announced;
     assert!(case.decide().server_notices.is_empty(), "said once");
 
-    // A different cause is announced again; the figures in it do not count as a change.
+    // A different kind of cause is announced again; changing figures, or another wording
+    // of the same kind, are not.
     case.leases = vec![lease(0, "10", "0", 10)];
     let d = case.decide();
     assert!(server_notice(&d, "a").unwrap().note.contains("all 1 process servers are Critical"));
     case.announced = d.announced;
-    case.leases = vec![lease(0, "12", "0", 10)];
+    case.leases = vec![lease(0, "12", "0", 10), lease(1, "12", "0", 10)];
     assert!(case.decide().server_notices.is_empty());
+    case.servers = vec![server("a", Some(&ps(0)), None, 0)];
+    let d = case.decide();
+    assert!(server_notice(&d, "a").unwrap().note.contains(&format!("pinned process server {} is Critical", ps(0))));
 }
 
 #[test]

@@ -17,17 +17,19 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::ProcessServerConfig;
+use crate::registration::{PROCESS_SERVER_SERVICE, PROCESS_SERVER_TLS_SECRET};
 
 /// Name of the StatefulSet and of the headless Service; pods are `<NAME>-<ordinal>`.
-pub const NAME: &str = "siterecovery-process-server";
+/// Registration issues the process servers' certificate for this Service name.
+pub const NAME: &str = PROCESS_SERVER_SERVICE;
 /// `app.kubernetes.io/component` of the process-server pods, their StatefulSet and Service,
 /// and the heartbeat Leases.
 pub const COMPONENT: &str = "process-server";
@@ -43,6 +45,9 @@ pub const HEALTH_ANNOTATION: &str = "siterecovery.io/process-server-health";
 pub const CACHE_VOLUME: &str = "cache";
 /// Mount path of the cache volume, also passed as `SR_CACHE_DIR`.
 pub const CACHE_DIR: &str = "/var/cache/siterecovery";
+/// Where the serving certificate Secret (issued by `crate::registration`) is mounted,
+/// also passed as `SR_TLS_DIR`.
+pub const TLS_DIR: &str = "/etc/siterecovery/tls";
 /// Name of the replication port on the container and the Service.
 pub const PORT_NAME: &str = "replication";
 /// The non-root user and group the process server runs as (distroless `nonroot`).
@@ -160,6 +165,7 @@ fn pod_spec(config: &ProcessServerConfig) -> PodSpec {
         EnvVar { name: "POD_NAMESPACE".into(), value_from: Some(field("metadata.namespace")), ..Default::default() },
         EnvVar { name: "SR_LISTEN_PORT".into(), value: Some(config.port.to_string()), ..Default::default() },
         EnvVar { name: "SR_CACHE_DIR".into(), value: Some(CACHE_DIR.into()), ..Default::default() },
+        EnvVar { name: "SR_TLS_DIR".into(), value: Some(TLS_DIR.into()), ..Default::default() },
     ];
     let mut limits = BTreeMap::new();
     if let Some(memory) = &config.memory_limit {
@@ -199,6 +205,12 @@ fn pod_spec(config: &ProcessServerConfig) -> PodSpec {
         }),
         volume_mounts: Some(vec![
             VolumeMount { name: CACHE_VOLUME.to_owned(), mount_path: CACHE_DIR.to_owned(), ..Default::default() },
+            VolumeMount {
+                name: "tls".to_owned(),
+                mount_path: TLS_DIR.to_owned(),
+                read_only: Some(true),
+                ..Default::default()
+            },
             // The root filesystem is read-only; scratch space for the runtime.
             VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..Default::default() },
         ]),
@@ -217,11 +229,20 @@ fn pod_spec(config: &ProcessServerConfig) -> PodSpec {
         }),
         // Time to finish the batches in flight and make them durable in the cache.
         termination_grace_period_seconds: Some(60),
-        volumes: Some(vec![Volume {
-            name: "tmp".to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        }]),
+        volumes: Some(vec![
+            // The serving certificate (SANs: this Service and its pods) that agents verify;
+            // not optional: a process server never serves without it.
+            Volume {
+                name: "tls".to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(PROCESS_SERVER_TLS_SECRET.to_owned()),
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        ]),
         ..Default::default()
     }
 }

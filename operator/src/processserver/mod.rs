@@ -26,8 +26,13 @@
 //!
 //! At rest nothing runs but those timers: passes write only what changed (apply of an
 //! unchanged object is a no-op the API server does not record, so it wakes nothing).
-//! The loop keeps its own watch of ProtectedServers rather than `Context::servers`,
-//! whose changes it could not observe.
+//! Until the caches show a pass's own writes, the next pass reads them from memory, so
+//! a slow watch cannot make it announce the same change twice. The loop keeps its own
+//! watch of ProtectedServers rather than `Context::servers`, whose changes it could not
+//! observe, and publishes events with a recorder per event (see `publish`).
+//!
+//! What a pass decides ([`decide`]) — size, spares for Critical process servers,
+//! draining before scale-down, placement — is described in `docs/process-servers.md`.
 //!
 //! `status.processServer` is written with its own field manager,
 //! [`ASSIGNMENT_MANAGER`], so the ProtectedServer reconciler (field manager
@@ -37,9 +42,11 @@
 mod config;
 mod decide;
 mod fleet;
+mod lease;
+mod memory;
 mod queue;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +57,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::events::Event as KubeEvent;
+use kube::runtime::events::{Event as KubeEvent, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -61,17 +68,16 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use config::{ConfigError, DEFAULT_IMAGE, ProcessServerArgs, ProcessServerConfig, is_quantity};
-pub use decide::{
-    BACKLOG_ANNOTATION, CACHE_FREE_ANNOTATION, Decision, Fleet, LEASE_PREFIX, LeaseReport, Notice, Observed,
-    StatusWrite, decide, level, read_lease,
-};
+pub use decide::{Decision, Fleet, Notice, Observed, StatusWrite, decide};
 pub use fleet::{
-    CACHE_DIR, CACHE_VOLUME, COMPONENT, FLEET_SELECTOR, HEALTH_ANNOTATION, LEASE_SELECTOR, NAME, PORT_NAME, ordinal,
-    pod_name,
+    CACHE_DIR, CACHE_VOLUME, COMPONENT, FLEET_SELECTOR, HEALTH_ANNOTATION, LEASE_SELECTOR, NAME, PORT_NAME, TLS_DIR,
+    ordinal, pod_name,
 };
+pub use lease::{BACKLOG_ANNOTATION, CACHE_FREE_ANNOTATION, LEASE_PREFIX, LeaseReport, level, read_lease};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use memory::Memory;
 use queue::{Fingerprints, Queue, fingerprint};
 
 /// Field manager of `status.processServer` (and of nothing else).
@@ -136,7 +142,7 @@ pub async fn run(ctx: Arc<Context>, config: ProcessServerConfig, stopped: impl F
 
     let mut queue = Queue::default();
     let mut failures: HashMap<String, u32> = HashMap::new();
-    let mut announced: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut memories: HashMap<String, Memory> = HashMap::new();
     let mut ready = false;
     tokio::pin!(stopped);
     info!(namespace = config.namespace.as_deref().unwrap_or("*"), "process-server fleet: watching");
@@ -153,10 +159,10 @@ pub async fn run(ctx: Arc<Context>, config: ProcessServerConfig, stopped: impl F
             () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                 for ns in queue.take_due(Instant::now()) {
                     let span = info_span!("process_servers", namespace = %ns);
-                    let mut before = announced.remove(&ns).unwrap_or_default();
-                    let outcome = pass(&ctx, &config, &stores, &ns, &mut before).instrument(span).await;
-                    if !before.is_empty() {
-                        announced.insert(ns.clone(), before);
+                    let mut memory = memories.remove(&ns).unwrap_or_default();
+                    let outcome = pass(&ctx, &config, &stores, &ns, &mut memory).instrument(span).await;
+                    if !memory.is_empty() {
+                        memories.insert(ns.clone(), memory);
                     }
                     let again = match outcome {
                         Ok(after) => {
@@ -190,22 +196,33 @@ async fn pass(
     config: &ProcessServerConfig,
     stores: &Stores,
     ns: &str,
-    announced: &mut BTreeSet<String>,
+    memory: &mut Memory,
 ) -> Result<Option<Duration>> {
     let _timer = ctx.metrics.reconcile(KIND);
-    let servers = stores.servers.state_filter(|s| s.namespace().as_deref() == Some(ns));
+    let servers = memory.servers(stores.servers.state_filter(|s| s.namespace().as_deref() == Some(ns)));
     let leases = stores.leases.state_filter(|l| l.namespace().as_deref() == Some(ns));
-    let set = stores.sets.get(&ObjectRef::new(NAME).within(ns));
+    let set = memory.stateful_set(stores.sets.get(&ObjectRef::new(NAME).within(ns)));
     let observed = Observed {
         namespace: ns,
         servers: servers.iter().map(AsRef::as_ref).collect(),
         leases: leases.iter().map(AsRef::as_ref).collect(),
         stateful_set: set.as_deref(),
-        announced,
+        announced: &memory.announced,
     };
     let decision = decide(&observed, config, Timestamp::now());
 
-    let set_ref = apply_fleet(ctx, ns, &decision, set.as_deref()).await?;
+    let set_ref = match apply_fleet(ctx, ns, &decision, set.as_deref()).await? {
+        Applied::Set(applied) => {
+            let reference = applied.object_ref(&());
+            memory.set = Some((set.as_ref().and_then(|s| s.metadata.resource_version.clone()), Arc::new(*applied)));
+            Some(reference)
+        }
+        Applied::Kept => set.as_ref().map(|s| s.object_ref(&())),
+        Applied::Nothing => {
+            memory.set = None;
+            None
+        }
+    };
     if let Some(reference) = &set_ref {
         for notice in &decision.fleet_notices {
             publish(ctx, notice, "ManageProcessServers", reference).await;
@@ -214,6 +231,8 @@ async fn pass(
     let api: Api<ProtectedServer> = Api::namespaced(ctx.client.clone(), ns);
     for write in &decision.writes {
         write_assignment(&api, write).await?;
+        let before = servers.iter().find(|s| s.name_any() == write.server).and_then(|s| s.resource_version());
+        memory.assignments.insert(write.server.clone(), (before, write.process_server.clone()));
     }
     for (name, notice) in &decision.server_notices {
         if let Some(server) = servers.iter().find(|s| &s.name_any() == name) {
@@ -228,7 +247,7 @@ async fn pass(
             .collect();
         info!(assignments = %moved.join(", "), "assigned servers");
     }
-    *announced = decision.announced;
+    memory.announced = decision.announced;
     Ok(match decision.fleet {
         Fleet::Apply(..) | Fleet::Drain(_) => {
             Some(decision.requeue_after.map_or(config.resync, |after| after.min(config.resync)))
@@ -237,14 +256,18 @@ async fn pass(
     })
 }
 
-/// Applies, keeps or deletes the StatefulSet and Service; returns the StatefulSet to
-/// hang events on.
-async fn apply_fleet(
-    ctx: &Context,
-    ns: &str,
-    decision: &Decision,
-    existing: Option<&StatefulSet>,
-) -> Result<Option<ObjectReference>> {
+/// What [`apply_fleet`] did.
+enum Applied {
+    /// Applied the StatefulSet (and Service); the API server's answer.
+    Set(Box<StatefulSet>),
+    /// Left the existing fleet as it is.
+    Kept,
+    /// Deleted it, or there was none.
+    Nothing,
+}
+
+/// Applies, keeps or deletes the StatefulSet and Service.
+async fn apply_fleet(ctx: &Context, ns: &str, decision: &Decision, existing: Option<&StatefulSet>) -> Result<Applied> {
     let params = PatchParams::apply(OPERATOR).force();
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
@@ -256,19 +279,19 @@ async fn apply_fleet(
             if before != Some(i32::try_from(decision.replicas).unwrap_or(i32::MAX)) {
                 info!(replicas = decision.replicas, before = ?before, "process-server StatefulSet applied");
             }
-            Ok(Some(applied.object_ref(&())))
+            Ok(Applied::Set(Box::new(applied)))
         }
         Fleet::Drain(holding) => {
             debug!(holding = %holding.join(", "), "no servers left; waiting for uploads before removing the fleet");
-            Ok(existing.map(|s| s.object_ref(&())))
+            Ok(Applied::Kept)
         }
         Fleet::Delete => {
             ignore_not_found(sets.delete(NAME, &DeleteParams::background()).await.map(|_| ()))?;
             ignore_not_found(services.delete(NAME, &DeleteParams::background()).await.map(|_| ()))?;
             info!("no servers left and nothing to upload: process-server fleet removed (cache volumes are kept)");
-            Ok(None)
+            Ok(Applied::Nothing)
         }
-        Fleet::Absent => Ok(None),
+        Fleet::Absent => Ok(Applied::Nothing),
     }
 }
 
@@ -294,10 +317,12 @@ async fn write_assignment(api: &Api<ProtectedServer>, write: &StatusWrite) -> Re
     ignore_not_found(result.map(|_| ()))
 }
 
+/// Publishes one event on `reference` (the note cut to the API's 1 kB limit); failures are
+/// logged, never fatal.
 async fn publish(ctx: &Context, notice: &Notice, action: &str, reference: &ObjectReference) {
     let mut note = notice.note.clone();
     if note.len() > MAX_NOTE {
-        let cut = (0..=MAX_NOTE - 1).rev().find(|i| note.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..MAX_NOTE).rev().find(|i| note.is_char_boundary(*i)).unwrap_or(0);
         note.truncate(cut);
         note.push('…');
     }
@@ -308,7 +333,12 @@ async fn publish(ctx: &Context, notice: &Notice, action: &str, reference: &Objec
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+    // A fresh recorder per event: `Recorder` folds events with the same reason and object
+    // into one series and keeps the first note, which would report the first process
+    // server's trouble for the second. This loop already publishes only on changes.
+    let reporter = Reporter { controller: OPERATOR.into(), instance: None };
+    let recorder = Recorder::new(ctx.client.clone(), reporter);
+    if let Err(e) = recorder.publish(&event, reference).await {
         warn!(error = %e, reason = notice.reason, "could not publish event");
     }
 }
