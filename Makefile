@@ -4,11 +4,12 @@ SHELL := /bin/bash
 export SR_CACHE ?= $(HOME)/.cache/siterecovery
 CARGO ?= cargo
 
-.PHONY: demo test tools build generate lint cluster-up cluster-down e2e unit help
+.PHONY: demo test bench tools build generate lint cluster-up cluster-down e2e unit help
 
 help:
 	@echo "make demo          build, start the local control plane, install the CRDs and apply the examples"
 	@echo "make test          the whole suite: lint, unit tests, tests against a real local API server"
+	@echo "make bench         release build, private control plane, operator scale benchmark (target/bench/)"
 	@echo "make cluster-up    start etcd + kube-apiserver + kube-controller-manager on loopback"
 	@echo "make cluster-down  stop them and remove their state"
 	@echo "make generate      regenerate crds/ and the chart's CRDs from crates/api"
@@ -19,6 +20,10 @@ demo:
 
 test:
 	@hack/test.sh
+
+# Benchmarks (not part of `make test`): a private control plane, figures in target/bench/.
+bench:
+	@hack/bench.sh $(BENCH_ARGS)
 
 # Toolchain components and the pinned control-plane binaries (built once, cached).
 tools:

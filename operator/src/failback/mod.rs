@@ -70,7 +70,8 @@ pub async fn reconcile(job: Arc<FailbackJob>, ctx: Arc<Context>) -> Result<Actio
 }
 
 /// Called by the controller when `reconcile` fails.
-pub fn error_policy(_job: Arc<FailbackJob>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(job: Arc<FailbackJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, name = %job.name_any(), namespace = job.namespace().unwrap_or_default(), kind = "FailbackJob", "reconcile failed");
     ctx.metrics.reconcile_failed("FailbackJob", error.metric_label());
     error.action()
 }

@@ -68,7 +68,8 @@ pub async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<Context>) -> Result<Act
 }
 
 /// Called by the controller when `reconcile` fails.
-pub fn error_policy(_plan: Arc<RecoveryPlan>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(plan: Arc<RecoveryPlan>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, name = %plan.name_any(), namespace = plan.namespace().unwrap_or_default(), kind = "RecoveryPlan", "reconcile failed");
     ctx.metrics.reconcile_failed("RecoveryPlan", error.metric_label());
     error.action()
 }

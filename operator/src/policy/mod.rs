@@ -50,7 +50,8 @@ pub async fn reconcile(policy: Arc<ReplicationPolicy>, ctx: Arc<Context>) -> Res
 }
 
 /// Called by the controller when `reconcile` fails.
-pub fn error_policy(_policy: Arc<ReplicationPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(policy: Arc<ReplicationPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, name = %policy.name_any(), namespace = policy.namespace().unwrap_or_default(), kind = "ReplicationPolicy", "reconcile failed");
     ctx.metrics.reconcile_failed("ReplicationPolicy", error.metric_label());
     error.action()
 }

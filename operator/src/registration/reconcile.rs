@@ -284,7 +284,14 @@ async fn write_tls(
                 data: Some(data),
                 ..Default::default()
             };
-            api.create(&PostParams::default(), &secret).await?;
+            match api.create(&PostParams::default(), &secret).await {
+                // A concurrent reconcile (several servers share the process-server
+                // Secret) created it first; its certificate is as good as ours.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                other => {
+                    other?;
+                }
+            }
         }
         Some(mut secret) => {
             secret.data = Some(data);

@@ -46,7 +46,8 @@ pub async fn reconcile(server: Arc<ProtectedServer>, ctx: Arc<Context>) -> Resul
 }
 
 /// Called by the controller when `reconcile` fails.
-pub fn error_policy(_server: Arc<ProtectedServer>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(server: Arc<ProtectedServer>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, name = %server.name_any(), namespace = server.namespace().unwrap_or_default(), kind = "ProtectedServer", "reconcile failed");
     ctx.metrics.reconcile_failed("ProtectedServer", error.metric_label());
     error.action()
 }
