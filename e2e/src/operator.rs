@@ -141,6 +141,8 @@ impl OperatorProcess {
             .env("SR_METRICS_ADDR", metrics_addr.to_string())
             // Parallel tests each run an operator: no fixed port for the registration endpoint.
             .env("SR_REGISTRATION_ADDR", "127.0.0.1:0")
+            // As the chart's Deployment sets it: the process servers' ClusterRole.
+            .env("SR_PROCESS_SERVER_CLUSTER_ROLE", format!("{operator_ns}-process-server"))
             .env("SR_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,siterecovery_operator=debug,kube=warn")
             .stdout(Stdio::from(std::fs::File::create(&log)?))

@@ -184,6 +184,7 @@ async fn process_server_fleet_with_chart_rbac() -> anyhow::Result<()> {
         limits: SizingLimits { servers_per_process_server: 2, max_replicas: 4, ..SizingLimits::default() },
         namespace: Some(ns.name.clone()),
         debounce: Duration::from_millis(200),
+        cluster_role: Some(format!("{}-process-server", op_ns.name)),
         ..ProcessServerConfig::default()
     };
     let (stop, stopped) = futures::channel::oneshot::channel::<()>();
@@ -220,6 +221,12 @@ async fn scenario(admin: &Client, ns: &str, metrics: &Metrics) -> anyhow::Result
     assert_eq!(requests["storage"].0, "1Gi");
     let service = services.get(NAME).await?.spec.unwrap();
     assert_eq!(service.cluster_ip.as_deref(), Some("None"));
+    // The pods run as an operator-managed ServiceAccount bound to the chart's ClusterRole.
+    assert_eq!(pod.service_account_name.as_deref(), Some(NAME));
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), ns).get(NAME).await?;
+    let binding = Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns).get(NAME).await?;
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert!(binding.role_ref.name.ends_with("-process-server"), "{}", binding.role_ref.name);
     assert_eq!(service.ports.unwrap()[0].port, i32::from(PORT));
     // No process server has reported yet: nobody is assigned, and each server says why.
     wait_event(admin, ns, "s1", "ProcessServerUnassigned", "waiting for the first process server to report").await?;
@@ -342,5 +349,6 @@ async fn scenario(admin: &Client, ns: &str, metrics: &Metrics) -> anyhow::Result
     }
     wait_gone(&sets, NAME, WAIT).await?;
     wait_gone(&services, NAME, WAIT).await?;
+    wait_gone(&Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns), NAME, WAIT).await?;
     Ok(())
 }

@@ -9,3 +9,7 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
+
+{{- define "siterecovery.processServerRole" -}}
+{{- printf "%s-process-server" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

@@ -51,6 +51,11 @@ pub struct ProcessServerArgs {
     /// heartbeat Lease); the namespace's `default` when unset.
     #[arg(long = "process-server-service-account", env = "SR_PROCESS_SERVER_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
+    /// ClusterRole holding the process servers' permissions (the chart installs it). When
+    /// set and no ServiceAccount is given, the operator creates a ServiceAccount in each
+    /// namespace with servers and binds it to this ClusterRole there.
+    #[arg(long = "process-server-cluster-role", env = "SR_PROCESS_SERVER_CLUSTER_ROLE")]
+    pub cluster_role: Option<String>,
     /// Protected servers one process server carries (0: no limit on the count).
     #[arg(long = "process-server-max-servers", env = "SR_PROCESS_SERVER_MAX_SERVERS", default_value_t = 100)]
     pub servers_per_process_server: u32,
@@ -103,6 +108,7 @@ impl ProcessServerArgs {
                 Some(m) => Some(flag("--process-server-memory-limit", m)?),
             },
             service_account: self.service_account.clone().filter(|s| !s.is_empty()),
+            cluster_role: self.cluster_role.clone().filter(|s| !s.is_empty()),
             limits: SizingLimits {
                 servers_per_process_server: self.servers_per_process_server,
                 churn_bytes_per_day_per_process_server: self.churn_bytes_per_day_per_process_server,
@@ -147,8 +153,10 @@ pub struct ProcessServerConfig {
     pub memory_request: String,
     /// Memory limit (quantity).
     pub memory_limit: Option<String>,
-    /// Pods' ServiceAccount.
+    /// Pods' ServiceAccount, managed by the user.
     pub service_account: Option<String>,
+    /// ClusterRole to bind an operator-managed ServiceAccount to, per namespace.
+    pub cluster_role: Option<String>,
     /// Sizing limits for [`siterecovery_core::assignment`].
     pub limits: SizingLimits,
     /// Only this namespace (`None`: all).
@@ -173,6 +181,7 @@ impl Default for ProcessServerConfig {
             memory_request: "1Gi".into(),
             memory_limit: Some("2Gi".into()),
             service_account: None,
+            cluster_role: None,
             limits: SizingLimits::default(),
             namespace: None,
             debounce: Duration::from_millis(500),

@@ -218,7 +218,7 @@ fn pod_spec(config: &ProcessServerConfig) -> PodSpec {
     };
     PodSpec {
         containers: vec![container],
-        service_account_name: config.service_account.clone(),
+        service_account_name: pod_service_account(config),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(RUN_AS),
@@ -271,4 +271,46 @@ pub fn service(namespace: &str, config: &ProcessServerConfig) -> Service {
         }),
         status: None,
     }
+}
+
+/// The ServiceAccount the pods run as: the user's, or the one the operator manages when
+/// a ClusterRole is configured, or none (the namespace's `default`).
+pub fn pod_service_account(config: &ProcessServerConfig) -> Option<String> {
+    config.service_account.clone().or_else(|| config.cluster_role.as_ref().map(|_| NAME.to_owned()))
+}
+
+/// The operator-managed identity of the process servers in `namespace`: a ServiceAccount
+/// and a RoleBinding to the configured ClusterRole (heartbeat Leases, their servers'
+/// status, events). `None` when the user manages the identity.
+pub fn identity(
+    namespace: &str,
+    config: &ProcessServerConfig,
+) -> Option<(k8s_openapi::api::core::v1::ServiceAccount, k8s_openapi::api::rbac::v1::RoleBinding)> {
+    use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
+    if config.service_account.is_some() {
+        return None;
+    }
+    let cluster_role = config.cluster_role.clone()?;
+    let meta = ObjectMeta {
+        name: Some(NAME.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(labels()),
+        ..Default::default()
+    };
+    let account = k8s_openapi::api::core::v1::ServiceAccount { metadata: meta.clone(), ..Default::default() };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: cluster_role,
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: NAME.to_owned(),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        }]),
+    };
+    Some((account, binding))
 }

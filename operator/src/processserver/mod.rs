@@ -55,7 +55,8 @@ use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -211,7 +212,7 @@ async fn pass(
     };
     let decision = decide(&observed, config, Timestamp::now());
 
-    let set_ref = match apply_fleet(ctx, ns, &decision, set.as_deref()).await? {
+    let set_ref = match apply_fleet(ctx, config, ns, &decision, set.as_deref()).await? {
         Applied::Set(applied) => {
             let reference = applied.object_ref(&());
             memory.set = Some((set.as_ref().and_then(|s| s.metadata.resource_version.clone()), Arc::new(*applied)));
@@ -267,12 +268,21 @@ enum Applied {
 }
 
 /// Applies, keeps or deletes the StatefulSet and Service.
-async fn apply_fleet(ctx: &Context, ns: &str, decision: &Decision, existing: Option<&StatefulSet>) -> Result<Applied> {
+async fn apply_fleet(
+    ctx: &Context,
+    config: &ProcessServerConfig,
+    ns: &str,
+    decision: &Decision,
+    existing: Option<&StatefulSet>,
+) -> Result<Applied> {
     let params = PatchParams::apply(OPERATOR).force();
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
     match &decision.fleet {
         Fleet::Apply(set, service) => {
+            if let Some((account, binding)) = fleet::identity(ns, config) {
+                apply_identity(ctx, ns, &account, &binding).await?;
+            }
             services.patch(NAME, &params, &Patch::Apply(service.as_ref())).await?;
             let applied = sets.patch(NAME, &params, &Patch::Apply(set.as_ref())).await?;
             let before = existing.and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
@@ -288,11 +298,35 @@ async fn apply_fleet(ctx: &Context, ns: &str, decision: &Decision, existing: Opt
         Fleet::Delete => {
             ignore_not_found(sets.delete(NAME, &DeleteParams::background()).await.map(|_| ()))?;
             ignore_not_found(services.delete(NAME, &DeleteParams::background()).await.map(|_| ()))?;
+            if fleet::identity(ns, config).is_some() {
+                let dp = DeleteParams::background();
+                ignore_not_found(
+                    Api::<RoleBinding>::namespaced(ctx.client.clone(), ns).delete(NAME, &dp).await.map(|_| ()),
+                )?;
+                ignore_not_found(
+                    Api::<ServiceAccount>::namespaced(ctx.client.clone(), ns).delete(NAME, &dp).await.map(|_| ()),
+                )?;
+            }
             info!("no servers left and nothing to upload: process-server fleet removed (cache volumes are kept)");
             Ok(Applied::Nothing)
         }
         Fleet::Absent => Ok(Applied::Nothing),
     }
+}
+
+/// Applies the process servers' ServiceAccount and RoleBinding (to the chart's ClusterRole:
+/// the operator needs only `bind` on that one ClusterRole, not the permissions in it).
+async fn apply_identity(ctx: &Context, ns: &str, account: &ServiceAccount, binding: &RoleBinding) -> Result<()> {
+    let params = PatchParams::apply(OPERATOR).force();
+    let mut account = serde_json::to_value(account)?;
+    account["apiVersion"] = json!("v1");
+    account["kind"] = json!("ServiceAccount");
+    Api::<ServiceAccount>::namespaced(ctx.client.clone(), ns).patch(NAME, &params, &Patch::Apply(&account)).await?;
+    let mut binding = serde_json::to_value(binding)?;
+    binding["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
+    binding["kind"] = json!("RoleBinding");
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), ns).patch(NAME, &params, &Patch::Apply(&binding)).await?;
+    Ok(())
 }
 
 /// Writes one server's `status.processServer`.
