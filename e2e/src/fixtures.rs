@@ -103,3 +103,14 @@ pub async fn events_for(client: &Client, ns: &str, name: &str) -> anyhow::Result
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect())
 }
+
+/// Waits up to 30 s for an event `reason` about `name` whose note contains `note`.
+pub async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str, note: &str) -> anyhow::Result<()> {
+    for _ in 0..150 {
+        if events_for(client, ns, name).await?.iter().any(|(r, n)| r == reason && n.contains(note)) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("no {reason} event containing {note:?} on {name}: {:?}", events_for(client, ns, name).await?)
+}

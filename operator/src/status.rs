@@ -76,6 +76,17 @@ pub fn set_verdict<T: KstatusConditions>(
     }
 }
 
+/// A byte count for people: `256.0 MiB`, `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= 1024f64.powi(4) => format!("{:.1} TiB", n / 1024f64.powi(4)),
+        n if n >= 1024f64.powi(3) => format!("{:.1} GiB", n / 1024f64.powi(3)),
+        n if n >= 1024f64.powi(2) => format!("{:.1} MiB", n / 1024f64.powi(2)),
+        n => format!("{n} B"),
+    }
+}
+
 /// The current time as a Kubernetes `Time`.
 pub fn now() -> Time {
     Time(jiff::Timestamp::now())

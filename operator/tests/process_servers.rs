@@ -13,7 +13,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector;
 use kube::{Client, ResourceExt};
@@ -21,6 +20,7 @@ use serde_json::json;
 use siterecovery_api::ProtectedServer;
 use siterecovery_api::field_manager::{OPERATOR, PROCESS_SERVER};
 use siterecovery_core::assignment::SizingLimits;
+use siterecovery_e2e::fixtures::wait_event;
 use siterecovery_e2e::operator::{apply_documents, client_as, render_chart};
 use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
 use siterecovery_operator::context::Context;
@@ -118,28 +118,6 @@ where
     eventually(what, || async {
         let placed = placement(servers).await?;
         Ok((done(&placed).then(|| placed.clone()), format!("{placed:?}")))
-    })
-    .await
-}
-
-/// Events (reason, note) about the object `name` in `ns`.
-async fn events_for(client: &Client, ns: &str, name: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect())
-}
-
-async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str, contains: &str) -> anyhow::Result<()> {
-    eventually(&format!("event {reason} on {name} containing {contains:?}"), || async {
-        let events = events_for(client, ns, name).await?;
-        let found = events.iter().any(|(r, n)| r == reason && n.contains(contains));
-        Ok((found.then_some(()), format!("{events:?}")))
     })
     .await
 }

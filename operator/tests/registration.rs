@@ -14,13 +14,13 @@ use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
+use siterecovery_e2e::fixtures::{events_for, wait_event};
 use siterecovery_e2e::operator::{apply_documents, client_as, render_chart};
 use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
 use siterecovery_operator::context::Context;
@@ -118,28 +118,6 @@ fn verify_client_cert(ca_bundle: &str, cert_pem: &str) -> Result<(), String> {
     let verifier = tls::client_verifier(ca_bundle).map_err(|e| e.to_string())?;
     let chain = tls::certificates(cert_pem).map_err(|e| e.to_string())?;
     verifier.verify_client_cert(&chain[0], &[], UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
-}
-
-async fn events_for(client: &Client, ns: &str, name: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
-        .collect())
-}
-
-async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str, note: &str) -> anyhow::Result<()> {
-    for _ in 0..150 {
-        if events_for(client, ns, name).await?.iter().any(|(r, n)| r == reason && n.contains(note)) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::bail!("no {reason} event containing {note:?} on {name}: {:?}", events_for(client, ns, name).await?)
 }
 
 /// A kube client as the agent would build it from its bundle.

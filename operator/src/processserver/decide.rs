@@ -466,13 +466,7 @@ fn names(reports: &[&LeaseReport]) -> String {
 }
 
 fn bytes(n: u64) -> String {
-    let n = n as f64;
-    match n {
-        n if n >= 1024f64.powi(4) => format!("{:.1} TiB", n / 1024f64.powi(4)),
-        n if n >= 1024f64.powi(3) => format!("{:.1} GiB", n / 1024f64.powi(3)),
-        n if n >= 1024f64.powi(2) => format!("{:.1} MiB", n / 1024f64.powi(2)),
-        n => format!("{n} B"),
-    }
+    crate::status::human_bytes(n)
 }
 
 #[cfg(test)]

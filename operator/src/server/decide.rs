@@ -288,13 +288,7 @@ fn round_secs(d: Duration) -> Duration {
 }
 
 fn bytes(n: i64) -> String {
-    let n = n.max(0) as f64;
-    match n {
-        n if n >= 1024f64.powi(4) => format!("{:.1} TiB", n / 1024f64.powi(4)),
-        n if n >= 1024f64.powi(3) => format!("{:.1} GiB", n / 1024f64.powi(3)),
-        n if n >= 1024f64.powi(2) => format!("{:.1} MiB", n / 1024f64.powi(2)),
-        n => format!("{n} B"),
-    }
+    crate::status::human_bytes(u64::try_from(n).unwrap_or(0))
 }
 
 #[cfg(test)]
