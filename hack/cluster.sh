@@ -186,7 +186,7 @@ ENV
 }
 
 down() {
-  for c in kube-controller-manager kube-apiserver etcd; do
+  for c in operator kube-controller-manager kube-apiserver etcd; do
     if pid_alive "$c"; then
       local pid; pid=$(cat "$d/$c.pid")
       kill "$pid" 2>/dev/null || true

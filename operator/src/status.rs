@@ -76,6 +76,19 @@ pub fn set_verdict<T: KstatusConditions>(
     }
 }
 
+/// Removes `null` members (recursively) from a status built with `json!`: under
+/// server-side apply an omitted field is released (and removed when nobody else owns it),
+/// whereas an explicit `null` would be stored and shown as `<no value>` by kubectl.
+pub fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, without_nulls(v))).collect(),
+        ),
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(without_nulls).collect()),
+        other => other,
+    }
+}
+
 /// A byte count for people: `256.0 MiB`, `1.5 GiB`.
 pub fn human_bytes(n: u64) -> String {
     let n = n as f64;
@@ -99,6 +112,12 @@ mod tests {
 
     fn at(s: &str) -> Time {
         Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn nulls_are_dropped_at_every_level() {
+        let v = serde_json::json!({"a": null, "b": {"c": null, "d": 1}, "e": [{"f": null}]});
+        assert_eq!(without_nulls(v), serde_json::json!({"b": {"d": 1}, "e": [{}]}));
     }
 
     #[test]

@@ -124,6 +124,7 @@ async fn create_key_secret(policy: &ReplicationPolicy, name: &str, ctx: &Context
 async fn patch_status(policy: &ReplicationPolicy, status: serde_json::Value, ctx: &Context) -> Result<()> {
     let ns = policy.namespace().unwrap_or_default();
     let api: Api<ReplicationPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = crate::status::without_nulls(status);
     let patch = json!({"apiVersion": "siterecovery.io/v1alpha1", "kind": "ReplicationPolicy", "status": status});
     api.patch_status(&policy.name_any(), &PatchParams::apply(OPERATOR).force(), &Patch::Apply(&patch)).await?;
     Ok(())

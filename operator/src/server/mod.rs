@@ -78,7 +78,7 @@ async fn apply(server: &ProtectedServer, ctx: &Context) -> Result<Action> {
     let patch = json!({
         "apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer",
         "metadata": {"resourceVersion": server.resource_version()},
-        "status": decision.status,
+        "status": crate::status::without_nulls(decision.status),
     });
     Api::<ProtectedServer>::namespaced(ctx.client.clone(), &ns)
         .patch_status(&server.name_any(), &PatchParams::apply(OPERATOR).force(), &Patch::Apply(&patch))

@@ -1,0 +1,144 @@
+//! Azure Blob Storage through the official `azure_storage_blob` 1.x crate: block blobs in
+//! one container. Authentication is either an Entra ID [`TokenCredential`] (production:
+//! workload identity; the SDK requires https for it) or a SAS in the container URL
+//! (tests against Azurite, or an operator-issued SAS).
+
+use std::sync::Arc;
+
+use azure_core::credentials::TokenCredential;
+use azure_core::error::ErrorKind;
+use azure_core::http::{StatusCode, Url};
+use azure_storage_blob::BlobContainerClient;
+use azure_storage_blob::models::{BlobContainerClientListBlobsOptions, StorageErrorCode};
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+
+use super::{BackendError, BlobBackend};
+
+/// One container of a storage account.
+pub struct AzureBlobBackend {
+    client: BlobContainerClient,
+    /// Container URL without its query, for messages: the query may hold a SAS.
+    display_url: String,
+}
+
+impl std::fmt::Debug for AzureBlobBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureBlobBackend").field("container", &self.display_url).finish()
+    }
+}
+
+impl AzureBlobBackend {
+    /// `container_url` is e.g. `https://acct.blob.core.windows.net/replica` or, for
+    /// Azurite, `http://127.0.0.1:10000/devstoreaccount1/replica`, with a SAS as its query
+    /// when no credential is given.
+    pub fn new(container_url: Url, credential: Option<Arc<dyn TokenCredential>>) -> Result<Self, BackendError> {
+        let mut display = container_url.clone();
+        display.set_query(None);
+        let display_url = display.to_string();
+        let client = BlobContainerClient::new(container_url, credential, None)
+            .map_err(|e| failed("connect", &display_url, &e))?;
+        Ok(Self { client, display_url })
+    }
+
+    /// Container `container` under the account endpoint `account_url`
+    /// (e.g. `http://127.0.0.1:10000/devstoreaccount1`), authenticated by a SAS query
+    /// string such as [`super::AccountSas::sign`] returns.
+    pub fn with_sas(account_url: &str, container: &str, sas: &str) -> Result<Self, BackendError> {
+        let mut url = Url::parse(&format!("{}/{container}", account_url.trim_end_matches('/'))).map_err(|e| {
+            BackendError::Failed {
+                op: "connect",
+                key: account_url.to_string(),
+                message: e.to_string(),
+                retryable: false,
+            }
+        })?;
+        url.set_query(Some(sas.trim_start_matches('?')));
+        Self::new(url, None)
+    }
+
+    /// Creates the container unless it exists.
+    pub async fn ensure_container(&self) -> Result<(), BackendError> {
+        match self.client.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) if error_code(&e).as_deref() == Some(StorageErrorCode::ContainerAlreadyExists.as_ref()) => Ok(()),
+            Err(e) => Err(failed("create container", &self.display_url, &e)),
+        }
+    }
+
+    /// Deletes the container and everything in it (test cleanup, decommissioning).
+    pub async fn delete_container(&self) -> Result<(), BackendError> {
+        match self.client.delete(None).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(failed("delete container", &self.display_url, &e)),
+        }
+    }
+}
+
+fn error_code(e: &azure_core::Error) -> Option<String> {
+    match e.kind() {
+        ErrorKind::HttpResponse { error_code, .. } => error_code.clone(),
+        _ => None,
+    }
+}
+
+fn failed(op: &'static str, key: &str, e: &azure_core::Error) -> BackendError {
+    let retryable = match e.kind() {
+        ErrorKind::Connection | ErrorKind::Io => true,
+        ErrorKind::HttpResponse { status, .. } => {
+            *status == StatusCode::RequestTimeout || *status == StatusCode::TooManyRequests || u16::from(*status) >= 500
+        }
+        _ => false,
+    };
+    let message = match (e.http_status(), error_code(e)) {
+        (Some(status), Some(code)) => format!("HTTP {} {code}", u16::from(status)),
+        _ => e.to_string(),
+    };
+    BackendError::Failed { op, key: key.to_string(), message, retryable }
+}
+
+fn is_not_found(e: &azure_core::Error) -> bool {
+    e.http_status() == Some(StatusCode::NotFound)
+}
+
+#[async_trait::async_trait]
+impl BlobBackend for AzureBlobBackend {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.client.blob_client(key).upload(data.into(), None).await.map(|_| ()).map_err(|e| failed("put", key, &e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let result = match self.client.blob_client(key).download(None).await {
+            Ok(r) => r,
+            Err(e) if is_not_found(&e) => return Err(BackendError::NotFound { key: key.to_string() }),
+            Err(e) => return Err(failed("get", key, &e)),
+        };
+        result.body.collect().await.map_err(|e| failed("get", key, &e))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
+        let options = BlobContainerClientListBlobsOptions { prefix: Some(prefix.to_string()), ..Default::default() };
+        let mut pager = self.client.list_blobs(Some(options)).map_err(|e| failed("list", prefix, &e))?;
+        let mut out = Vec::new();
+        while let Some(item) = pager.try_next().await.map_err(|e| failed("list", prefix, &e))? {
+            if let Some(name) = item.name {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        match self.client.blob_client(key).delete(None).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(failed("delete", key, &e)),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        self.client.blob_client(key).exists().await.map_err(|e| failed("exists", key, &e))
+    }
+}

@@ -1,0 +1,58 @@
+//! Where objects are kept. The store needs only five operations, so the same code runs on
+//! a local directory (tests, on-prem) and on Azure Blob Storage.
+
+mod azure;
+mod local;
+mod sas;
+
+pub use azure::AzureBlobBackend;
+pub use local::LocalBackend;
+pub use sas::{AccountSas, DEVSTORE_ACCOUNT, DEVSTORE_KEY};
+
+use bytes::Bytes;
+
+/// A flat key → bytes object store. Keys are `/`-separated relative names.
+#[async_trait::async_trait]
+pub trait BlobBackend: Send + Sync + std::fmt::Debug {
+    /// Stores `data` under `key`, replacing any previous object. Atomic: a reader sees
+    /// either the old or the new object, never a partial one.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    /// Reads a whole object; [`BackendError::NotFound`] when it does not exist.
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    /// Every key starting with `prefix`, in lexicographic order.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
+    /// Deletes an object; deleting a missing object succeeds.
+    async fn delete(&self, key: &str) -> Result<(), BackendError>;
+    /// Whether an object exists.
+    async fn exists(&self, key: &str) -> Result<bool, BackendError>;
+}
+
+/// A backend failure, naming the operation and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The object does not exist.
+    #[error("object {key} not found")]
+    NotFound {
+        /// Object key.
+        key: String,
+    },
+    /// The operation failed.
+    #[error("{op} {key}: {message}")]
+    Failed {
+        /// `put`, `get`, `list`, `delete` or `exists`.
+        op: &'static str,
+        /// Object key or prefix.
+        key: String,
+        /// The backend's explanation (status code and error code for Azure).
+        message: String,
+        /// Whether retrying can help (timeouts, throttling, 5xx, connection errors).
+        retryable: bool,
+    },
+}
+
+impl BackendError {
+    /// Whether retrying the same operation may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BackendError::Failed { retryable: true, .. })
+    }
+}
