@@ -7,25 +7,39 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use siterecovery_api::{ConditionStatus, KstatusConditions, ProtectedServer, ReplicationPolicy};
 
-/// A valid policy named `name` using the `storage` credential Secret (2m RPO alert).
+/// The Azurite account endpoint `make test` starts (`SR_AZURITE_ENDPOINT`).
+pub fn azurite_endpoint() -> String {
+    std::env::var("SR_AZURITE_ENDPOINT").expect(
+        "SR_AZURITE_ENDPOINT is not set: these tests need Azurite; run `make test` \
+         (or `hack/azurite.sh up && eval \"$(hack/azurite.sh env)\"`)",
+    )
+}
+
+/// A valid policy named `name` storing in Azurite through the `storage` Secret (2m RPO alert).
 pub fn policy(name: &str) -> ReplicationPolicy {
     serde_json::from_value(json!({
         "apiVersion": "siterecovery.io/v1alpha1", "kind": "ReplicationPolicy",
         "metadata": {"name": name},
         "spec": {
             "rpoThreshold": "2m", "crashConsistentInterval": "5s", "retention": {"window": "24h"},
-            "target": {"endpoint": "http://127.0.0.1:10000/devstoreaccount1", "container": "dr-data",
+            "target": {"endpoint": azurite_endpoint(), "container": "dr-data",
                        "credential": {"secretRef": {"name": "storage"}}}
         }
     }))
     .expect("valid policy")
 }
 
-/// A credential Secret with a SAS token (fake signature; never sent anywhere).
+/// An account SAS for Azurite's well-known account, valid for a day.
+pub fn azurite_sas() -> String {
+    use siterecovery_store::backend::{DEVSTORE_ACCOUNT, DEVSTORE_KEY};
+    let expiry = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24);
+    siterecovery_store::AccountSas::full_access(DEVSTORE_ACCOUNT, expiry).sign(DEVSTORE_KEY).expect("signing a SAS")
+}
+
+/// The `storage` credential Secret with a working Azurite SAS.
 pub fn sas_secret() -> k8s_openapi::api::core::v1::Secret {
-    serde_json::from_value(json!({"metadata": {"name": "storage"},
-        "stringData": {"sasToken": "sv=2024-11-04&ss=b&srt=co&sp=rwdlac&sig=c2VjcmV0"}}))
-    .expect("valid Secret")
+    serde_json::from_value(json!({"metadata": {"name": "storage"}, "stringData": {"sasToken": azurite_sas()}}))
+        .expect("valid Secret")
 }
 
 /// A server named `name` with one disk, using policy `gold`, recovered locally.

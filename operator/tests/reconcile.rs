@@ -184,7 +184,18 @@ async fn scenario(admin: &Client, ns: &str, operator: &OperatorProcess) -> anyho
     })
     .await?;
 
-    // Deleting the servers removes their identities; then the policy goes too.
+    // Both servers have replicated data in Azurite; web-01 is to keep it.
+    let data = data_store(&secrets).await?;
+    for name in ["db-01", "web-01"] {
+        write_point(&data, ns, name).await?;
+    }
+    let retain =
+        json!({"apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer", "spec": {"retainData": true}});
+    servers.patch("web-01", &PatchParams::apply("retention-test"), &Patch::Apply(&retain)).await?;
+    wait_for(&servers, "web-01", WAIT, "retainData seen", |s| s.spec.retain_data).await?;
+
+    // Deleting the servers removes their identities and (unless retained) their data;
+    // then the policy goes too.
     for name in ["db-01", "web-01"] {
         servers.delete(name, &DeleteParams::default()).await?;
     }
@@ -195,6 +206,43 @@ async fn scenario(admin: &Client, ns: &str, operator: &OperatorProcess) -> anyho
     }
     wait_gone(&policies, "gold", WAIT).await?;
     assert!(secrets.get_opt("gold-encryption").await?.is_some(), "keys outlive the policy");
+    let db = siterecovery_store::ServerRef::new(ns, "db-01")?;
+    let web = siterecovery_store::ServerRef::new(ns, "web-01")?;
+    assert!(data.list_point_ids(&db).await?.is_empty(), "db-01's points deleted with it");
+    assert!(data.backend().list(&db.prefix()).await?.is_empty(), "and its chunks");
+    assert_eq!(data.list_point_ids(&web).await?.len(), 1, "web-01 retained its data");
+    let events = events_for(admin, ns, "db-01").await?;
+    assert!(events.iter().any(|(r, n)| r == "DataDeleted" && n.contains("container dr-data")), "{events:?}");
+    Ok(())
+}
+
+/// The store the policy points at (Azurite, its SAS, the operator-made key Secret).
+async fn data_store(secrets: &Api<Secret>) -> anyhow::Result<siterecovery_store::Store> {
+    let backend = siterecovery_store::AzureBlobBackend::with_sas(
+        &siterecovery_e2e::fixtures::azurite_endpoint(),
+        "dr-data",
+        &siterecovery_e2e::fixtures::azurite_sas(),
+    )?;
+    backend.ensure_container().await?;
+    let keys = secrets.get("gold-encryption").await?.data.unwrap_or_default();
+    let keys = keys.into_iter().map(|(k, v)| (k, v.0)).collect();
+    let keyring = siterecovery_store::Keyring::from_secret_data(&keys)?;
+    Ok(siterecovery_store::Store::new(std::sync::Arc::new(backend), keyring, Default::default())?)
+}
+
+/// Replicates a small disk image of `name` as one recovery point.
+async fn write_point(store: &siterecovery_store::Store, ns: &str, name: &str) -> anyhow::Result<()> {
+    let dir = siterecovery_e2e::operator::TempDir::new("disk")?;
+    let image = dir.0.join("os.img");
+    std::fs::write(&image, format!("{name} disk contents ").repeat(10_000))?;
+    let point = siterecovery_store::NewPoint {
+        kind: siterecovery_store::PointKind::Crash,
+        group: None,
+        time: jiff::Timestamp::now(),
+        id: None,
+    };
+    let disks = [siterecovery_store::DiskSource { id: "os".into(), path: image }];
+    store.write_point(&siterecovery_store::ServerRef::new(ns, name)?, point, &disks).await?;
     Ok(())
 }
 

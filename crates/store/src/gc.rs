@@ -96,3 +96,20 @@ fn parse_chunk_key(rest: &str) -> Option<(&str, ChunkHash)> {
     }
     Some((disk, ChunkHash::from_hex(name)?))
 }
+
+/// Deletes everything stored for `server` (decommissioning): manifests first, so a crash
+/// half-way leaves only unreferenced chunks, never a point whose chunks are gone. Needs
+/// no keys. Returns the number of objects deleted.
+pub async fn delete_server_data(
+    backend: &dyn crate::backend::BlobBackend,
+    server: &ServerRef,
+) -> std::result::Result<u64, crate::backend::BackendError> {
+    let mut deleted = 0;
+    for prefix in [server.points_prefix(), server.prefix()] {
+        for key in backend.list(&prefix).await? {
+            backend.delete(&key).await?;
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}

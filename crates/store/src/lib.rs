@@ -30,7 +30,7 @@ mod store;
 pub use backend::{AccountSas, AzureBlobBackend, BackendError, BlobBackend, LocalBackend};
 pub use codec::Codec;
 pub use error::{Result, StoreError};
-pub use gc::GcReport;
+pub use gc::{GcReport, delete_server_data};
 pub use keys::{Keyring, SECRET_ACTIVE, SECRET_KEY_PREFIX};
 pub use layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef};
 pub use manifest::{ChunkRef, DiskManifest, Manifest, PointKind};

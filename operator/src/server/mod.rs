@@ -1,6 +1,7 @@
 //! ProtectedServer reconciler: issues the agent's identity, drives the lifecycle from
 //! what the agent and process server report, computes the RPO, and cleans up on delete.
 
+mod data;
 mod decide;
 pub mod identity;
 
@@ -145,6 +146,11 @@ async fn cleanup(server: &ProtectedServer, ctx: &Context) -> Result<Action> {
         };
         publish(server, &notice, ctx).await;
         return Err(Error::Blocked(why.to_string()));
+    }
+    // Data first: if storage refuses, the identity stays and deletion is retried.
+    if !server.spec.retain_data {
+        let notice = data::delete_blobs(server, ctx).await?;
+        publish(server, &notice, ctx).await;
     }
     let ns = server.namespace().unwrap_or_default();
     let name = identity::agent_name(server);

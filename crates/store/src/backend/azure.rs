@@ -121,9 +121,13 @@ impl BlobBackend for AzureBlobBackend {
         let options = BlobContainerClientListBlobsOptions { prefix: Some(prefix.to_string()), ..Default::default() };
         let mut pager = self.client.list_blobs(Some(options)).map_err(|e| failed("list", prefix, &e))?;
         let mut out = Vec::new();
-        while let Some(item) = pager.try_next().await.map_err(|e| failed("list", prefix, &e))? {
-            if let Some(name) = item.name {
-                out.push(name);
+        loop {
+            match pager.try_next().await {
+                Ok(Some(item)) => out.extend(item.name),
+                Ok(None) => break,
+                // A container that does not exist (yet) holds nothing.
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => return Err(failed("list", prefix, &e)),
             }
         }
         out.sort();

@@ -1,0 +1,70 @@
+//! Deleting a server's replicated data when the server is deleted (unless
+//! `spec.retainData`), through the same storage target and credential as its policy.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::events::EventType;
+use siterecovery_api::{ProtectedServer, ReplicationPolicy};
+use siterecovery_store::{AzureBlobBackend, ServerRef, delete_server_data};
+use tracing::info;
+
+use super::Notice;
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Removes the server's blobs. Returns an event to publish; an error when deletion must
+/// wait (storage unreachable, credential refused), with the way out in the message.
+pub async fn delete_blobs(server: &ProtectedServer, ctx: &Context) -> Result<Notice> {
+    let ns = server.namespace().unwrap_or_default();
+    let name = server.name_any();
+    let keep_hint = "set spec.retainData: true to delete the server and keep its data";
+    let Some(policy) =
+        Api::<ReplicationPolicy>::namespaced(ctx.client.clone(), &ns).get_opt(&server.spec.policy_ref.name).await?
+    else {
+        // Without the policy nothing says where the data is; blocking forever helps no one.
+        return Ok(Notice {
+            type_: EventType::Warning,
+            reason: "DataKept",
+            note: format!(
+                "ReplicationPolicy {} is gone, so its storage target is unknown: data kept",
+                server.spec.policy_ref.name
+            ),
+        });
+    };
+    let target = &policy.spec.target;
+    let Some(secret_ref) = &target.credential.secret_ref else {
+        return Ok(Notice {
+            type_: EventType::Warning,
+            reason: "DataKept",
+            note: format!(
+                "the operator cannot yet delete blobs with workload identity: data kept in container {}",
+                target.container
+            ),
+        });
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&secret_ref.name).await?;
+    let sas = secret
+        .and_then(|s| s.data)
+        .and_then(|d| d.get("sasToken").map(|v| String::from_utf8_lossy(&v.0).trim().to_owned()))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Error::Blocked(format!(
+                "cannot delete the server's data: Secret {} has no sasToken; {keep_hint}",
+                secret_ref.name
+            ))
+        })?;
+    let backend = AzureBlobBackend::with_sas(&target.endpoint, &target.container, &sas)
+        .map_err(|e| Error::Blocked(format!("cannot delete the server's data: {e}; {keep_hint}")))?;
+    let server_ref = ServerRef::new(ns.as_str(), name.as_str())
+        .map_err(|e| Error::Blocked(format!("cannot delete the server's data: {e}; {keep_hint}")))?;
+    let deleted = delete_server_data(&backend, &server_ref)
+        .await
+        .map_err(|e| Error::Blocked(format!("cannot delete the server's data: {e}; {keep_hint}")))?;
+    info!(objects = deleted, container = %target.container, "deleted the server's replicated data");
+    Ok(Notice {
+        type_: EventType::Normal,
+        reason: "DataDeleted",
+        note: format!("deleted {deleted} object(s) of replicated data from container {}", target.container),
+    })
+}
