@@ -13,4 +13,5 @@ pub mod processserver;
 pub mod registration;
 pub mod server;
 pub mod status;
+pub mod storage;
 pub mod telemetry;

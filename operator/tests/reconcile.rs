@@ -68,6 +68,8 @@ async fn scenario(admin: &Client, ns: &str, operator: &OperatorProcess) -> anyho
     .await?;
     let status = ready.status.clone().unwrap_or_default();
     assert_eq!(status.active_key_id.as_deref(), Some(active.as_str()));
+    let storage = condition(&status.conditions, PC::StorageReachable).unwrap();
+    assert_eq!((storage.0, storage.1.as_str()), (ConditionStatus::True, "Reachable"), "{storage:?}");
     assert_eq!(status.observed_generation, ready.metadata.generation);
     assert!(!serde_json::to_string(&ready)?.contains("c2VjcmV0"), "no secret in status");
 

@@ -22,6 +22,8 @@ pub struct Observed {
     pub key: KeyCheck,
     /// Names of the ProtectedServers using the policy.
     pub servers: Vec<String>,
+    /// Whether the storage target answered.
+    pub storage: crate::storage::Probe,
 }
 
 /// The storage credential as observed.
@@ -95,9 +97,34 @@ pub fn decide(policy: &ReplicationPolicy, observed: &Observed, now: &Time) -> De
         generation,
         now,
     );
+    use crate::storage::Probe;
+    let endpoint = format!("{}/{}", policy.spec.target.endpoint, policy.spec.target.container);
+    let (storage_status, storage_reason, storage_message) = match &observed.storage {
+        Probe::Reachable => (True, "Reachable", format!("{endpoint} answered and accepted the credential")),
+        Probe::NotChecked(why) => (siterecovery_api::ConditionStatus::Unknown, "NotChecked", why.clone()),
+        Probe::Failed { message, retryable: true } => (False, "Unreachable", message.clone()),
+        Probe::Failed { message, retryable: false } => (False, "Refused", message.clone()),
+    };
+    set_condition(
+        &mut status.conditions,
+        PolicyConditionType::StorageReachable,
+        storage_status,
+        storage_reason,
+        &storage_message,
+        generation,
+        now,
+    );
     let verdict = match (&credential, &key) {
         (Err(why), _) => Verdict::Stalled { reason: "CredentialInvalid", message: why.clone() },
         (_, Err(KeyProblem::Invalid(why))) => Verdict::Stalled { reason: "KeyInvalid", message: why.clone() },
+        (Ok(_), Ok(_)) if matches!(observed.storage, Probe::Failed { retryable: false, .. }) => Verdict::Stalled {
+            reason: "StorageRefused",
+            message: format!("spec.target: {endpoint} refused the credential: {storage_message}"),
+        },
+        (Ok(_), Ok(_)) if matches!(observed.storage, Probe::Failed { retryable: true, .. }) => Verdict::Progressing {
+            reason: "StorageUnreachable",
+            message: format!("spec.target: {endpoint} does not answer yet: {storage_message}"),
+        },
         (Ok(how), Ok(_)) => Verdict::Ready {
             reason: "PolicyReady",
             message: format!("storage credential: {how}; used by {} server(s)", observed.servers.len()),

@@ -46,6 +46,7 @@ fn a_missing_key_secret_is_created_first() {
         credential: CredentialCheck::WorkloadIdentity,
         key: KeyCheck { name: key_secret_name(&p), secret: None },
         servers: vec![],
+        storage: crate::storage::Probe::Reachable,
     };
     let d = decide(&p, &observed, &now());
     assert_eq!(d.create_key_secret.as_deref(), Some("gold-encryption"));
@@ -73,6 +74,7 @@ fn ready_with_sas_and_key_counts_servers() {
         },
         key: valid_key(&p),
         servers: vec!["db-01".into(), "web-01".into()],
+        storage: crate::storage::Probe::Reachable,
     };
     let d = decide(&p, &observed, &now());
     assert!(matches!(d.verdict, Verdict::Ready { .. }), "{:?}", d.verdict);
@@ -103,6 +105,7 @@ fn credential_problems_stall_with_the_field_named() {
             credential: CredentialCheck::Secret { name: "storage".into(), secret },
             key: valid_key(&p),
             servers: vec![],
+            storage: crate::storage::Probe::NotChecked("no SAS".into()),
         };
         let d = decide(&p, &observed, &now());
         match &d.verdict {
@@ -130,6 +133,7 @@ fn a_malformed_key_secret_stalls() {
             credential: CredentialCheck::WorkloadIdentity,
             key: KeyCheck { name: "gold-encryption".into(), secret: Some(secret(&pairs)) },
             servers: vec![],
+            storage: crate::storage::Probe::NotChecked("no SAS".into()),
         };
         let d = decide(&p, &observed, &now());
         assert!(
@@ -148,4 +152,31 @@ impl Lossy for ConditionStatus {
     fn to_string_lossy(&self) -> String {
         serde_json::to_value(self).unwrap().as_str().unwrap().to_owned()
     }
+}
+
+#[test]
+fn storage_problems_show_in_the_condition_and_the_verdict() {
+    let p = policy(true);
+    let observed = |storage| Observed {
+        credential: CredentialCheck::Secret {
+            name: "storage".into(),
+            secret: Some(Box::new(secret(&[("sasToken", b"sv=2024-11-04&ss=b&sig=abc")]))),
+        },
+        key: valid_key(&p),
+        servers: vec![],
+        storage,
+    };
+    use crate::storage::Probe;
+    let d = decide(&p, &observed(Probe::Reachable), &now());
+    assert_eq!(condition(&d, "StorageReachable").0, "True");
+    let refused = Probe::Failed { message: "403 AuthorizationFailure".into(), retryable: false };
+    let d = decide(&p, &observed(refused), &now());
+    assert!(
+        matches!(&d.verdict, Verdict::Stalled { reason: "StorageRefused", message } if message.starts_with("spec.target: https://a.blob.core.windows.net/dr refused"))
+    );
+    assert_eq!(condition(&d, "StorageReachable").1, "Refused");
+    let down = Probe::Failed { message: "connection refused".into(), retryable: true };
+    let d = decide(&p, &observed(down), &now());
+    assert!(matches!(&d.verdict, Verdict::Progressing { reason: "StorageUnreachable", .. }));
+    assert_eq!(condition(&d, "StorageReachable").1, "Unreachable");
 }

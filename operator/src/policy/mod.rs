@@ -88,7 +88,12 @@ async fn observe(policy: &ReplicationPolicy, ctx: &Context) -> Result<Observed> 
     let key_name = key_secret_name(policy);
     let key = KeyCheck { name: key_name.clone(), secret: secrets.get_opt(&key_name).await? };
     let servers = servers_using(policy, ctx);
-    Ok(Observed { credential, key, servers })
+    let credential_secret = match &credential {
+        CredentialCheck::Secret { secret, .. } => secret.as_deref(),
+        CredentialCheck::WorkloadIdentity => None,
+    };
+    let storage = crate::storage::probe(policy, credential_secret).await;
+    Ok(Observed { credential, key, servers, storage })
 }
 
 fn servers_using(policy: &ReplicationPolicy, ctx: &Context) -> Vec<String> {

@@ -6,7 +6,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use siterecovery_api::{ProtectedServer, ReplicationPolicy};
-use siterecovery_store::{AzureBlobBackend, ServerRef, delete_server_data};
+use siterecovery_store::{ServerRef, delete_server_data};
 use tracing::info;
 
 use super::Notice;
@@ -33,29 +33,26 @@ pub async fn delete_blobs(server: &ProtectedServer, ctx: &Context) -> Result<Not
         });
     };
     let target = &policy.spec.target;
-    let Some(secret_ref) = &target.credential.secret_ref else {
-        return Ok(Notice {
-            type_: EventType::Warning,
-            reason: "DataKept",
-            note: format!(
-                "the operator cannot yet delete blobs with workload identity: data kept in container {}",
-                target.container
-            ),
-        });
+    let secret = match &target.credential.secret_ref {
+        Some(r) => Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await?,
+        None => None,
     };
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&secret_ref.name).await?;
-    let sas = secret
-        .and_then(|s| s.data)
-        .and_then(|d| d.get("sasToken").map(|v| String::from_utf8_lossy(&v.0).trim().to_owned()))
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            Error::Blocked(format!(
-                "cannot delete the server's data: Secret {} has no sasToken; {keep_hint}",
-                secret_ref.name
-            ))
-        })?;
-    let backend = AzureBlobBackend::with_sas(&target.endpoint, &target.container, &sas)
-        .map_err(|e| Error::Blocked(format!("cannot delete the server's data: {e}; {keep_hint}")))?;
+    let backend = match crate::storage::backend(&policy, secret.as_ref()) {
+        Ok(backend) => backend,
+        Err(crate::storage::Unavailable::WorkloadIdentity) => {
+            return Ok(Notice {
+                type_: EventType::Warning,
+                reason: "DataKept",
+                note: format!(
+                    "the operator cannot yet delete blobs with workload identity: data kept in container {}",
+                    target.container
+                ),
+            });
+        }
+        Err(crate::storage::Unavailable::NoSas(why)) => {
+            return Err(Error::Blocked(format!("cannot delete the server's data: {why}; {keep_hint}")));
+        }
+    };
     let server_ref = ServerRef::new(ns.as_str(), name.as_str())
         .map_err(|e| Error::Blocked(format!("cannot delete the server's data: {e}; {keep_hint}")))?;
     let deleted = delete_server_data(&backend, &server_ref)
