@@ -1,6 +1,6 @@
 //! Pure decisions of agent registration: when to issue or rotate a certificate, when to
-//! rotate the CA, and whether a registration request is accepted (and if not, which
-//! HTTP status and reason answer it). No client, no clock: `now` is an argument.
+//! rotate the CA, and whether a registration or renewal request is accepted (and if
+//! not, which HTTP status and reason answer it). No client, no clock: `now` is an argument.
 
 use std::time::Duration;
 
@@ -230,6 +230,27 @@ pub enum Refusal {
     ServerDeleting,
     /// Something the bundle needs is not issued yet (certificate, ServiceAccount); retry.
     NotReady(String),
+    /// Renewal: the connection carried no client certificate.
+    ClientCertificateRequired,
+    /// Renewal: a certificate from the operator CA that names no agent, or has expired.
+    NotAnAgentCertificate(String),
+    /// Renewal: the ProtectedServer the certificate names does not exist (any more).
+    ServerGone,
+    /// Renewal: no registration is active (the state Secret was deleted to revoke the
+    /// agent or to issue a new token, and the new token is not used yet).
+    NotRegistered,
+    /// Renewal: the presented certificate is not the server's current one (renewed or
+    /// re-issued since): a copy of old credentials, or an agent whose answer was lost.
+    CertificateSuperseded {
+        /// The agent certificate Secret, to delete when the agent is to be revoked.
+        certificate_secret: String,
+    },
+    /// Renewal: the agent certificate Secret was not created by the operator (bring your
+    /// own), so the operator does not overwrite it.
+    CertificateNotManaged {
+        /// The Secret.
+        certificate_secret: String,
+    },
 }
 
 impl Refusal {
@@ -240,10 +261,16 @@ impl Refusal {
             Refusal::InvalidToken => StatusCode::UNAUTHORIZED,
             Refusal::AlreadyUsed { .. } => StatusCode::CONFLICT,
             Refusal::Expired { .. } => StatusCode::GONE,
-            Refusal::HostnameMismatch { .. } | Refusal::MachineIdMismatch | Refusal::ServerDeleting => {
-                StatusCode::FORBIDDEN
-            }
+            Refusal::HostnameMismatch { .. }
+            | Refusal::MachineIdMismatch
+            | Refusal::ServerDeleting
+            | Refusal::NotAnAgentCertificate(_)
+            | Refusal::NotRegistered
+            | Refusal::CertificateSuperseded { .. }
+            | Refusal::CertificateNotManaged { .. } => StatusCode::FORBIDDEN,
             Refusal::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ClientCertificateRequired => StatusCode::UNAUTHORIZED,
+            Refusal::ServerGone => StatusCode::GONE,
         }
     }
 
@@ -258,6 +285,12 @@ impl Refusal {
             Refusal::MachineIdMismatch => "MachineIdMismatch",
             Refusal::ServerDeleting => "ServerDeleting",
             Refusal::NotReady(_) => "NotReady",
+            Refusal::ClientCertificateRequired => "ClientCertificateRequired",
+            Refusal::NotAnAgentCertificate(_) => "NotAnAgentCertificate",
+            Refusal::ServerGone => "ServerGone",
+            Refusal::NotRegistered => "NotRegistered",
+            Refusal::CertificateSuperseded { .. } => "CertificateSuperseded",
+            Refusal::CertificateNotManaged { .. } => "CertificateNotManaged",
         }
     }
 
@@ -280,6 +313,23 @@ impl Refusal {
             Refusal::MachineIdMismatch => "machineId does not match spec.agent.machineId".into(),
             Refusal::ServerDeleting => "the ProtectedServer is being deleted".into(),
             Refusal::NotReady(what) => format!("{what}; retry shortly"),
+            Refusal::ClientCertificateRequired => {
+                "renewal needs the agent's current client certificate (mutual TLS)".into()
+            }
+            Refusal::NotAnAgentCertificate(why) => format!("the client certificate {why}"),
+            Refusal::ServerGone => "the ProtectedServer named by the client certificate does not exist".into(),
+            Refusal::NotRegistered => format!(
+                "no agent registration is active for this server (Secret {state_secret} was deleted or its \
+                 new token is not used yet); register again with the new bootstrap token"
+            ),
+            Refusal::CertificateSuperseded { certificate_secret } => format!(
+                "the client certificate is not the server's current one (renewed or re-issued since); register \
+                 again with a new bootstrap token. If this agent did not renew it, its credentials may have \
+                 been copied: delete Secrets {state_secret} and {certificate_secret} to revoke them"
+            ),
+            Refusal::CertificateNotManaged { certificate_secret } => format!(
+                "Secret {certificate_secret} was not created by the operator, which therefore does not renew it"
+            ),
         }
     }
 }
@@ -344,6 +394,63 @@ pub fn check_registration(
         && req.machine_id.as_deref().map(str::to_ascii_lowercase).as_deref() != Some(expected.as_str())
     {
         return Err(Refusal::MachineIdMismatch);
+    }
+    Ok(())
+}
+
+/// The agent a verified client certificate names, or why it cannot renew: no
+/// certificate, one that names no ProtectedServer (a serving certificate of the same
+/// CA never gets here: it lacks the client-auth usage), or one that expired after the
+/// connection was made.
+pub fn renewal_subject(presented: Option<&CertInfo>, now: Timestamp) -> Result<(String, String), Refusal> {
+    let cert = presented.ok_or(Refusal::ClientCertificateRequired)?;
+    let Some(agent) = cert.uris.iter().find_map(|u| super::certs::agent_from_uri(u)) else {
+        return Err(Refusal::NotAnAgentCertificate("names no ProtectedServer".into()));
+    };
+    if cert.not_after <= now {
+        return Err(Refusal::NotAnAgentCertificate(format!("expired at {}", cert.not_after)));
+    }
+    Ok(agent)
+}
+
+/// What a renewal is decided on, read just before (the certificate itself was verified
+/// against the CA by TLS and mapped by [`renewal_subject`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RenewalFacts<'a> {
+    /// The ProtectedServer the certificate names, if it exists.
+    pub server: Option<&'a ProtectedServer>,
+    /// Its bootstrap-token state, if any.
+    pub state: Option<&'a BootstrapState>,
+    /// DER of the presented leaf certificate.
+    pub presented_der: &'a [u8],
+    /// DER of the certificate in the agent certificate Secret, if readable.
+    pub current_der: Option<&'a [u8]>,
+    /// Whether that Secret carries the operator's `managed-by` label.
+    pub managed: bool,
+    /// Its name, for messages.
+    pub certificate_secret: &'a str,
+}
+
+/// Decides a renewal. The server must exist and not be going away; a registration must
+/// be active (the state Secret the agent's token is bound to was used: deleting it
+/// revokes renewal too, not only the token); and the presented certificate must be the
+/// one the operator holds now. The last makes a certificate renew at most once: after
+/// the agent renews, a copy of its old credentials is refused (and the refusal is an
+/// event), and deleting the certificate Secret revokes it for renewal.
+pub fn check_renewal(facts: &RenewalFacts<'_>) -> Result<(), Refusal> {
+    let server = facts.server.ok_or(Refusal::ServerGone)?;
+    if server.metadata.deletion_timestamp.is_some() {
+        return Err(Refusal::ServerDeleting);
+    }
+    if facts.state.is_none_or(|s| s.used.is_none()) {
+        return Err(Refusal::NotRegistered);
+    }
+    let certificate_secret = facts.certificate_secret.to_owned();
+    if !facts.managed {
+        return Err(Refusal::CertificateNotManaged { certificate_secret });
+    }
+    if facts.current_der != Some(facts.presented_der) {
+        return Err(Refusal::CertificateSuperseded { certificate_secret });
     }
     Ok(())
 }

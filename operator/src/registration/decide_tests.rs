@@ -303,3 +303,69 @@ fn durations_parse_like_flags() {
     assert!(super::parse_duration("0s").is_err());
     assert!(super::parse_duration("soon").is_err());
 }
+
+fn agent_cert(uris: &[&str], not_after: &str) -> CertInfo {
+    let mut c = cert("2026-01-01T00:00:00Z", 30, b"ca", uris);
+    c.not_after = at(not_after);
+    c
+}
+
+#[test]
+fn a_renewal_is_for_the_agent_its_certificate_names() {
+    let now = at("2026-01-15T00:00:00Z");
+    let agent = agent_cert(&["spiffe://siterecovery.io/ns/ns/protectedserver/db-01"], "2026-01-31T00:00:00Z");
+    assert_eq!(renewal_subject(Some(&agent), now), Ok(("ns".into(), "db-01".into())));
+    let refused = |c: Option<&CertInfo>, now| {
+        let r = renewal_subject(c, now).unwrap_err();
+        (r.status(), r.reason())
+    };
+    assert_eq!(refused(None, now), (StatusCode::UNAUTHORIZED, "ClientCertificateRequired"));
+    let no_agent = agent_cert(&["spiffe://example.org/workload"], "2026-01-31T00:00:00Z");
+    assert_eq!(refused(Some(&no_agent), now), (StatusCode::FORBIDDEN, "NotAnAgentCertificate"));
+    let malformed = agent_cert(&["spiffe://siterecovery.io/ns/ns/protectedserver/a/b"], "2026-01-31T00:00:00Z");
+    assert_eq!(refused(Some(&malformed), now), (StatusCode::FORBIDDEN, "NotAnAgentCertificate"));
+    // Verified at the handshake, expired by the time a kept-alive connection asks.
+    assert_eq!(refused(Some(&agent), at("2026-01-31T00:00:00Z")), (StatusCode::FORBIDDEN, "NotAnAgentCertificate"));
+}
+
+#[test]
+fn renewal_needs_a_live_server_an_active_registration_and_the_current_certificate() {
+    let c = case();
+    let s = server(None);
+    let mut used = c.state.clone();
+    used.used = Some(Usage { at: c.now, hostname: "db-01.example.com".into(), machine_id: None });
+    let ok = RenewalFacts {
+        server: Some(&s),
+        state: Some(&used),
+        presented_der: b"cert-1",
+        current_der: Some(b"cert-1"),
+        managed: true,
+        certificate_secret: "sr-agent-db-01-tls",
+    };
+    assert_eq!(check_renewal(&ok), Ok(()));
+    fn refusal<'a>(mut facts: RenewalFacts<'a>, f: impl FnOnce(&mut RenewalFacts<'a>)) -> (StatusCode, &'static str) {
+        f(&mut facts);
+        let r = check_renewal(&facts).unwrap_err();
+        (r.status(), r.reason())
+    }
+    assert_eq!(refusal(ok, |f| f.server = None), (StatusCode::GONE, "ServerGone"));
+    let mut deleting = s.clone();
+    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(c.now));
+    assert_eq!(refusal(ok, |f| f.server = Some(&deleting)), (StatusCode::FORBIDDEN, "ServerDeleting"));
+    // The state Secret was deleted (revocation), or replaced by one whose token is unused.
+    assert_eq!(refusal(ok, |f| f.state = None), (StatusCode::FORBIDDEN, "NotRegistered"));
+    assert_eq!(refusal(ok, |f| f.state = Some(&c.state)), (StatusCode::FORBIDDEN, "NotRegistered"));
+    // Renewed already (a copy of the old credentials), or re-issued by the operator.
+    assert_eq!(refusal(ok, |f| f.current_der = Some(b"cert-2")), (StatusCode::FORBIDDEN, "CertificateSuperseded"));
+    assert_eq!(refusal(ok, |f| f.current_der = None), (StatusCode::FORBIDDEN, "CertificateSuperseded"));
+    assert_eq!(refusal(ok, |f| f.managed = false), (StatusCode::FORBIDDEN, "CertificateNotManaged"));
+}
+
+#[test]
+fn renewal_refusals_say_how_to_revoke() {
+    let superseded = Refusal::CertificateSuperseded { certificate_secret: "sr-agent-db-01-tls".into() };
+    let m = superseded.message("sr-bootstrap-db-01");
+    assert!(m.contains("delete Secrets sr-bootstrap-db-01 and sr-agent-db-01-tls"), "{m}");
+    assert!(Refusal::NotRegistered.message("sr-bootstrap-db-01").contains("Secret sr-bootstrap-db-01 was deleted"));
+    assert!(Refusal::ClientCertificateRequired.message("").contains("mutual TLS"));
+}

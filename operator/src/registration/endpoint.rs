@@ -20,7 +20,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use jiff::Timestamp;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec, TokenRequestStatus};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
@@ -36,7 +36,7 @@ use super::certs::{self, Ca};
 use super::decide::{self, Refusal, RegisterRequest};
 use super::error::Error;
 use super::reconcile::publish;
-use super::tls::{self, Peer, ServingCert, TlsListener};
+use super::tls::{self, AgentVerifier, Peer, ServingCert, TlsListener};
 use super::token::{BootstrapToken, Usage};
 use super::{PROCESS_SERVER_SERVICE, RegistrationConfig, bootstrap_secret_name, client_tls_secret_name};
 use crate::context::Context;
@@ -104,9 +104,9 @@ struct Body {
     machine_id: Option<String>,
 }
 
-struct Endpoint {
-    ctx: Arc<Context>,
-    config: RegistrationConfig,
+pub(super) struct Endpoint {
+    pub(super) ctx: Arc<Context>,
+    pub(super) config: RegistrationConfig,
 }
 
 /// The registration endpoint, bound and ready to serve.
@@ -116,6 +116,8 @@ pub struct RegistrationServer {
     serving: Arc<ServingCert>,
     serving_issuer: Vec<u8>,
     serving_renew_at: Timestamp,
+    clients: Arc<AgentVerifier>,
+    trusted_bundle: String,
 }
 
 impl RegistrationServer {
@@ -126,8 +128,9 @@ impl RegistrationServer {
         let ca = ensure_ca(&ctx.client, &config, now).await?;
         let (key, info) = serving_cert(&ca, &config, now)?;
         let serving = ServingCert::new(key);
+        let clients = AgentVerifier::new(&ca.bundle_pem)?;
         let tcp = TcpListener::bind(config.listen_addr).await?;
-        let listener = TlsListener::new(tcp, tls::server_config(serving.clone())?)?;
+        let listener = TlsListener::new(tcp, tls::server_config(serving.clone(), clients.clone())?)?;
         info!(addr = %listener_addr(&listener), "agent registration endpoint listening (HTTPS)");
         Ok(Self {
             listener,
@@ -135,6 +138,8 @@ impl RegistrationServer {
             serving,
             serving_issuer: info.issuer,
             serving_renew_at: decide::renew_at(info.not_before, info.not_after),
+            clients,
+            trusted_bundle: ca.bundle_pem,
         })
     }
 
@@ -145,14 +150,19 @@ impl RegistrationServer {
 
     /// Serves until `stopped` resolves; renews its own certificate as it goes.
     pub async fn serve(self, stopped: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-        let refresher = tokio::spawn(refresh_serving_cert(
+        let refresher = tokio::spawn(refresh_tls(
             self.endpoint.clone(),
-            self.serving.clone(),
-            self.serving_issuer,
-            self.serving_renew_at,
+            Refreshed {
+                serving: self.serving.clone(),
+                issuer: self.serving_issuer,
+                renew: self.serving_renew_at,
+                clients: self.clients.clone(),
+                bundle: self.trusted_bundle,
+            },
         ));
         let app = Router::new()
             .route("/register", post(register))
+            .route("/renew", post(super::renewal::renew))
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(self.endpoint);
         let result = axum::serve(self.listener, app.into_make_service_with_connect_info::<Peer>())
@@ -185,14 +195,19 @@ fn serving_cert(
     Ok((tls::certified_key(&issued)?, certs::parse_pem(issued.cert_pem.as_bytes())?))
 }
 
-/// Re-issues the endpoint's certificate when it enters its last third or the signing
-/// CA changed; it lives in memory only, nobody else needs it.
-async fn refresh_serving_cert(
-    endpoint: Arc<Endpoint>,
+/// What the endpoint's TLS currently uses, kept up to date by [`refresh_tls`].
+struct Refreshed {
     serving: Arc<ServingCert>,
-    mut issuer: Vec<u8>,
-    mut renew: Timestamp,
-) {
+    issuer: Vec<u8>,
+    renew: Timestamp,
+    clients: Arc<AgentVerifier>,
+    bundle: String,
+}
+
+/// Re-issues the endpoint's certificate when it enters its last third or the signing
+/// CA changed (it lives in memory only, nobody else needs it), and trusts client
+/// certificates of every CA in the current bundle (a CA rotation stages a new one).
+async fn refresh_tls(endpoint: Arc<Endpoint>, mut tls: Refreshed) {
     loop {
         tokio::time::sleep(Duration::from_secs(300)).await;
         let now = Timestamp::now();
@@ -204,13 +219,22 @@ async fn refresh_serving_cert(
                 continue;
             }
         };
-        if now < renew && ca.info.subject == issuer {
+        if ca.bundle_pem != tls.bundle {
+            match tls.clients.replace(&ca.bundle_pem) {
+                Ok(()) => {
+                    tls.bundle.clone_from(&ca.bundle_pem);
+                    info!("registration endpoint trusts the new CA bundle for client certificates");
+                }
+                Err(e) => warn!(error = %e, "cannot load the new CA bundle for client certificates"),
+            }
+        }
+        if now < tls.renew && ca.info.subject == tls.issuer {
             continue;
         }
         match serving_cert(&ca, &endpoint.config, now) {
             Ok((key, info)) => {
-                serving.replace(key);
-                (issuer, renew) = (info.issuer, decide::renew_at(info.not_before, info.not_after));
+                tls.serving.replace(key);
+                (tls.issuer, tls.renew) = (info.issuer, decide::renew_at(info.not_before, info.not_after));
                 info!(not_after = %info.not_after, "registration endpoint certificate renewed");
             }
             Err(e) => warn!(error = %e, "cannot renew the registration endpoint's certificate"),
@@ -220,7 +244,7 @@ async fn refresh_serving_cert(
 
 async fn register(
     State(endpoint): State<Arc<Endpoint>>,
-    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    ConnectInfo(Peer { addr: peer, .. }): ConnectInfo<Peer>,
     body: Bytes,
 ) -> Response {
     let req = match parse(&body) {
@@ -262,7 +286,7 @@ fn parse(body: &[u8]) -> Result<RegisterRequest, Refusal> {
     Ok(req)
 }
 
-fn refuse(refusal: &Refusal, state_secret: &str) -> Response {
+pub(super) fn refuse(refusal: &Refusal, state_secret: &str) -> Response {
     let body = serde_json::json!({"reason": refusal.reason(), "message": refusal.message(state_secret)});
     let mut response = json_response(refusal.status(), &body);
     if matches!(refusal, Refusal::NotReady(_)) {
@@ -272,7 +296,7 @@ fn refuse(refusal: &Refusal, state_secret: &str) -> Response {
 }
 
 /// A JSON answer that no proxy or client may cache (it may carry credentials).
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let headers = [
         (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
@@ -283,7 +307,7 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
 
 type Refused = (Refusal, Option<ProtectedServer>);
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> Refusal {
+pub(super) fn unavailable(what: &str, e: impl std::fmt::Display) -> Refusal {
     warn!(error = %e, "{what}");
     Refusal::NotReady(format!("{what} (the Kubernetes API failed)"))
 }
@@ -345,6 +369,31 @@ async fn collect_bundle(
     };
     let expiry = certs::parse_pem(cert.as_bytes()).map(|i| i.not_after.to_string()).unwrap_or_default();
 
+    let (service_account, minted) = mint_token(endpoint, server, &stored.secret).await?;
+    Ok(RegisterResponse {
+        namespace: ns.clone(),
+        name,
+        service_account,
+        api_server: endpoint.config.api_server.url.clone(),
+        api_server_ca: endpoint.config.api_server.ca_pem.clone(),
+        token: minted.token,
+        token_expiration_time: minted.expiration_timestamp.0.to_string(),
+        client_certificate: cert,
+        client_key: key,
+        client_certificate_expiry_time: expiry,
+        ca_bundle,
+        process_server: format!("{PROCESS_SERVER_SERVICE}.{ns}.svc"),
+    })
+}
+
+/// A ServiceAccount token for the server's agent, bound to `state` (the bootstrap state
+/// Secret: deleting it revokes the token); returns the ServiceAccount's name and it.
+pub(super) async fn mint_token(
+    endpoint: &Endpoint,
+    server: &ProtectedServer,
+    state: &Secret,
+) -> Result<(String, TokenRequestStatus), Refusal> {
+    let ns = server.namespace().unwrap_or_default();
     let service_account = identity::agent_name(server);
     let request = TokenRequest {
         spec: TokenRequestSpec {
@@ -353,34 +402,22 @@ async fn collect_bundle(
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Secret".into()),
-                name: stored.secret.metadata.name.clone(),
-                uid: stored.secret.metadata.uid.clone(),
+                name: state.metadata.name.clone(),
+                uid: state.metadata.uid.clone(),
             }),
         },
         ..Default::default()
     };
-    let minted = Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+    let minted = Api::<ServiceAccount>::namespaced(endpoint.ctx.client.clone(), &ns)
         .create_token_request(&service_account, &PostParams::default(), &request)
         .await;
-    let status = match minted {
-        Ok(response) => response.status.ok_or_else(|| unavailable("TokenRequest", "answer without status"))?,
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            return Err(Refusal::NotReady(format!("the agent ServiceAccount {service_account} is not created yet")));
+    match minted {
+        Ok(response) => {
+            Ok((service_account, response.status.ok_or_else(|| unavailable("TokenRequest", "answer without status"))?))
         }
-        Err(e) => return Err(unavailable("cannot mint the agent's ServiceAccount token", e)),
-    };
-    Ok(RegisterResponse {
-        namespace: ns.clone(),
-        name,
-        service_account,
-        api_server: endpoint.config.api_server.url.clone(),
-        api_server_ca: endpoint.config.api_server.ca_pem.clone(),
-        token: status.token,
-        token_expiration_time: status.expiration_timestamp.0.to_string(),
-        client_certificate: cert,
-        client_key: key,
-        client_certificate_expiry_time: expiry,
-        ca_bundle,
-        process_server: format!("{PROCESS_SERVER_SERVICE}.{ns}.svc"),
-    })
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            Err(Refusal::NotReady(format!("the agent ServiceAccount {service_account} is not created yet")))
+        }
+        Err(e) => Err(unavailable("cannot mint the agent's ServiceAccount token", e)),
+    }
 }

@@ -16,6 +16,9 @@
 //! - **`POST /register`** (`endpoint.rs`, `tls.rs`): HTTPS, exchanges a token for the
 //!   agent's bundle (ServiceAccount token bound to the state Secret, client certificate
 //!   and key, CA bundle, API server URL), exactly once.
+//! - **`POST /renew`** (`renewal.rs`): the same endpoint, authenticated by the agent's
+//!   current client certificate (mutual TLS): a new certificate (also stored in
+//!   `sr-agent-<server>-tls`), the current CA bundle and a fresh ServiceAccount token.
 
 mod bootstrap;
 pub mod ca;
@@ -24,6 +27,7 @@ pub mod decide;
 mod endpoint;
 mod error;
 mod reconcile;
+mod renewal;
 pub mod tls;
 pub mod token;
 

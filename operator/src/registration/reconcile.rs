@@ -146,7 +146,7 @@ async fn ensure_client_cert(
 }
 
 /// `status.agent.certificateExpiryTime`, under registration's own field manager.
-async fn record_expiry(server: &ProtectedServer, not_after: Timestamp, ctx: &Context) -> Result<(), Error> {
+pub(super) async fn record_expiry(server: &ProtectedServer, not_after: Timestamp, ctx: &Context) -> Result<(), Error> {
     let recorded =
         server.status.as_ref().and_then(|s| s.agent.as_ref()).and_then(|a| a.certificate_expiry_time.as_ref());
     if recorded.is_some_and(|t| t.0 == not_after) {
@@ -256,7 +256,7 @@ async fn ensure_bootstrap(
     }
 }
 
-fn managed(secret: &Secret) -> bool {
+pub(super) fn managed(secret: &Secret) -> bool {
     secret.labels().get("app.kubernetes.io/managed-by").is_some_and(|v| v == "siterecovery-operator")
 }
 
@@ -310,8 +310,19 @@ async fn replace(api: &Api<Secret>, mut secret: Secret) -> Result<(), Error> {
 /// Publishes an event on the server; a failure is logged, never fatal. Notes never carry
 /// a token or key.
 pub(super) async fn publish(ctx: &Context, server: &ProtectedServer, type_: EventType, reason: &str, note: String) {
-    let event =
-        KubeEvent { type_, reason: reason.into(), note: Some(note), action: "Register".into(), secondary: None };
+    publish_as(ctx, server, "Register", type_, reason, note).await;
+}
+
+/// [`publish`] with another event action (`Renew`).
+pub(super) async fn publish_as(
+    ctx: &Context,
+    server: &ProtectedServer,
+    action: &str,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = KubeEvent { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
         warn!(error = %e, "could not publish event");
     }

@@ -2,6 +2,11 @@
 //! front of it), and the helpers a process server uses to accept only agents with a
 //! certificate from the operator CA.
 //!
+//! The endpoint asks for a client certificate but does not require one: `/register`
+//! is reached without (the agent has none yet), `/renew` only with one. A certificate
+//! that is presented must chain to the operator CA, else the handshake fails; the
+//! handler sees the verified leaf in [`Peer::client_cert`].
+//!
 //! The provider is always aws-lc-rs, as for the operator's API client, chosen
 //! explicitly so a second provider compiled into the binary can never make rustls
 //! pick at random.
@@ -19,11 +24,14 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::danger::ClientCertVerifier;
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use tokio_rustls::rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+};
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
@@ -97,13 +105,96 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-/// TLS 1.2/1.3 server configuration with `cert`, HTTP/1.1, no client certificate.
-pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, Error> {
+/// The registration endpoint's client authentication: a client certificate is optional,
+/// but one that is presented must chain to the operator CA bundle (with the client-auth
+/// usage). Replaceable while the server runs, so a CA rotation reaches it.
+#[derive(Debug)]
+pub struct AgentVerifier(RwLock<Arc<dyn ClientCertVerifier>>);
+
+impl AgentVerifier {
+    /// Trusts `ca_bundle_pem`.
+    pub fn new(ca_bundle_pem: &str) -> Result<Arc<Self>, Error> {
+        Ok(Arc::new(Self(RwLock::new(optional_verifier(ca_bundle_pem)?))))
+    }
+
+    /// New handshakes trust `ca_bundle_pem` from now on.
+    pub fn replace(&self, ca_bundle_pem: &str) -> Result<(), Error> {
+        let verifier = optional_verifier(ca_bundle_pem)?;
+        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = verifier;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+fn optional_verifier(ca_bundle_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_bundle_pem)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::Certificate(format!("client verifier: {e}")))
+}
+
+impl ClientCertVerifier for AgentVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    // The hints cannot be borrowed out of the lock. An empty list is allowed and tells
+    // the client to send whatever certificate it has; the chain is verified below.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, tokio_rustls::rustls::Error> {
+        self.current().verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// TLS 1.2/1.3 server configuration with `cert`, HTTP/1.1, client certificates checked
+/// by `clients`. No session resumption: every connection presents (and has verified)
+/// its certificate afresh, so a resumed session can never carry a certificate checked
+/// against an older trust bundle; the endpoint sees a handful of requests a day.
+pub fn server_config(cert: Arc<ServingCert>, clients: Arc<AgentVerifier>) -> Result<Arc<ServerConfig>, Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -180,12 +271,22 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// The peer of a request (for audit logs of registrations).
-#[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
+/// The peer of a request: its address (for audit logs) and the client certificate it
+/// presented, already verified against the operator CA during the handshake.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The verified leaf certificate (DER), when the client sent one.
+    pub client_cert: Option<Arc<CertificateDer<'static>>>,
+}
 
 impl Connected<IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
+        // Per connection: rustls supports neither renegotiation nor post-handshake
+        // authentication, so the certificate cannot change under a kept-alive connection.
+        let (_, session) = stream.io().get_ref();
+        let client_cert = session.peer_certificates().and_then(|chain| chain.first()).map(|c| Arc::new(c.clone()));
+        Peer { addr: *stream.remote_addr(), client_cert }
     }
 }
