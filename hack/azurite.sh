@@ -12,7 +12,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 SR_CACHE=${SR_CACHE:-$HOME/.cache/siterecovery}
-AZURITE_VERSION=3.35.0
+# shellcheck source=versions.env
+source "$here/versions.env"
 PORT=${SR_AZURITE_PORT:-10000}
 d=${SR_AZURITE_DIR:-$repo/target/azurite-$PORT}
 prefix="$SR_CACHE/azurite"
@@ -30,6 +31,7 @@ install() {
   if [ -x "$bin" ] && [ "$(cat "$prefix/.version" 2>/dev/null)" = "$AZURITE_VERSION" ]; then
     return 0
   fi
+  command -v npm >/dev/null || { log "npm (Node.js 20) is required to install Azurite"; exit 1; }
   log "installing azurite@$AZURITE_VERSION into $prefix"
   mkdir -p "$prefix"
   npm install --prefix "$prefix" --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >&2
