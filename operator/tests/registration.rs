@@ -260,7 +260,7 @@ async fn registration_with_chart_rbac() -> anyhow::Result<()> {
     let (code, body) = register(operator.addr, &admin_ca, &wrong_host).await?;
     assert_eq!((code, body["reason"].as_str()), (403, Some("HostnameMismatch")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("spec.agent.hostname"), "{body}");
-    wait_event(&admin, ns, "db-01", "RegistrationRefused", "HostnameMismatch").await?;
+    wait_event(&admin, ns, "db-01", "HostnameMismatch", "registration refused").await?;
     let mut wrong_token = request.clone();
     wrong_token["token"] = json!("srbt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
     let (code, body) = register(operator.addr, &admin_ca, &wrong_token).await?;
@@ -368,7 +368,7 @@ async fn expiry(admin: &Client, operator: &Operator, ns: &str) -> anyhow::Result
     let (code, body) = register(operator.addr, &text(&plain, "ca.crt"), &request).await?;
     assert_eq!((code, body["reason"].as_str()), (410, Some("TokenExpired")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("delete Secret sr-bootstrap-web-01"), "{body}");
-    wait_event(admin, ns, "web-01", "RegistrationRefused", "TokenExpired").await?;
+    wait_event(admin, ns, "web-01", "TokenExpired", "registration refused").await?;
     wait_gone(&secrets, "sr-bootstrap-web-01-token", WAIT).await?;
     wait_event(admin, ns, "web-01", "BootstrapTokenExpired", "expired unused").await
 }

@@ -264,8 +264,10 @@ async fn register(
             if let Some(server) = server
                 && !matches!(refusal, Refusal::NotReady(_))
             {
-                let note = format!("{}: {message} (from {peer}, hostname {:?})", refusal.reason(), req.hostname);
-                publish(&endpoint.ctx, &server, EventType::Warning, "RegistrationRefused", note).await;
+                // The reason is the refusal's own: events with one reason fold into a single
+                // series that keeps its first note, which would hide a different refusal.
+                let note = format!("registration refused: {message} (from {peer}, hostname {:?})", req.hostname);
+                publish(&endpoint.ctx, &server, EventType::Warning, refusal.reason(), note).await;
             }
             refuse(&refusal, &state_secret)
         }
