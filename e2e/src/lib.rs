@@ -225,3 +225,35 @@ where
     }
     Ok(())
 }
+
+/// A stop signal for components run in-process by a test (shaped like the operator's
+/// own shutdown signal); every future from [`StopSignal::signal`] resolves when it is
+/// dropped.
+pub struct StopSignal(tokio::sync::watch::Sender<bool>);
+
+impl StopSignal {
+    /// A signal not yet given.
+    pub fn new() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+
+    /// A future that resolves once the signal is given (or the signal dropped).
+    pub fn signal(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+impl Default for StopSignal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StopSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
+}

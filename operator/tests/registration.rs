@@ -22,54 +22,17 @@ use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
 use siterecovery_e2e::fixtures::{events_for, wait_event};
 use siterecovery_e2e::operator::{apply_documents, client_as, render_chart};
-use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
+use siterecovery_e2e::{StopSignal, TestNamespace, client, install_crds, wait_for, wait_gone};
 use siterecovery_operator::context::Context;
 use siterecovery_operator::registration::{self, ApiServerInfo, RegisterResponse, RegistrationConfig, certs, tls};
 use siterecovery_operator::server;
 use siterecovery_operator::telemetry::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::pki_types::{ServerName, UnixTime};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A stop signal for in-process tasks, shaped like `main`'s.
-struct Stop(watch::Sender<bool>);
-
-impl Stop {
-    fn new() -> Self {
-        Self(watch::channel(false).0)
-    }
-
-    fn signal(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
-        let mut rx = self.0.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    }
-}
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = self.0.send(true);
-    }
-}
-
-fn protected_server(name: &str) -> ProtectedServer {
-    serde_json::from_value(json!({
-        "apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer",
-        "metadata": {"name": name},
-        "spec": {
-            "policyRef": {"name": "gold"},
-            "agent": {"hostname": format!("{name}.example.com")},
-            "disks": [{"id": "os", "path": "/dev/loop0"}],
-            "failoverTarget": {"local": {"directory": "/srv/recovered"}}
-        }
-    }))
-    .unwrap()
-}
 
 fn text(secret: &Secret, key: &str) -> String {
     secret
@@ -134,8 +97,8 @@ struct Operator {
     ctx: Arc<Context>,
     config: RegistrationConfig,
     addr: SocketAddr,
-    run_stop: Stop,
-    _stop: Stop,
+    run_stop: StopSignal,
+    _stop: StopSignal,
 }
 
 /// The chart's ServiceAccount and RBAC, the ProtectedServer controller (it issues the
@@ -145,7 +108,7 @@ async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<Operator
     apply_documents(admin, &docs, &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"])
         .await?;
     let client = client_as(admin, op_ns, &format!("{op_ns}-operator")).await?;
-    let stop = Stop::new();
+    let stop = StopSignal::new();
     let controller =
         Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());
     let ctx = Context::new(client.clone(), Arc::new(Metrics::new()), controller.store());
@@ -159,7 +122,7 @@ async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<Operator
     config.watch_namespace = Some(ns.to_owned());
     config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.resync = Duration::from_secs(1);
-    let run_stop = Stop::new();
+    let run_stop = StopSignal::new();
     tokio::spawn(registration::run(ctx.clone(), config.clone(), run_stop.signal()));
     let endpoint = registration::RegistrationServer::bind(ctx.clone(), config.clone()).await?;
     let addr = endpoint.local_addr();
@@ -179,7 +142,7 @@ async fn registration_with_chart_rbac() -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let ca_secrets: Api<Secret> = Api::namespaced(admin.clone(), op_ns);
     let servers: Api<ProtectedServer> = Api::namespaced(admin.clone(), ns);
-    servers.create(&PostParams::default(), &protected_server("db-01")).await?;
+    servers.create(&PostParams::default(), &siterecovery_e2e::fixtures::server("db-01")).await?;
 
     // The CA is created in the operator's namespace.
     let ca_secret =
@@ -356,7 +319,7 @@ async fn rotation(admin: &Client, operator: &Operator, ns: &str, op_ns: &str) ->
 async fn expiry(admin: &Client, operator: &Operator, ns: &str) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let servers: Api<ProtectedServer> = Api::namespaced(admin.clone(), ns);
-    servers.create(&PostParams::default(), &protected_server("web-01")).await?;
+    servers.create(&PostParams::default(), &siterecovery_e2e::fixtures::server("web-01")).await?;
     let plain = wait_for(&secrets, "sr-bootstrap-web-01-token", WAIT, "token", has_keys(&["token"])).await?;
     let request: Value = serde_json::from_str(&text(&plain, "request.json"))?;
     // As if its 24 hours had passed.
@@ -383,7 +346,7 @@ async fn ca_reused(
 ) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let agent_cert = secrets.get("sr-agent-db-01-tls").await?;
-    operator.run_stop = Stop::new(); // the old one stops its reconciler on drop
+    operator.run_stop = StopSignal::new(); // the old one stops its reconciler on drop
     secrets.delete("siterecovery-process-server-tls", &DeleteParams::default()).await?;
     tokio::spawn(registration::run(operator.ctx.clone(), operator.config.clone(), operator.run_stop.signal()));
     wait_for(

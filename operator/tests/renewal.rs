@@ -23,13 +23,12 @@ use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
 use siterecovery_e2e::fixtures::{events_for, wait_event};
 use siterecovery_e2e::operator::{apply_documents, client_as, render_chart};
-use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
+use siterecovery_e2e::{StopSignal, TestNamespace, client, install_crds, wait_for, wait_gone};
 use siterecovery_operator::context::Context;
 use siterecovery_operator::registration::{self, ApiServerInfo, RegisterResponse, RegistrationConfig, certs, tls};
 use siterecovery_operator::server;
 use siterecovery_operator::telemetry::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -38,39 +37,6 @@ use tokio_rustls::rustls::pki_types::{PrivateKeyDer, ServerName, UnixTime};
 const WAIT: Duration = Duration::from_secs(30);
 /// Holds the server in deletion so the "being deleted" answer can be observed.
 const HOLD: &str = "test.siterecovery.io/hold";
-
-/// A stop signal for in-process tasks; stops them when dropped.
-struct Stop(watch::Sender<bool>);
-
-impl Stop {
-    fn signal(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
-        let mut rx = self.0.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    }
-}
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = self.0.send(true);
-    }
-}
-
-fn protected_server(name: &str) -> ProtectedServer {
-    serde_json::from_value(json!({
-        "apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer",
-        "metadata": {"name": name},
-        "spec": {
-            "policyRef": {"name": "gold"},
-            "agent": {"hostname": format!("{name}.example.com")},
-            "disks": [{"id": "os", "path": "/dev/loop0"}],
-            "failoverTarget": {"local": {"directory": "/srv/recovered"}},
-            "retainData": true
-        }
-    }))
-    .unwrap()
-}
 
 fn text(secret: &Secret, key: &str) -> String {
     secret
@@ -157,12 +123,12 @@ fn agent_client(bundle: &RegisterResponse) -> anyhow::Result<Client> {
 /// The chart's RBAC, the ProtectedServer controller (it creates the agent's
 /// ServiceAccount), registration's reconciler and its endpoint; returns the endpoint's
 /// address and what stops them.
-async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<(SocketAddr, Stop)> {
+async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<(SocketAddr, StopSignal)> {
     let docs = render_chart(op_ns, op_ns, &[])?;
     apply_documents(admin, &docs, &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"])
         .await?;
     let client = client_as(admin, op_ns, &format!("{op_ns}-operator")).await?;
-    let stop = Stop(watch::channel(false).0);
+    let stop = StopSignal::new();
     let controller =
         Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());
     let ctx = Context::new(client.clone(), Arc::new(Metrics::new()), controller.store());
@@ -194,7 +160,13 @@ async fn renewal_over_mutual_tls() -> anyhow::Result<()> {
     let (ns, op_ns) = (ns.name.as_str(), op_ns.name.as_str());
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let servers: Api<ProtectedServer> = Api::namespaced(admin.clone(), ns);
-    servers.create(&PostParams::default(), &protected_server("db-01")).await?;
+    servers
+        .create(&PostParams::default(), &{
+            let mut s = siterecovery_e2e::fixtures::server("db-01");
+            s.spec.retain_data = true;
+            s
+        })
+        .await?;
 
     // Register (no client certificate: optional at the TLS layer).
     let plain = wait_for(&secrets, "sr-bootstrap-db-01-token", WAIT, "token", |s| !text(s, "token").is_empty()).await?;
