@@ -12,18 +12,8 @@ start=$(date +%s)
 # Timing figures mean something only for optimised code.
 cargo build --release -p siterecovery-operator --bin siterecovery-operator -p siterecovery-bench --bin operator-scale
 
-export SR_CLUSTER_DIR=${SR_BENCH_CLUSTER_DIR:-$PWD/target/bench-cluster}
-export SR_ETCD_PORT=${SR_BENCH_ETCD_PORT:-28790} SR_APISERVER_PORT=${SR_BENCH_APISERVER_PORT:-21443} SR_KCM_PORT=${SR_BENCH_KCM_PORT:-21444}
-export SR_AZURITE_PORT=${SR_BENCH_AZURITE_PORT:-10040} SR_AZURITE_DIR=$PWD/target/bench-azurite
-trap '"$here/cluster.sh" down >/dev/null 2>&1 || true; "$here/azurite.sh" down >/dev/null 2>&1 || true' EXIT
-"$here/cluster.sh" down >/dev/null 2>&1 || true
-"$here/cluster.sh" up
-# shellcheck disable=SC1091
-source "$SR_CLUSTER_DIR/env.sh"
-# The benchmark's policies store in Azurite (servers' data is deleted with them).
-"$here/azurite.sh" down >/dev/null 2>&1 || true
-rm -rf "$SR_AZURITE_DIR"
-"$here/azurite.sh" up
-eval "$("$here/azurite.sh" env)"
+# shellcheck source=services.sh
+source "$here/services.sh"
+private_services bench "${SR_BENCH_ETCD_PORT:-28790}" "${SR_BENCH_APISERVER_PORT:-21443}" "${SR_BENCH_KCM_PORT:-21444}" "${SR_BENCH_AZURITE_PORT:-10040}"
 target/release/operator-scale --operator-bin target/release/siterecovery-operator "$@"
 echo "[bench] finished in $(( $(date +%s) - start ))s"

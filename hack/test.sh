@@ -11,18 +11,8 @@ start=$(date +%s)
 make --no-print-directory lint
 cargo build --workspace --tests
 
-export SR_CLUSTER_DIR=${SR_TEST_CLUSTER_DIR:-$PWD/target/test-cluster}
-export SR_ETCD_PORT=${SR_TEST_ETCD_PORT:-23890} SR_APISERVER_PORT=${SR_TEST_APISERVER_PORT:-16543} SR_KCM_PORT=${SR_TEST_KCM_PORT:-16544}
-export SR_AZURITE_PORT=${SR_TEST_AZURITE_PORT:-10010} SR_AZURITE_DIR=$PWD/target/test-azurite
-trap '"$here/cluster.sh" down >/dev/null 2>&1 || true; "$here/azurite.sh" down >/dev/null 2>&1 || true' EXIT
-"$here/cluster.sh" down >/dev/null 2>&1 || true
-"$here/cluster.sh" up
-# shellcheck disable=SC1091
-source "$SR_CLUSTER_DIR/env.sh"
-# Blob storage: Azurite on loopback (installed once from npm into $SR_CACHE).
-"$here/azurite.sh" down >/dev/null 2>&1 || true
-rm -rf "$SR_AZURITE_DIR"
-"$here/azurite.sh" up
-eval "$("$here/azurite.sh" env)"
+# shellcheck source=services.sh
+source "$here/services.sh"
+private_services test "${SR_TEST_ETCD_PORT:-23890}" "${SR_TEST_APISERVER_PORT:-16543}" "${SR_TEST_KCM_PORT:-16544}" "${SR_TEST_AZURITE_PORT:-10010}"
 cargo test --workspace --no-fail-fast
 echo "[test] finished in $(( $(date +%s) - start ))s"

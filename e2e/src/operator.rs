@@ -69,6 +69,23 @@ pub async fn apply_documents(client: &Client, docs: &[serde_json::Value], kinds:
     Ok(())
 }
 
+/// The RBAC kinds of the chart, installed by the tests instead of a whole release.
+const RBAC_KINDS: [&str; 5] = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
+
+/// Installs the chart's ServiceAccounts and RBAC for a release named after `operator_ns`
+/// (so parallel tests do not share ClusterRoles); returns the operator ServiceAccount's name.
+pub async fn install_chart_rbac(admin: &Client, operator_ns: &str) -> anyhow::Result<String> {
+    let docs = render_chart(operator_ns, operator_ns, &[])?;
+    apply_documents(admin, &docs, &RBAC_KINDS).await?;
+    Ok(format!("{operator_ns}-operator"))
+}
+
+/// A client with exactly the chart's operator permissions (for components run in-process).
+pub async fn operator_client(admin: &Client, operator_ns: &str) -> anyhow::Result<Client> {
+    let account = install_chart_rbac(admin, operator_ns).await?;
+    client_as(admin, operator_ns, &account).await
+}
+
 /// A short-lived token for a ServiceAccount (TokenRequest API).
 pub async fn service_account_token(client: &Client, namespace: &str, name: &str) -> anyhow::Result<String> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
@@ -125,10 +142,8 @@ impl OperatorProcess {
     /// named after the namespace, so ClusterRoles of parallel tests do not collide) and
     /// starts `binary` with that identity, watching only `watch_ns`.
     pub async fn start(client: &Client, binary: &Path, operator_ns: &str, watch_ns: &str) -> anyhow::Result<Self> {
-        let docs = render_chart(operator_ns, operator_ns, &[])?;
-        apply_documents(client, &docs, &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"])
-            .await?;
-        let token = service_account_token(client, operator_ns, &format!("{operator_ns}-operator")).await?;
+        let account = install_chart_rbac(client, operator_ns).await?;
+        let token = service_account_token(client, operator_ns, &account).await?;
         let dir = TempDir::new("operator")?;
         let kubeconfig = write_token_kubeconfig(&dir.0, &token)?;
         let metrics_addr = free_loopback_port()?;
@@ -217,5 +232,38 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test's world: the real API server with the CRDs, an operator namespace, a workload
+/// namespace, and the operator binary between them as the chart's ServiceAccount.
+pub struct OperatorTest {
+    /// Admin client for the test's own reads and writes.
+    pub admin: Client,
+    /// The running operator.
+    pub operator: OperatorProcess,
+    /// Where the servers, policies and plans go.
+    pub ns: crate::TestNamespace,
+    /// The operator's own namespace (its Lease, its CA).
+    pub op_ns: crate::TestNamespace,
+}
+
+impl OperatorTest {
+    /// Sets everything up; namespaces are named `sr-op-<prefix>-…` and `sr-<prefix>-…`.
+    pub async fn start(binary: &Path, prefix: &str) -> anyhow::Result<Self> {
+        let admin = crate::client().await?;
+        crate::install_crds(&admin).await?;
+        let op_ns = crate::TestNamespace::create(&admin, &format!("op-{prefix}")).await?;
+        let ns = crate::TestNamespace::create(&admin, prefix).await?;
+        let operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
+        Ok(Self { admin, operator, ns, op_ns })
+    }
+
+    /// Passes `result` through, printing the operator's log when it is an error.
+    pub fn explain<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            eprintln!("--- operator log ---\n{}", self.operator.logs());
+        }
+        result
     }
 }

@@ -13,8 +13,8 @@ use siterecovery_api::failback::{FailbackConditionType as FC, FailbackStep};
 use siterecovery_api::plan::RunState;
 use siterecovery_api::{ConditionStatus, FailbackJob, KstatusConditions as _, ProtectedServer, ServerPhase};
 use siterecovery_e2e::fixtures::{ago, condition, policy, report_protected, sas_secret, server};
-use siterecovery_e2e::operator::OperatorProcess;
-use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for};
+use siterecovery_e2e::operator::OperatorTest;
+use siterecovery_e2e::wait_for;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -59,17 +59,8 @@ async fn fail_over_and_commit(servers: &Api<ProtectedServer>, name: &str) -> any
 
 #[tokio::test]
 async fn failback_reprotects_cuts_over_on_approval_and_re_enables() -> anyhow::Result<()> {
-    let admin = client().await?;
-    install_crds(&admin).await?;
-    let op_ns = TestNamespace::create(&admin, "op-fb").await?;
-    let ns = TestNamespace::create(&admin, "failback").await?;
-    let binary = Path::new(env!("CARGO_BIN_EXE_siterecovery-operator"));
-    let operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
-    let result = scenario(&admin, &ns.name).await;
-    if result.is_err() {
-        eprintln!("--- operator log ---\n{}", operator.logs());
-    }
-    result
+    let t = OperatorTest::start(Path::new(env!("CARGO_BIN_EXE_siterecovery-operator")), "failback").await?;
+    t.explain(scenario(&t.admin, &t.ns.name).await)
 }
 
 async fn scenario(admin: &Client, ns: &str) -> anyhow::Result<()> {

@@ -14,8 +14,8 @@ use serde_json::json;
 use siterecovery_api::plan::{PlanConditionType as PC, RunState};
 use siterecovery_api::{ConditionStatus, KstatusConditions as _, ProtectedServer, RecoveryPlan, ServerPhase};
 use siterecovery_e2e::fixtures::{condition, events_for, policy, report_protected, sas_secret, server};
-use siterecovery_e2e::operator::OperatorProcess;
-use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for};
+use siterecovery_e2e::operator::OperatorTest;
+use siterecovery_e2e::wait_for;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -66,17 +66,8 @@ fn run_state(p: &RecoveryPlan) -> Option<RunState> {
 
 #[tokio::test]
 async fn plans_drive_test_failover_failover_and_commit() -> anyhow::Result<()> {
-    let admin = client().await?;
-    install_crds(&admin).await?;
-    let op_ns = TestNamespace::create(&admin, "op-plan").await?;
-    let ns = TestNamespace::create(&admin, "plan").await?;
-    let binary = Path::new(env!("CARGO_BIN_EXE_siterecovery-operator"));
-    let operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
-    let result = scenario(&admin, &ns.name).await;
-    if result.is_err() {
-        eprintln!("--- operator log ---\n{}", operator.logs());
-    }
-    result
+    let t = OperatorTest::start(Path::new(env!("CARGO_BIN_EXE_siterecovery-operator")), "plan").await?;
+    t.explain(scenario(&t.admin, &t.ns.name).await)
 }
 
 async fn scenario(admin: &Client, ns: &str) -> anyhow::Result<()> {
@@ -190,12 +181,8 @@ async fn scenario(admin: &Client, ns: &str) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn job_actions_are_created_and_owned_by_the_plan() -> anyhow::Result<()> {
-    let admin = client().await?;
-    install_crds(&admin).await?;
-    let op_ns = TestNamespace::create(&admin, "op-job").await?;
-    let ns = TestNamespace::create(&admin, "job").await?;
-    let binary = Path::new(env!("CARGO_BIN_EXE_siterecovery-operator"));
-    let operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
+    let t = OperatorTest::start(Path::new(env!("CARGO_BIN_EXE_siterecovery-operator")), "job").await?;
+    let (admin, ns, operator) = (&t.admin, &t.ns, &t.operator);
     let plans: Api<RecoveryPlan> = Api::namespaced(admin.clone(), &ns.name);
     let plan: RecoveryPlan = serde_json::from_value(json!({
         "apiVersion": "siterecovery.io/v1alpha1", "kind": "RecoveryPlan", "metadata": {"name": "smoke"},

@@ -21,7 +21,7 @@ use siterecovery_api::ProtectedServer;
 use siterecovery_api::field_manager::{OPERATOR, PROCESS_SERVER};
 use siterecovery_core::assignment::SizingLimits;
 use siterecovery_e2e::fixtures::wait_event;
-use siterecovery_e2e::operator::{apply_documents, client_as, render_chart};
+use siterecovery_e2e::operator::operator_client;
 use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
 use siterecovery_operator::context::Context;
 use siterecovery_operator::processserver::{
@@ -37,18 +37,9 @@ fn ps(n: u32) -> String {
 }
 
 fn server(name: &str, pin: Option<&str>) -> ProtectedServer {
-    serde_json::from_value(json!({
-        "apiVersion": "siterecovery.io/v1alpha1", "kind": "ProtectedServer",
-        "metadata": {"name": name},
-        "spec": {
-            "policyRef": {"name": "gold"},
-            "agent": {"hostname": format!("{name}.example.com")},
-            "disks": [{"id": "os", "path": "/dev/loop0"}],
-            "failoverTarget": {"local": {"directory": "/srv/recovered"}},
-            "processServer": pin
-        }
-    }))
-    .unwrap()
+    let mut server = siterecovery_e2e::fixtures::server(name);
+    server.spec.process_server = pin.map(str::to_owned);
+    server
 }
 
 /// A heartbeat as the process server sends it: server-side apply of its Lease.
@@ -150,10 +141,7 @@ async fn process_server_fleet_with_chart_rbac() -> anyhow::Result<()> {
     let ns = TestNamespace::create(&admin, "fleet").await?;
 
     // The chart's RBAC, and a client that holds nothing else.
-    let docs = render_chart(&op_ns.name, &op_ns.name, &[])?;
-    apply_documents(&admin, &docs, &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"])
-        .await?;
-    let operator = client_as(&admin, &op_ns.name, &format!("{}-operator", op_ns.name)).await?;
+    let operator = operator_client(&admin, &op_ns.name).await?;
     let metrics = Arc::new(Metrics::new());
     let ctx = Context::new(operator, metrics.clone(), reflector::store().0);
     let config = ProcessServerConfig {

@@ -15,24 +15,15 @@ use serde_json::json;
 use siterecovery_api::field_manager::{AGENT, PROCESS_SERVER};
 use siterecovery_api::{ConditionStatus, KstatusConditions, ProtectedServer, ReplicationPolicy, ServerPhase};
 use siterecovery_e2e::fixtures::{ago, condition, events_for, policy, report, sas_secret, server};
-use siterecovery_e2e::operator::{OperatorProcess, client_as};
-use siterecovery_e2e::{TestNamespace, client, install_crds, wait_for, wait_gone};
+use siterecovery_e2e::operator::{OperatorProcess, OperatorTest, client_as};
+use siterecovery_e2e::{wait_for, wait_gone};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn policy_and_server_lifecycle_with_chart_rbac() -> anyhow::Result<()> {
-    let admin = client().await?;
-    install_crds(&admin).await?;
-    let op_ns = TestNamespace::create(&admin, "op").await?;
-    let ns = TestNamespace::create(&admin, "servers").await?;
-    let binary = Path::new(env!("CARGO_BIN_EXE_siterecovery-operator"));
-    let operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
-    let result = scenario(&admin, &ns.name, &operator).await;
-    if result.is_err() {
-        eprintln!("--- operator log ---\n{}", operator.logs());
-    }
-    result
+    let t = OperatorTest::start(Path::new(env!("CARGO_BIN_EXE_siterecovery-operator")), "servers").await?;
+    t.explain(scenario(&t.admin, &t.ns.name, &t.operator).await)
 }
 
 async fn scenario(admin: &Client, ns: &str, operator: &OperatorProcess) -> anyhow::Result<()> {
@@ -250,12 +241,8 @@ async fn write_point(store: &siterecovery_store::Store, ns: &str, name: &str) ->
 
 #[tokio::test]
 async fn graceful_shutdown_releases_the_lease() -> anyhow::Result<()> {
-    let admin = client().await?;
-    install_crds(&admin).await?;
-    let op_ns = TestNamespace::create(&admin, "op-stop").await?;
-    let ns = TestNamespace::create(&admin, "stop").await?;
-    let binary = Path::new(env!("CARGO_BIN_EXE_siterecovery-operator"));
-    let mut operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
+    let mut t = OperatorTest::start(Path::new(env!("CARGO_BIN_EXE_siterecovery-operator")), "stop").await?;
+    let (admin, op_ns, operator) = (t.admin.clone(), &t.op_ns, &mut t.operator);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), &op_ns.name);
     let held = wait_for(&leases, "siterecovery-operator", WAIT, "lease held", |l| {
         l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).is_some_and(|h| !h.is_empty())

@@ -22,7 +22,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
 use siterecovery_e2e::fixtures::{events_for, wait_event};
-use siterecovery_e2e::operator::{apply_documents, client_as, render_chart};
+use siterecovery_e2e::operator::operator_client;
 use siterecovery_e2e::{StopSignal, TestNamespace, client, install_crds, wait_for, wait_gone};
 use siterecovery_operator::context::Context;
 use siterecovery_operator::registration::{self, ApiServerInfo, RegisterResponse, RegistrationConfig, certs, tls};
@@ -124,10 +124,7 @@ fn agent_client(bundle: &RegisterResponse) -> anyhow::Result<Client> {
 /// ServiceAccount), registration's reconciler and its endpoint; returns the endpoint's
 /// address and what stops them.
 async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<(SocketAddr, StopSignal)> {
-    let docs = render_chart(op_ns, op_ns, &[])?;
-    apply_documents(admin, &docs, &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"])
-        .await?;
-    let client = client_as(admin, op_ns, &format!("{op_ns}-operator")).await?;
+    let client = operator_client(admin, op_ns).await?;
     let stop = StopSignal::new();
     let controller =
         Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());

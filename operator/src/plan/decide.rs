@@ -169,20 +169,8 @@ pub fn decide(
         }
         _ => Verdict::Stalled { reason: "RunFailed", message: message.clone() },
     };
-    set_verdict(&mut conditions, &verdict, generation, now);
-    let (gate_status, gate_reason, gate_message) = match &walk.waiting {
-        Some(gate) => (ConditionStatus::True, "ApprovalRequired", format!("{gate}: {}", instructions(plan, gate))),
-        None => (ConditionStatus::False, "NoGate", String::new()),
-    };
-    set_condition(
-        &mut conditions,
-        PlanConditionType::WaitingForApproval,
-        gate_status,
-        gate_reason,
-        &gate_message,
-        generation,
-        now,
-    );
+    let gate = walk.waiting.as_ref().map(|gate| format!("{gate}: {}", instructions(plan, gate)));
+    set_plan_conditions(&mut conditions, &verdict, gate, generation, now);
     let terminal = !matches!(state, RunState::Running | RunState::WaitingForApproval);
     let operation = OperationStatus {
         type_: op.type_,
@@ -207,6 +195,23 @@ pub fn decide(
     Decision { steps: walk.steps, status, verdict, running: !terminal }
 }
 
+/// The kstatus conditions from `verdict`, and `WaitingForApproval` from the gate waiting
+/// (`<group>/<action>: instructions`), if any.
+fn set_plan_conditions(
+    conditions: &mut Vec<siterecovery_api::Condition<PlanConditionType>>,
+    verdict: &Verdict,
+    gate: Option<String>,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    set_verdict(conditions, verdict, generation, now);
+    let (status, reason, message) = match gate {
+        Some(message) => (ConditionStatus::True, "ApprovalRequired", message),
+        None => (ConditionStatus::False, "NoGate", String::new()),
+    };
+    set_condition(conditions, PlanConditionType::WaitingForApproval, status, reason, &message, generation, now);
+}
+
 fn is_terminal(state: RunState) -> bool {
     matches!(state, RunState::Succeeded | RunState::Failed | RunState::PartiallySucceeded)
 }
@@ -226,16 +231,7 @@ fn finished(
         RunState::Succeeded => Verdict::Ready { reason: "RunSucceeded", message },
         _ => Verdict::Stalled { reason: "RunFailed", message },
     };
-    set_verdict(&mut conditions, &verdict, generation, now);
-    set_condition(
-        &mut conditions,
-        PlanConditionType::WaitingForApproval,
-        ConditionStatus::False,
-        "NoGate",
-        "",
-        generation,
-        now,
-    );
+    set_plan_conditions(&mut conditions, &verdict, None, generation, now);
     let groups = plan.status.as_ref().map(|s| s.groups.clone()).unwrap_or_default();
     let status =
         json!({"observedGeneration": generation, "conditions": conditions, "operation": done, "groups": groups});
@@ -270,16 +266,7 @@ fn idle(
         Verdict::Stalled { reason: "ServerNotFound", message: missing.join("; ") }
     };
     let generation = plan.meta().generation;
-    set_verdict(&mut conditions, &verdict, generation, now);
-    set_condition(
-        &mut conditions,
-        PlanConditionType::WaitingForApproval,
-        ConditionStatus::False,
-        "NoGate",
-        "",
-        generation,
-        now,
-    );
+    set_plan_conditions(&mut conditions, &verdict, None, generation, now);
     let status = json!({"observedGeneration": generation, "conditions": conditions});
     Decision { steps: Vec::new(), status, verdict, running: false }
 }
