@@ -1,0 +1,141 @@
+// SPDX-License-Identifier: (BSD-2-Clause OR GPL-2.0-only)
+/*
+ * Block-write tracker: reports the sector range of every write, discard and
+ * write-zeroes bio submitted to a tracked disk, through a ring buffer.
+ *
+ * tp_btf/block_bio_queue fires once per bio in submit_bio_noacct_nocheck(), after
+ * partition remapping (the sector is absolute on the whole disk) and before blk-mq
+ * splits or merges it, so each written range is seen exactly once, whole.
+ * tp_btf/block_bio_complete fires for the same bio at bio_endio(); the range is
+ * reported again then, because a block read by the agent while its write was in flight
+ * may hold the old data: the second report puts it in the next dirty set.
+ *
+ * Anything that cannot be recorded (ring buffer full, in-flight table full) increments
+ * the disk's drop counter, which user space checks on every take: a drop means the
+ * dirty set is incomplete and the disk must be resynchronised.
+ */
+#include "kernel.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#define MAX_DISKS 64
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* One record per reported range; layout mirrored in src/worker.rs (Event). */
+struct event {
+	__u32 slot;
+	__u32 nr_sectors;
+	__u64 sector;
+};
+
+/* A queued write waiting for its completion, keyed by the bio's address. */
+struct inflight {
+	__u64 sector;
+	__u32 nr_sectors;
+	__u32 slot;
+};
+
+/* Whole-disk dev_t (kernel encoding, MKDEV) -> slot of that disk. Filled by user space. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_DISKS);
+	__type(key, __u32);
+	__type(value, __u32);
+} disks SEC(".maps");
+
+/* Per-slot count of writes that could not be recorded. Only ever grows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_DISKS);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct inflight);
+} inflight SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);
+} events SEC(".maps");
+
+static __always_inline void count_drop(__u32 slot)
+{
+	__u64 *n = bpf_map_lookup_elem(&drops, &slot);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void emit(__u32 slot, __u64 sector, __u32 nr_sectors)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		count_drop(slot);
+		return;
+	}
+	e->slot = slot;
+	e->nr_sectors = nr_sectors;
+	e->sector = sector;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int is_write(__u32 opf)
+{
+	switch (opf & REQ_OP_MASK) {
+	case REQ_OP_WRITE:
+	case REQ_OP_DISCARD:
+	case REQ_OP_SECURE_ERASE:
+	case REQ_OP_WRITE_ZEROES:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(on_bio_queue, struct bio *bio)
+{
+	struct inflight f;
+	__u64 key = (__u64)bio;
+	__u32 *slot, dev, size;
+
+	if (!is_write(BPF_CORE_READ(bio, bi_opf)))
+		return 0;
+	/* An empty write is a flush (REQ_PREFLUSH): nothing changes on the medium. */
+	size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	if (size == 0)
+		return 0;
+	dev = BPF_CORE_READ(bio, bi_bdev, bd_disk, part0, bd_dev);
+	slot = bpf_map_lookup_elem(&disks, &dev);
+	if (!slot)
+		return 0;
+
+	f.sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	f.nr_sectors = size >> 9;
+	f.slot = *slot;
+	emit(f.slot, f.sector, f.nr_sectors);
+	if (bpf_map_update_elem(&inflight, &key, &f, BPF_ANY))
+		count_drop(f.slot);
+	return 0;
+}
+
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(on_bio_complete, struct request_queue *q, struct bio *bio)
+{
+	__u64 key = (__u64)bio;
+	struct inflight *f = bpf_map_lookup_elem(&inflight, &key);
+
+	if (!f)
+		return 0;
+	emit(f->slot, f->sector, f->nr_sectors);
+	bpf_map_delete_elem(&inflight, &key);
+	return 0;
+}

@@ -1,0 +1,150 @@
+//! Block-write change tracking for protected disks, without a kernel module.
+//!
+//! An eBPF program on the kernel's block-layer tracepoints (`block_bio_queue` and
+//! `block_bio_complete`, BTF-typed) reports the sector range of every write, discard
+//! and write-zeroes to the tracked disks; [`BlockTracker::take_dirty`] turns them into
+//! the set of dirty blocks since the previous call. When the kernel could not record a
+//! write (ring buffer or in-flight table full) the set says so (`lost`), and the caller
+//! must resynchronise that device by checksums. See docs/change-tracking.md.
+#![deny(unsafe_code)]
+
+mod bpf;
+mod device;
+mod error;
+mod privileges;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use device::TrackedDevice;
+pub use error::TrackerError;
+
+/// Tuning knobs; [`TrackerOptions::new`] gives the defaults for a granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerOptions {
+    /// Tracking block size in bytes: a power of two, at least 4096 (e.g. 65536).
+    pub granularity: u64,
+    /// Kernel ring buffer size in bytes (a power of two, at least a page). Each write
+    /// costs two 24-byte records; the default 8 MiB holds ~170,000 writes between drains.
+    pub ring_buffer_bytes: u32,
+    /// How often the ring buffer is drained into the dirty bitmaps between takes.
+    pub drain_interval: Duration,
+}
+
+impl TrackerOptions {
+    /// Defaults: 8 MiB ring buffer drained every 10 ms.
+    pub fn new(granularity: u64) -> Self {
+        Self { granularity, ring_buffer_bytes: 8 << 20, drain_interval: Duration::from_millis(10) }
+    }
+
+    fn validate(&self) -> Result<(), TrackerError> {
+        if self.granularity < 4096 || !self.granularity.is_power_of_two() {
+            return Err(TrackerError::InvalidGranularity(self.granularity));
+        }
+        if self.ring_buffer_bytes < 4096 || !self.ring_buffer_bytes.is_power_of_two() {
+            return Err(TrackerError::InvalidRingBuffer(self.ring_buffer_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// The blocks written on every tracked device since the previous take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtySet {
+    /// Tracking block size in bytes; block `i` covers bytes `[i * granularity, (i + 1) * granularity)`.
+    pub granularity: u64,
+    /// One entry per tracked device, in the order given to [`BlockTracker::start`].
+    pub devices: Vec<DeviceDirty>,
+    /// Whether any device lost writes (see [`DeviceDirty::lost`]).
+    pub lost: bool,
+}
+
+/// The dirty blocks of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDirty {
+    /// The device as given to [`BlockTracker::start`].
+    pub path: PathBuf,
+    /// Sorted indexes of the blocks written, relative to the start of the device (a
+    /// partition's block 0 is at its first sector).
+    pub blocks: Vec<u64>,
+    /// The kernel could not record every write to this device's disk since the last
+    /// take: `blocks` is incomplete and the device must be resynchronised by checksums.
+    pub lost: bool,
+}
+
+/// A running tracker. Dropping it detaches the eBPF program.
+#[derive(Debug)]
+pub struct BlockTracker {
+    devices: Vec<TrackedDevice>,
+    granularity: u64,
+    commands: Option<Sender<worker::Command>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl BlockTracker {
+    /// Loads and attaches the eBPF program for `devices` (disks or partitions), with
+    /// `granularity`-byte tracking blocks (a power of two, at least 4096).
+    pub fn start(devices: &[PathBuf], granularity: u64) -> Result<Self, TrackerError> {
+        Self::start_with(devices, TrackerOptions::new(granularity))
+    }
+
+    /// [`BlockTracker::start`] with explicit [`TrackerOptions`].
+    pub fn start_with(devices: &[PathBuf], options: TrackerOptions) -> Result<Self, TrackerError> {
+        options.validate()?;
+        let devices = devices.iter().map(|p| TrackedDevice::resolve(p)).collect::<Result<Vec<_>, _>>()?;
+        privileges::check()?;
+        let (worker, commands) = worker::spawn(devices.clone(), options)?;
+        Ok(Self { devices, granularity: options.granularity, commands: Some(commands), worker: Some(worker) })
+    }
+
+    /// The devices being tracked, as resolved at start.
+    pub fn devices(&self) -> &[TrackedDevice] {
+        &self.devices
+    }
+
+    /// Tracking block size in bytes.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// The blocks written since the previous call (or since start), per device in the
+    /// order given. Every write whose tracepoint fired before this call is in the
+    /// returned set; later ones go to the next. A write still in flight during the call
+    /// is reported again when it completes, so reading a returned block never misses
+    /// data that is still on its way to the disk.
+    pub fn take_dirty(&self) -> Result<DirtySet, TrackerError> {
+        let (reply, answer) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .ok_or(TrackerError::WorkerGone)?
+            .send(worker::Command::Take(reply))
+            .map_err(|_| TrackerError::WorkerGone)?;
+        answer.recv().map_err(|_| TrackerError::WorkerGone)?
+    }
+
+    /// Whether eBPF tracking can run here; `Err` says why not, so the agent can log
+    /// it and fall back to checksum scans. Loads and attaches the program (tracking
+    /// nothing) to be sure.
+    pub fn probe() -> Result<(), String> {
+        privileges::check().map_err(|e| e.to_string())?;
+        Self::start(&[], 65536).map(drop).map_err(|e| e.to_string())
+    }
+
+    /// Whether `path` could be tracked (exists, is a block device, sysfs describes it).
+    pub fn check_device(path: &Path) -> Result<TrackedDevice, TrackerError> {
+        TrackedDevice::resolve(path)
+    }
+}
+
+impl Drop for BlockTracker {
+    fn drop(&mut self) {
+        // Closing the channel stops the worker, which detaches the program.
+        drop(self.commands.take());
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}

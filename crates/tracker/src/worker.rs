@@ -1,0 +1,262 @@
+//! The thread that owns the eBPF program: it loads and attaches it, drains the ring
+//! buffer into per-device bitmaps every `drain_interval`, and answers take requests.
+//! Owning everything on one thread keeps the libbpf objects (which borrow each other)
+//! out of the public types, and serialises takes with draining for free.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::mem::MaybeUninit;
+use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, RingBufferBuilder};
+use roaring::RoaringTreemap;
+
+use crate::bpf::{TrackerSkel, TrackerSkelBuilder};
+use crate::{DeviceDirty, DirtySet, TrackedDevice, TrackerError, TrackerOptions};
+
+/// Size of the kernel-side disk filter and drop counters (MAX_DISKS in tracker.bpf.c).
+pub(crate) const MAX_DISKS: usize = 64;
+
+/// Size of one ring-buffer record (struct event in tracker.bpf.c).
+const EVENT_LEN: usize = 16;
+
+/// A request to the worker.
+pub(crate) enum Command {
+    /// Drain, then hand over the dirty set and start a new one.
+    Take(Sender<Result<DirtySet, TrackerError>>),
+}
+
+/// Starts the worker and waits until the program is attached (or failed to be).
+pub(crate) fn spawn(
+    devices: Vec<TrackedDevice>,
+    options: TrackerOptions,
+) -> Result<(JoinHandle<()>, Sender<Command>), TrackerError> {
+    let slots = assign_slots(&devices)?;
+    let (commands, inbox) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("block-tracker".into())
+        .spawn(move || run(devices, slots, options, ready_tx, inbox))
+        .map_err(|_| TrackerError::WorkerGone)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((handle, commands)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(TrackerError::WorkerGone)
+        }
+    }
+}
+
+/// Gives each distinct whole disk a slot (its index in the kernel's drop counters).
+fn assign_slots(devices: &[TrackedDevice]) -> Result<BTreeMap<u32, u32>, TrackerError> {
+    let mut slots = BTreeMap::new();
+    for d in devices {
+        let next = slots.len() as u32;
+        slots.entry(d.kernel_disk_dev()).or_insert(next);
+    }
+    if slots.len() > MAX_DISKS {
+        return Err(TrackerError::TooManyDisks(slots.len()));
+    }
+    Ok(slots)
+}
+
+fn run(
+    devices: Vec<TrackedDevice>,
+    slots: BTreeMap<u32, u32>,
+    options: TrackerOptions,
+    ready: Sender<Result<(), TrackerError>>,
+    inbox: Receiver<Command>,
+) {
+    let mut storage = MaybeUninit::uninit();
+    let skel = match load(&mut storage, &slots, &options) {
+        Ok(skel) => skel,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let acc = Rc::new(RefCell::new(Accumulator::new(&devices, &slots, options.granularity)));
+    let mut builder = RingBufferBuilder::new();
+    let sink = Rc::clone(&acc);
+    let ring = builder
+        .add(&skel.maps.events, move |data: &[u8]| {
+            sink.borrow_mut().record(data);
+            0
+        })
+        .map(|_| ())
+        .and_then(|()| builder.build())
+        .map_err(TrackerError::bpf("set up the ring buffer"));
+    let ring = match ring {
+        Ok(ring) => ring,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    tracing::debug!(devices = devices.len(), "block tracker attached");
+
+    loop {
+        let command = inbox.recv_timeout(options.drain_interval);
+        let drained = ring.consume().map_err(TrackerError::bpf("drain the ring buffer"));
+        match command {
+            Ok(Command::Take(reply)) => {
+                let set = drained.and_then(|()| {
+                    let drops = read_drops(&skel, &slots)?;
+                    Ok(acc.borrow_mut().take(&drops))
+                });
+                let _ = reply.send(set);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = drained {
+                    tracing::warn!(error = %e, "block tracker could not drain its ring buffer");
+                }
+            }
+            // The BlockTracker was dropped: detach by dropping the skeleton.
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+}
+
+fn load<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    slots: &BTreeMap<u32, u32>,
+    options: &TrackerOptions,
+) -> Result<TrackerSkel<'obj>, TrackerError> {
+    let mut open = TrackerSkelBuilder::default().open(storage).map_err(TrackerError::bpf("open the eBPF object"))?;
+    open.maps.events.set_max_entries(options.ring_buffer_bytes).map_err(TrackerError::bpf("size the ring buffer"))?;
+    let mut skel = open.load().map_err(TrackerError::bpf("load the eBPF program"))?;
+    // Fill the disk filter before attaching so no write to a tracked disk is missed.
+    for (dev, slot) in slots {
+        skel.maps
+            .disks
+            .update(&dev.to_ne_bytes(), &slot.to_ne_bytes(), MapFlags::ANY)
+            .map_err(TrackerError::bpf("fill the disk filter"))?;
+    }
+    skel.attach().map_err(TrackerError::bpf("attach to the block tracepoints"))?;
+    Ok(skel)
+}
+
+/// Reads the per-slot drop counters (cumulative since load).
+fn read_drops(skel: &TrackerSkel<'_>, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
+    let mut drops = vec![0; slots.len()];
+    for &slot in slots.values() {
+        let value = skel
+            .maps
+            .drops
+            .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
+            .map_err(TrackerError::bpf("read the drop counters"))?;
+        if let Some(v) = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()) {
+            drops[slot as usize] = u64::from_ne_bytes(v);
+        }
+    }
+    Ok(drops)
+}
+
+/// Dirty blocks since the last take, per tracked device.
+struct Accumulator {
+    granularity: u64,
+    devices: Vec<TrackedDevice>,
+    /// For each slot, the tracked devices on that disk (indexes into `devices`).
+    by_slot: Vec<Vec<usize>>,
+    dirty: Vec<RoaringTreemap>,
+    /// Drop counters as of the last take.
+    seen_drops: Vec<u64>,
+    /// Records that did not parse: a layout mismatch with struct event, never expected.
+    malformed: u64,
+}
+
+impl Accumulator {
+    fn new(devices: &[TrackedDevice], slots: &BTreeMap<u32, u32>, granularity: u64) -> Self {
+        let mut by_slot = vec![Vec::new(); slots.len()];
+        for (i, d) in devices.iter().enumerate() {
+            by_slot[slots[&d.kernel_disk_dev()] as usize].push(i);
+        }
+        Self {
+            granularity,
+            devices: devices.to_vec(),
+            by_slot,
+            dirty: vec![RoaringTreemap::new(); devices.len()],
+            seen_drops: vec![0; slots.len()],
+            malformed: 0,
+        }
+    }
+
+    /// Marks the blocks that one ring-buffer record touches on every tracked device of
+    /// its disk (a disk and its partitions may all be tracked).
+    fn record(&mut self, data: &[u8]) {
+        let Some(event) = parse_event(data) else {
+            self.malformed += 1;
+            return;
+        };
+        let Some(devices) = self.by_slot.get(event.slot as usize) else {
+            self.malformed += 1;
+            return;
+        };
+        for &i in devices {
+            let touched = self.devices[i].blocks_touched(event.sector, u64::from(event.nr_sectors), self.granularity);
+            if let Some((first, last)) = touched {
+                self.dirty[i].insert_range(first..=last);
+            }
+        }
+    }
+
+    /// Hands over the blocks gathered so far and starts afresh. `drops` are the
+    /// cumulative kernel drop counters per slot; any increase since the previous take
+    /// marks that disk's devices as lost.
+    fn take(&mut self, drops: &[u64]) -> DirtySet {
+        let mut lost_slots = vec![self.malformed > 0; self.by_slot.len()];
+        for (slot, (&now, seen)) in drops.iter().zip(self.seen_drops.iter_mut()).enumerate() {
+            if now != *seen {
+                tracing::warn!(slot, dropped = now - *seen, "block tracker dropped writes");
+                lost_slots[slot] = true;
+                *seen = now;
+            }
+        }
+        self.malformed = 0;
+        let mut devices = Vec::with_capacity(self.devices.len());
+        for (slot, members) in self.by_slot.iter().enumerate() {
+            for &i in members {
+                devices.push((i, lost_slots[slot]));
+            }
+        }
+        devices.sort_unstable();
+        let devices: Vec<DeviceDirty> = devices
+            .into_iter()
+            .map(|(i, lost)| DeviceDirty {
+                path: self.devices[i].path.clone(),
+                blocks: std::mem::take(&mut self.dirty[i]).iter().collect(),
+                lost,
+            })
+            .collect();
+        DirtySet { granularity: self.granularity, lost: devices.iter().any(|d| d.lost), devices }
+    }
+}
+
+/// One ring-buffer record (struct event in tracker.bpf.c: u32 slot, u32 nr_sectors,
+/// u64 sector, native endian).
+struct Event {
+    slot: u32,
+    nr_sectors: u32,
+    sector: u64,
+}
+
+fn parse_event(data: &[u8]) -> Option<Event> {
+    let data: &[u8; EVENT_LEN] = data.get(..EVENT_LEN)?.try_into().ok()?;
+    let (slot, rest) = data.split_at(4);
+    let (nr_sectors, sector) = rest.split_at(4);
+    Some(Event {
+        slot: u32::from_ne_bytes(slot.try_into().ok()?),
+        nr_sectors: u32::from_ne_bytes(nr_sectors.try_into().ok()?),
+        sector: u64::from_ne_bytes(sector.try_into().ok()?),
+    })
+}
