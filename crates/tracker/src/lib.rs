@@ -60,6 +60,9 @@ pub struct DirtySet {
     pub devices: Vec<DeviceDirty>,
     /// Whether any device lost writes (see [`DeviceDirty::lost`]).
     pub lost: bool,
+    /// Range records the kernel delivered for the tracked disks since the previous take:
+    /// two per write (at submission and at completion). A churn indicator for metrics.
+    pub records: u64,
 }
 
 /// The dirty blocks of one device.

@@ -173,6 +173,8 @@ struct Accumulator {
     seen_drops: Vec<u64>,
     /// Records that did not parse: a layout mismatch with struct event, never expected.
     malformed: u64,
+    /// Records received since the last take.
+    records: u64,
 }
 
 impl Accumulator {
@@ -188,12 +190,14 @@ impl Accumulator {
             dirty: vec![RoaringTreemap::new(); devices.len()],
             seen_drops: vec![0; slots.len()],
             malformed: 0,
+            records: 0,
         }
     }
 
     /// Marks the blocks that one ring-buffer record touches on every tracked device of
     /// its disk (a disk and its partitions may all be tracked).
     fn record(&mut self, data: &[u8]) {
+        self.records += 1;
         let Some(event) = parse_event(data) else {
             self.malformed += 1;
             return;
@@ -238,7 +242,12 @@ impl Accumulator {
                 lost,
             })
             .collect();
-        DirtySet { granularity: self.granularity, lost: devices.iter().any(|d| d.lost), devices }
+        DirtySet {
+            granularity: self.granularity,
+            lost: devices.iter().any(|d| d.lost),
+            devices,
+            records: std::mem::take(&mut self.records),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{G, LoopDevice, MIB, blocks, ebpf_available, open_direct, set, write_direct};
+use common::{G, LoopDevice, MIB, Zram, blocks, ebpf_available, open_direct, set, write_direct};
 use siterecovery_tracker::{BlockTracker, DirtySet, TrackerError, TrackerOptions};
 
 fn dirty(set: &DirtySet, device: usize) -> BTreeSet<u64> {
@@ -46,6 +46,41 @@ fn reports_exactly_the_written_blocks_once() {
 }
 
 #[test]
+fn each_write_is_reported_at_submission_and_again_at_completion() {
+    if !ebpf_available() {
+        return;
+    }
+    let disk = LoopDevice::new(16 * MIB);
+    let tracker = BlockTracker::start(std::slice::from_ref(&disk.path), G).unwrap();
+    write_direct(&open_direct(&disk.path), 2 * G, 4096, 1);
+    let taken = tracker.take_dirty().unwrap();
+    assert_eq!(dirty(&taken, 0), set(&[2]));
+    // The completion record is what re-marks a block whose write was still in flight
+    // while the agent read it; without it a take could hand over stale data.
+    assert_eq!(taken.records, 2, "one record at block_bio_queue, one at block_bio_complete");
+}
+
+#[test]
+fn bio_based_disks_are_tracked_too() {
+    if !ebpf_available() {
+        return;
+    }
+    let Some(zram) = Zram::new(16 * MIB) else {
+        eprintln!("skipping the bio-based case: this kernel has no zram");
+        return;
+    };
+    let tracker = BlockTracker::start(std::slice::from_ref(&zram.path), G).unwrap();
+    let f = open_direct(&zram.path);
+    write_direct(&f, 3 * G - 4096, 8192, 1);
+    let taken = tracker.take_dirty().unwrap();
+    assert_eq!(dirty(&taken, 0), set(&[2, 3]));
+    // zram completes bios itself (no request): the completion record comes from
+    // block_bio_complete and the range remembered at submission.
+    assert_eq!(taken.records, 2);
+    assert!(!taken.lost);
+}
+
+#[test]
 fn writes_to_untracked_devices_are_not_reported() {
     if !ebpf_available() {
         return;
@@ -60,6 +95,7 @@ fn writes_to_untracked_devices_are_not_reported() {
     let taken = tracker.take_dirty().unwrap();
     assert_eq!(taken.devices.len(), 1);
     assert_eq!(dirty(&taken, 0), set(&[7]));
+    assert_eq!(taken.records, 2, "the other device's write reached user space");
 }
 
 #[test]
@@ -210,6 +246,9 @@ fn a_full_ring_buffer_is_reported_as_lost() {
 
 #[test]
 fn bad_input_is_refused_with_a_clear_error() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<BlockTracker>();
+
     let err = BlockTracker::start(&[], 1000).unwrap_err();
     assert!(matches!(err, TrackerError::InvalidGranularity(1000)));
     assert!(err.to_string().contains("power of two"), "{err}");

@@ -45,8 +45,14 @@ struct block_device {
 	struct gendisk *bd_disk;
 } __attribute__((preserve_access_index));
 
+struct request_queue {
+	const void *mq_ops;
+	struct gendisk *disk;
+} __attribute__((preserve_access_index));
+
 struct gendisk {
 	struct block_device *part0;
+	struct request_queue *queue;
 } __attribute__((preserve_access_index));
 
 struct bvec_iter {
@@ -60,6 +66,13 @@ struct bio {
 	struct bvec_iter bi_iter;
 } __attribute__((preserve_access_index));
 
-struct request_queue;
+struct request {
+	struct request_queue *q;
+	__u32 cmd_flags;
+	unsigned int __data_len;
+	sector_t __sector;
+} __attribute__((preserve_access_index));
+
+typedef __u8 blk_status_t;
 
 #endif

@@ -115,3 +115,32 @@ pub fn blocks(offset: u64, len: u64) -> BTreeSet<u64> {
 pub fn set(blocks: &[u64]) -> BTreeSet<u64> {
     blocks.iter().copied().collect()
 }
+
+/// A zram disk (bio-based, unlike loop devices which are blk-mq), added through
+/// zram-control and removed on drop. `None` when this kernel has no zram.
+pub struct Zram {
+    pub path: PathBuf,
+    id: String,
+}
+
+impl Zram {
+    pub fn new(size: u64) -> Option<Self> {
+        let id = std::fs::read_to_string("/sys/class/zram-control/hot_add").ok()?;
+        let id = id.trim().to_string();
+        let zram = Self { path: PathBuf::from(format!("/dev/zram{id}")), id };
+        std::fs::write(format!("/sys/block/zram{}/disksize", zram.id), size.to_string()).expect("set zram disksize");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !zram.path.exists() {
+            assert!(Instant::now() < deadline, "{} never appeared", zram.path.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(zram)
+    }
+}
+
+impl Drop for Zram {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("/sys/block/zram{}/reset", self.id), "1");
+        let _ = std::fs::write("/sys/class/zram-control/hot_remove", &self.id);
+    }
+}
