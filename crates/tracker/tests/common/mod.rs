@@ -19,6 +19,7 @@ pub const MIB: u64 = 1 << 20;
 /// Whether the tracker can run here; prints why not and whether that is fatal.
 pub fn ebpf_available() -> bool {
     let reason = match BlockTracker::probe() {
+        Ok(()) if !is_root() => "the tests set up loop devices, which needs root".to_string(),
         Ok(()) if which("losetup") => return true,
         Ok(()) => "losetup is not installed".to_string(),
         Err(reason) => reason,
@@ -28,6 +29,12 @@ pub fn ebpf_available() -> bool {
     }
     eprintln!("skipping: eBPF block tracking cannot run here: {reason}");
     false
+}
+
+fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1));
+    euid == Some("0")
 }
 
 fn which(tool: &str) -> bool {
