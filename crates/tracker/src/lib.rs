@@ -99,6 +99,7 @@ impl BlockTracker {
         options.validate()?;
         let devices = devices.iter().map(|p| TrackedDevice::resolve(p)).collect::<Result<Vec<_>, _>>()?;
         privileges::check()?;
+        route_libbpf_logs();
         let (worker, commands) = worker::spawn(devices.clone(), options)?;
         Ok(Self { devices, granularity: options.granularity, commands: Some(commands), worker: Some(worker) })
     }
@@ -140,6 +141,20 @@ impl BlockTracker {
     pub fn check_device(path: &Path) -> Result<TrackedDevice, TrackerError> {
         TrackedDevice::resolve(path)
     }
+}
+
+/// Sends libbpf's messages (verifier logs included) to `tracing` instead of stderr.
+fn route_libbpf_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Warn, |level, msg| {
+            let msg = msg.trim_end();
+            match level {
+                libbpf_rs::PrintLevel::Warn => tracing::warn!(target: "libbpf", "{msg}"),
+                _ => tracing::debug!(target: "libbpf", "{msg}"),
+            }
+        })));
+    });
 }
 
 impl Drop for BlockTracker {

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{G, LoopDevice, MIB, Zram, blocks, ebpf_available, open_direct, set, write_direct};
+use common::{G, LoopDevice, MIB, Zram, blocks, ebpf_available, open_direct, read_direct, set, write_direct};
 use siterecovery_tracker::{BlockTracker, DirtySet, TrackerError, TrackerOptions};
 
 fn dirty(set: &DirtySet, device: usize) -> BTreeSet<u64> {
@@ -259,4 +259,55 @@ fn bad_input_is_refused_with_a_clear_error() {
     let missing = PathBuf::from("/dev/no-such-disk");
     let err = BlockTracker::start(&[missing], G).unwrap_err();
     assert!(err.to_string().contains("/dev/no-such-disk"), "{err}");
+}
+
+#[test]
+fn every_block_a_filesystem_changes_is_reported() {
+    if !ebpf_available() {
+        return;
+    }
+    let disk = LoopDevice::new(64 * MIB);
+    let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk.path).status();
+    if !mkfs.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: mkfs.ext4 is not available");
+        return;
+    }
+    let before = read_direct(&disk.path, 64 * MIB);
+    let tracker = BlockTracker::start(std::slice::from_ref(&disk.path), G).unwrap();
+
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount").arg(&disk.path).arg(mnt.path()).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: cannot mount ext4 here");
+        return;
+    }
+    let churn = || -> std::io::Result<()> {
+        for i in 0..20u8 {
+            std::fs::write(mnt.path().join(format!("f{i}")), vec![i; 37_000 * (i as usize + 1)])?;
+        }
+        for i in (0..20).step_by(3) {
+            std::fs::remove_file(mnt.path().join(format!("f{i}")))?;
+        }
+        std::fs::create_dir(mnt.path().join("d"))?;
+        std::fs::write(mnt.path().join("d/last"), b"tail")
+    };
+    let result = churn();
+    let unmounted = Command::new("umount").arg(mnt.path()).status();
+    result.unwrap();
+    assert!(unmounted.is_ok_and(|s| s.success()), "umount failed");
+
+    let after = read_direct(&disk.path, 64 * MIB);
+    let taken = tracker.take_dirty().unwrap();
+    assert!(!taken.lost);
+    let reported = dirty(&taken, 0);
+    let changed: BTreeSet<u64> = (0..before.len() / G as usize)
+        .filter(|&b| {
+            let r = b * G as usize..(b + 1) * G as usize;
+            before[r.clone()] != after[r]
+        })
+        .map(|b| b as u64)
+        .collect();
+    assert!(changed.len() > 10, "the churn changed only {} blocks", changed.len());
+    let missed: Vec<_> = changed.difference(&reported).collect();
+    assert!(missed.is_empty(), "changed blocks not reported: {missed:?}");
 }

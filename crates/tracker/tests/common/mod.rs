@@ -151,3 +151,14 @@ impl Drop for Zram {
         let _ = std::fs::write("/sys/class/zram-control/hot_remove", &self.id);
     }
 }
+
+/// Reads the first `len` bytes of a device with O_DIRECT, bypassing any page cache
+/// that could be stale.
+pub fn read_direct(path: &Path, len: u64) -> Vec<u8> {
+    let mut backing = vec![0u8; len as usize + 4096];
+    let skew = (4096 - backing.as_ptr() as usize % 4096) % 4096;
+    open_direct(path).read_exact_at(&mut backing[skew..skew + len as usize], 0).expect("O_DIRECT read");
+    backing.drain(..skew);
+    backing.truncate(len as usize);
+    backing
+}
