@@ -1,8 +1,9 @@
 //! Block-write change tracking for protected disks, without a kernel module.
 //!
-//! An eBPF program on the kernel's block-layer tracepoints (`block_bio_queue` and
-//! `block_bio_complete`, BTF-typed) reports the sector range of every write, discard
-//! and write-zeroes to the tracked disks; [`BlockTracker::take_dirty`] turns them into
+//! An eBPF program on the kernel's block-layer tracepoints (BTF-typed: `block_bio_queue`
+//! at submission, `block_rq_complete` or `block_bio_complete` at completion) reports the
+//! sector range of every write, discard and write-zeroes to the tracked disks, once when
+//! submitted and again when completed; [`BlockTracker::take_dirty`] turns them into
 //! the set of dirty blocks since the previous call. When the kernel could not record a
 //! write (ring buffer or in-flight table full) the set says so (`lost`), and the caller
 //! must resynchronise that device by checksums. See docs/change-tracking.md.
