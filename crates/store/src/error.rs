@@ -38,6 +38,15 @@ pub enum StoreError {
         point: String,
     },
 
+    /// A recovery point with this id exists already (manifests are never overwritten).
+    #[error("recovery point {point} of server {server} already exists")]
+    PointExists {
+        /// `<namespace>/<server>`.
+        server: String,
+        /// Point id.
+        point: String,
+    },
+
     /// A name (namespace, server, disk, point or key id) is not allowed in the layout.
     #[error("invalid {what} {value:?}: {reason}")]
     InvalidName {

@@ -32,7 +32,7 @@ pub use codec::Codec;
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, delete_server_data};
 pub use keys::{Keyring, SECRET_ACTIVE, SECRET_KEY_PREFIX};
-pub use layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef};
+pub use layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef, validate_segment};
 pub use manifest::{ChunkRef, DiskManifest, Manifest, PointKind};
 pub use restore::RestoreReport;
 pub use store::{DiskSource, NewPoint, Store, StoreOptions, WriteReport, generate_point_id};

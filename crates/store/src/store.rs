@@ -115,9 +115,8 @@ impl Store {
                 return Err(StoreError::InvalidArgument(format!("disk {} is listed twice", d.id)));
             }
         }
-        let point_key = server.point_key(&id);
-        if self.backend.exists(&point_key).await? {
-            return Err(StoreError::InvalidArgument(format!("recovery point {id} of {server} already exists")));
+        if self.backend.exists(&server.point_key(&id)).await? {
+            return Err(StoreError::PointExists { server: server.to_string(), point: id });
         }
         let mut report = WriteReport {
             manifest: Manifest {
@@ -140,10 +139,7 @@ impl Store {
             let d = self.write_disk(server, disk, &mut report).await?;
             report.manifest.disks.push(d);
         }
-        let json = serde_json::to_vec(&report.manifest).map_err(|e| StoreError::Task(e.to_string()))?;
-        let sealed = self.seal_blocking(point_key.clone(), json).await?;
-        report.bytes_uploaded += sealed.len() as u64;
-        self.backend.put(&point_key, sealed).await?;
+        report.bytes_uploaded += self.put_manifest(server, &report.manifest).await?;
         tracing::info!(
             point = %report.manifest.id,
             uploaded = report.chunks_uploaded,
@@ -164,10 +160,7 @@ impl Store {
         let chunk_size = u64::from(self.options.chunk_size);
         let count = size.div_ceil(chunk_size);
         // One listing instead of one existence check per chunk.
-        let prefix = server.chunks_prefix(&disk.id);
-        let known: HashSet<ChunkHash> =
-            self.backend.list(&prefix).await?.iter().filter_map(|k| ChunkHash::from_hex(&k[prefix.len()..])).collect();
-        let known = Arc::new(Mutex::new(known));
+        let known = Arc::new(Mutex::new(self.stored_chunks(server, &disk.id).await?));
         let file = Arc::new(file);
         let outcomes: Vec<ChunkOutcome> = futures::stream::iter(0..count)
             .map(|index| {
@@ -181,10 +174,7 @@ impl Store {
                     if !known.lock().unwrap_or_else(|p| p.into_inner()).insert(hash) {
                         return Ok(ChunkOutcome::Dedup(hash));
                     }
-                    let key = server.chunk_key(&disk.id, &hash);
-                    let sealed = self.seal_blocking(key.clone(), data).await?;
-                    let n = sealed.len() as u64;
-                    self.backend.put(&key, sealed).await?;
+                    let n = self.put_chunk(server, &disk.id, &hash, data).await?;
                     Ok::<_, StoreError>(ChunkOutcome::Uploaded(hash, n))
                 }
             })
@@ -211,6 +201,52 @@ impl Store {
             });
         }
         Ok(DiskManifest { id: disk.id.clone(), size, chunks })
+    }
+
+    /// Hashes of the chunks stored for one disk (one listing).
+    pub async fn stored_chunks(&self, server: &ServerRef, disk: &str) -> Result<HashSet<ChunkHash>> {
+        validate_segment("disk id", disk)?;
+        let prefix = server.chunks_prefix(disk);
+        Ok(self.backend.list(&prefix).await?.iter().filter_map(|k| ChunkHash::from_hex(&k[prefix.len()..])).collect())
+    }
+
+    /// Seals and uploads one chunk whose plaintext hashes to `hash`; returns the bytes
+    /// uploaded. Idempotent: the name is the content hash, so a second upload of the
+    /// same chunk rewrites the same content.
+    pub async fn put_chunk(&self, server: &ServerRef, disk: &str, hash: &ChunkHash, plain: Vec<u8>) -> Result<u64> {
+        validate_segment("disk id", disk)?;
+        let key = server.chunk_key(disk, hash);
+        let sealed = self.seal_blocking(key.clone(), plain).await?;
+        let n = sealed.len() as u64;
+        self.backend.put(&key, sealed).await?;
+        Ok(n)
+    }
+
+    /// Seals and uploads a manifest after checking it adds up; returns the bytes
+    /// uploaded. The caller uploads every chunk it names first. Manifests are never
+    /// overwritten: writing an existing point id fails.
+    pub async fn put_manifest(&self, server: &ServerRef, manifest: &Manifest) -> Result<u64> {
+        validate_segment("point id", &manifest.id)?;
+        manifest.check().map_err(StoreError::InvalidArgument)?;
+        let key = server.point_key(&manifest.id);
+        if self.backend.exists(&key).await? {
+            return Err(StoreError::PointExists { server: server.to_string(), point: manifest.id.clone() });
+        }
+        let json = serde_json::to_vec(manifest).map_err(|e| StoreError::Task(e.to_string()))?;
+        let sealed = self.seal_blocking(key.clone(), json).await?;
+        let n = sealed.len() as u64;
+        self.backend.put(&key, sealed).await?;
+        Ok(n)
+    }
+
+    /// The store's tuning.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// The key id new objects and points get.
+    pub fn active_key_id(&self) -> &str {
+        self.codec.keyring().active_id()
     }
 
     pub(crate) async fn seal_blocking(&self, key: String, plain: Vec<u8>) -> Result<Bytes> {

@@ -20,7 +20,7 @@ use x509_parser::extensions::GeneralName;
 use super::error::Error;
 
 /// Trust domain of the SPIFFE-style URI that names an agent in its client certificate.
-pub const TRUST_DOMAIN: &str = "siterecovery.io";
+pub use siterecovery_wire::tls::TRUST_DOMAIN;
 
 /// Certificates start this long before they are issued, so a peer whose clock lags a
 /// little does not reject a freshly rotated one.
@@ -107,25 +107,7 @@ pub fn parse_der(der: &[u8]) -> Result<CertInfo, Error> {
     })
 }
 
-/// The URI that names an agent in its client certificate; process servers authorise
-/// a connection by it (see [`agent_from_uri`]).
-pub fn agent_uri(namespace: &str, server: &str) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/protectedserver/{server}")
-}
-
-/// The (namespace, ProtectedServer) an agent URI names, if it is one.
-pub fn agent_from_uri(uri: &str) -> Option<(String, String)> {
-    let rest = uri.strip_prefix(&format!("spiffe://{TRUST_DOMAIN}/ns/"))?;
-    let (ns, server) = rest.split_once("/protectedserver/")?;
-    let valid = |s: &str| !s.is_empty() && !s.contains('/');
-    (valid(ns) && valid(server)).then(|| (ns.to_owned(), server.to_owned()))
-}
-
-/// The agent a client certificate (DER) was issued to, read from its URI SAN. Call only
-/// after the chain was verified against the operator CA.
-pub fn agent_from_certificate(der: &[u8]) -> Option<(String, String)> {
-    parse_der(der).ok()?.uris.iter().find_map(|u| agent_from_uri(u))
-}
+pub use siterecovery_wire::tls::{agent_from_certificate, agent_from_uri, agent_uri};
 
 /// Common name of an agent's client certificate.
 pub fn agent_common_name(namespace: &str, server: &str) -> String {

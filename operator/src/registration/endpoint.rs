@@ -128,7 +128,7 @@ impl RegistrationServer {
         let ca = ensure_ca(&ctx.client, &config, now).await?;
         let (key, info) = serving_cert(&ca, &config, now)?;
         let serving = ServingCert::new(key);
-        let clients = AgentVerifier::new(&ca.bundle_pem)?;
+        let clients = tls::agent_verifier(&ca.bundle_pem)?;
         let tcp = TcpListener::bind(config.listen_addr).await?;
         let listener = TlsListener::new(tcp, tls::server_config(serving.clone(), clients.clone())?)?;
         info!(addr = %listener_addr(&listener), "agent registration endpoint listening (HTTPS)");
@@ -220,7 +220,7 @@ async fn refresh_tls(endpoint: Arc<Endpoint>, mut tls: Refreshed) {
             }
         };
         if ca.bundle_pem != tls.bundle {
-            match tls.clients.replace(&ca.bundle_pem) {
+            match tls::optional_verifier(&ca.bundle_pem).map(|v| tls.clients.replace(v)) {
                 Ok(()) => {
                     tls.bundle.clone_from(&ca.bundle_pem);
                     info!("registration endpoint trusts the new CA bundle for client certificates");

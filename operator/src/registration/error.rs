@@ -31,6 +31,12 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl From<siterecovery_wire::WireError> for Error {
+    fn from(e: siterecovery_wire::WireError) -> Self {
+        Error::Certificate(e.to_string())
+    }
+}
+
 impl From<rcgen::Error> for Error {
     fn from(e: rcgen::Error) -> Self {
         Error::Certificate(e.to_string())

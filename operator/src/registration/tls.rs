@@ -13,7 +13,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
@@ -22,16 +22,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::crypto::CryptoProvider;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use tokio_rustls::rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::server::danger::ClientCertVerifier;
+use tokio_rustls::rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-};
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
@@ -44,143 +39,46 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// or idle clients cannot exhaust the operator.
 const MAX_HANDSHAKES: usize = 64;
 
-/// The crypto provider of every TLS configuration here.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider())
-}
+pub use siterecovery_wire::tls::{ServingCert, SwappableVerifier, provider};
 
 /// Every certificate of a PEM bundle, as DER.
 pub fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Certificate(format!("PEM: {e}")))
+    Ok(siterecovery_wire::tls::certificates(pem)?)
 }
 
 /// A root store of the CA bundle (the operator CA's `ca.crt`).
 pub fn root_store(ca_bundle_pem: &str) -> Result<RootCertStore, Error> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates(ca_bundle_pem)? {
-        roots.add(cert)?;
-    }
-    Ok(roots)
+    Ok(siterecovery_wire::tls::root_store(ca_bundle_pem)?)
 }
 
 /// What a process server puts in its rustls `ServerConfig`: requires a client
 /// certificate that chains to the operator CA bundle. Read the agent's identity from a
 /// verified certificate with [`super::certs::agent_from_certificate`].
 pub fn client_verifier(ca_bundle_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, Error> {
-    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_bundle_pem)?), provider())
-        .build()
-        .map_err(|e| Error::Certificate(format!("client verifier: {e}")))
+    Ok(siterecovery_wire::tls::client_verifier(ca_bundle_pem, None)?)
 }
 
 /// The certificate and key in rustls' form.
 pub fn certified_key(cert: &KeyedCert) -> Result<Arc<CertifiedKey>, Error> {
-    let chain = certificates(&cert.cert_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
-        .map_err(|e| Error::Certificate(format!("private key PEM: {e}")))?;
-    let signer = tokio_rustls::rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)?;
-    Ok(Arc::new(CertifiedKey::new(chain, signer)))
-}
-
-/// A serving certificate that can be replaced while the server runs (rotation).
-#[derive(Debug)]
-pub struct ServingCert(RwLock<Arc<CertifiedKey>>);
-
-impl ServingCert {
-    /// Starts with `key`.
-    pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
-        Arc::new(Self(RwLock::new(key)))
-    }
-
-    /// New handshakes use `key` from now on.
-    pub fn replace(&self, key: Arc<CertifiedKey>) {
-        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
-    }
-}
-
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone())
-    }
+    Ok(siterecovery_wire::tls::certified_key(&cert.cert_pem, &cert.key_pem)?)
 }
 
 /// The registration endpoint's client authentication: a client certificate is optional,
 /// but one that is presented must chain to the operator CA bundle (with the client-auth
 /// usage). Replaceable while the server runs, so a CA rotation reaches it.
-#[derive(Debug)]
-pub struct AgentVerifier(RwLock<Arc<dyn ClientCertVerifier>>);
+pub type AgentVerifier = SwappableVerifier;
 
-impl AgentVerifier {
-    /// Trusts `ca_bundle_pem`.
-    pub fn new(ca_bundle_pem: &str) -> Result<Arc<Self>, Error> {
-        Ok(Arc::new(Self(RwLock::new(optional_verifier(ca_bundle_pem)?))))
-    }
-
-    /// New handshakes trust `ca_bundle_pem` from now on.
-    pub fn replace(&self, ca_bundle_pem: &str) -> Result<(), Error> {
-        let verifier = optional_verifier(ca_bundle_pem)?;
-        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = verifier;
-        Ok(())
-    }
-
-    fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
-    }
+/// The endpoint's verifier of optional client certificates for `ca_bundle_pem`.
+pub fn agent_verifier(ca_bundle_pem: &str) -> Result<Arc<AgentVerifier>, Error> {
+    Ok(SwappableVerifier::new(optional_verifier(ca_bundle_pem)?, false))
 }
 
-fn optional_verifier(ca_bundle_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+/// Verifies optional client certificates against `ca_bundle_pem`.
+pub fn optional_verifier(ca_bundle_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, Error> {
     WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_bundle_pem)?), provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| Error::Certificate(format!("client verifier: {e}")))
-}
-
-impl ClientCertVerifier for AgentVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    // The hints cannot be borrowed out of the lock. An empty list is allowed and tells
-    // the client to send whatever certificate it has; the chain is verified below.
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, tokio_rustls::rustls::Error> {
-        self.current().verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
-        self.current().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
-        self.current().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current().supported_verify_schemes()
-    }
 }
 
 /// TLS 1.2/1.3 server configuration with `cert`, HTTP/1.1, client certificates checked

@@ -1,0 +1,383 @@
+//! The mobility agent: copies the disks of a server to its process server, then follows
+//! their changes and marks crash-consistent recovery points at the policy interval
+//! (docs/replication-protocol.md).
+
+pub mod changes;
+pub mod disk;
+pub mod link;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use siterecovery_store::{PointKind, generate_point_id};
+use siterecovery_wire::tls::agent_config;
+use siterecovery_wire::{
+    ChunkData, DiskInfo, Encoding, Hello, Message, PROTOCOL_VERSION, PointMarker, Resync, Slot, read_message,
+};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use crate::changes::{ChangeTracker, Dirty};
+use crate::disk::{Disk, ReadChunk};
+use crate::link::{Link, spawn_ack_reader};
+
+/// One disk to protect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Disk id, as in the ProtectedServer's `spec.disks`.
+    pub id: String,
+    /// Image file or block device.
+    pub path: PathBuf,
+}
+
+/// The agent's configuration (the registration bundle plus local choices).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Namespace of the ProtectedServer.
+    pub namespace: String,
+    /// Name of the ProtectedServer.
+    pub server: String,
+    /// The disks.
+    pub disks: Vec<DiskConfig>,
+    /// `host:port` of the process server.
+    pub process_server: String,
+    /// Name the process server's certificate must carry (default: the host part).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Client certificate, key and CA bundle (PEM files).
+    pub client_cert: PathBuf,
+    /// Client key.
+    pub client_key: PathBuf,
+    /// CA bundle that signed the process server's certificate.
+    pub ca_bundle: PathBuf,
+    /// Crash-consistent point interval in seconds.
+    #[serde(default = "default_interval")]
+    pub interval_seconds: f64,
+    /// Pre-copy passes per point before giving up on this interval.
+    #[serde(default = "default_passes")]
+    pub max_passes: u32,
+    /// zstd level on the wire (0: no compression).
+    #[serde(default = "default_level")]
+    pub compression_level: i32,
+}
+
+fn default_interval() -> f64 {
+    300.0
+}
+fn default_passes() -> u32 {
+    8
+}
+fn default_level() -> i32 {
+    1
+}
+
+/// What the agent has done, for logs, status and tests.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// Connected to the process server now.
+    pub connected: bool,
+    /// Every disk was copied once.
+    pub initial_copy_done: bool,
+    /// Latest recovery point acknowledged by the process server.
+    pub last_point: Option<String>,
+    /// Points marked.
+    pub points: u64,
+    /// Intervals whose point was skipped because writes never paused.
+    pub points_skipped: u64,
+    /// Chunks sent.
+    pub chunks_sent: u64,
+    /// Bytes sent on the wire.
+    pub bytes_sent: u64,
+    /// Chunks read and compared.
+    pub chunks_compared: u64,
+    /// Why the last resync ran.
+    pub last_resync_reason: Option<String>,
+    /// Last connection error.
+    pub last_error: Option<String>,
+}
+
+/// A failure that ends a session (the agent reconnects).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SessionError(String);
+
+fn err(e: impl std::fmt::Display) -> SessionError {
+    SessionError(e.to_string())
+}
+
+/// The agent.
+pub struct Agent {
+    config: AgentConfig,
+    tracker: Box<dyn ChangeTracker>,
+    status: Arc<Mutex<AgentStatus>>,
+    /// What this process believes the process server holds, per disk (kept across
+    /// reconnections; only differences from the head are then resent).
+    believed: Option<Vec<Vec<Slot>>>,
+}
+
+impl Agent {
+    /// An agent with a tracker.
+    pub fn new(config: AgentConfig, tracker: Box<dyn ChangeTracker>) -> Self {
+        Self { config, tracker, status: Arc::default(), believed: None }
+    }
+
+    /// Shared status, updated as the agent works.
+    pub fn status(&self) -> Arc<Mutex<AgentStatus>> {
+        self.status.clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AgentStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Replicates until `shutdown` turns true, reconnecting after failures.
+    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let tls = {
+            let r =
+                |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()));
+            agent_config(&r(&self.config.ca_bundle)?, &r(&self.config.client_cert)?, &r(&self.config.client_key)?)?
+        };
+        let mut backoff = Duration::from_millis(250);
+        while !*shutdown.borrow() {
+            let result = self.session(TlsConnector::from(tls.clone()), shutdown.clone()).await;
+            self.update(|s| s.connected = false);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "replication session ended");
+                    self.update(|s| s.last_error = Some(e.to_string()));
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+        Ok(())
+    }
+
+    async fn session(&mut self, tls: TlsConnector, mut shutdown: watch::Receiver<bool>) -> Result<(), SessionError> {
+        let c = &self.config;
+        let disks: Vec<Disk> =
+            c.disks.iter().map(|d| Disk::open(&d.id, &d.path)).collect::<Result<_, _>>().map_err(err)?;
+        let sizes: Vec<u64> = disks.iter().map(Disk::size).collect::<Result<_, _>>().map_err(err)?;
+        let host = c.process_server.rsplit_once(':').map_or(c.process_server.as_str(), |(h, _)| h);
+        let name = c.tls_server_name.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+        let name = ServerName::try_from(name).map_err(|e| err(format!("process server name: {e}")))?;
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&c.process_server))
+            .await
+            .map_err(|_| err(format!("connecting to {} timed out", c.process_server)))?
+            .map_err(|e| err(format!("connecting to {}: {e}", c.process_server)))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tls.connect(name, tcp).await.map_err(|e| err(format!("TLS with {}: {e}", c.process_server)))?;
+        let (mut rd, wr) = tokio::io::split(stream);
+
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            namespace: c.namespace.clone(),
+            server: c.server.clone(),
+            disks: disks.iter().zip(&sizes).map(|(d, &size)| DiskInfo { id: d.id.clone(), size }).collect(),
+            agent: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut link_wr = Some(wr);
+        {
+            use tokio::io::AsyncWriteExt as _;
+            let w = link_wr.as_mut().expect("set");
+            siterecovery_wire::write_message(w, &Message::Hello(hello)).await.map_err(err)?;
+            w.flush().await.map_err(err)?;
+        }
+        let welcome = tokio::time::timeout(Duration::from_secs(60), read_message(&mut rd))
+            .await
+            .map_err(|_| err("no welcome from the process server within 60 s"))?
+            .map_err(err)?;
+        let Some(Message::Welcome(welcome, head)) = welcome else {
+            return Err(err("the process server did not answer the hello with a welcome"));
+        };
+        if head.disks.len() != disks.len()
+            || head.disks.iter().zip(&disks).zip(&sizes).any(|((h, d), &s)| h.id != d.id || h.size != s)
+        {
+            return Err(err("the process server's head does not match the disks sent in the hello"));
+        }
+        let chunk_size = welcome.chunk_size;
+        tracing::info!(
+            process_server = %c.process_server, chunk_size, latest_point = ?welcome.latest_point,
+            tracker = self.tracker.name(), "connected to the process server"
+        );
+        self.update(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        let acks = spawn_ack_reader(rd);
+        let mut link = Link::new(link_wr.take().expect("set"), acks, welcome.bandwidth_bytes_per_second);
+
+        // What to compare first: everything on a first look (initial copy, agent restart,
+        // lost tracking); otherwise what changed plus what the process server lacks of
+        // what this process sent before (unacknowledged when the connection dropped).
+        let held: Vec<Vec<Slot>> = head.disks.iter().map(|d| d.slots.clone()).collect();
+        let first = self.tracker.take(&disks, chunk_size).map_err(err)?;
+        let believed = self.believed.take();
+        let compare: Dirty = match (&first, &believed) {
+            (Dirty::Chunks(sets), Some(b)) if b.len() == held.len() => Dirty::Chunks(
+                sets.iter()
+                    .zip(b.iter().zip(&held))
+                    .map(|(set, (b, h))| {
+                        let mut s = set.clone();
+                        s.extend((0..h.len()).filter(|&i| b.get(i) != Some(&h[i])).map(|i| i as u64));
+                        s
+                    })
+                    .collect(),
+            ),
+            _ => Dirty::All,
+        };
+        let mut sent = held;
+        if compare == Dirty::All {
+            let reason = if sent.iter().all(|d| d.iter().all(|s| *s == Slot::Missing)) {
+                "InitialCopy"
+            } else if believed.is_none() {
+                "AgentStarted"
+            } else {
+                "TrackingLost"
+            };
+            tracing::info!(reason, "comparing every chunk with the process server's copy");
+            self.update(|s| s.last_resync_reason = Some(reason.into()));
+            let seq = link.next_seq();
+            link.send(seq, &Message::Resync(Resync { seq, reason: reason.into() })).await.map_err(err)?;
+        }
+        self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &compare).await?;
+        self.update(|s| s.initial_copy_done = true);
+
+        let interval = Duration::from_secs_f64(c.interval_seconds.max(0.1));
+        loop {
+            // Until this cycle's pass is sent, what the tracker hands out exists only here:
+            // a failure now must make the next session compare everything.
+            self.believed = None;
+            // Pre-copy: send what changed until a look finds nothing written since the
+            // previous one; everything sent then reflects that instant.
+            let mut point = None;
+            for _ in 0..self.config.max_passes.max(1) {
+                let now_sizes: Vec<u64> = disks.iter().map(Disk::size).collect::<Result<_, _>>().map_err(err)?;
+                if now_sizes != sizes {
+                    self.believed = Some(sent);
+                    link.drain().await.map_err(err)?;
+                    return Err(err("a disk changed size; reconnecting to send the new layout"));
+                }
+                let at = jiff::Timestamp::now();
+                let dirty = self.tracker.take(&disks, chunk_size).map_err(err)?;
+                if dirty.is_quiet() && self.tracker.proves_quiet() {
+                    point = Some(at);
+                    break;
+                }
+                self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &dirty).await?;
+            }
+            match point {
+                Some(time) => {
+                    let id = generate_point_id(time, PointKind::Crash);
+                    let seq = link.next_seq();
+                    let marker = PointMarker { seq, id: id.clone(), kind: PointKind::Crash, time, group: None };
+                    link.send(seq, &Message::Point(marker)).await.map_err(err)?;
+                    link.drain().await.map_err(err)?;
+                    tracing::info!(point = %id, "crash-consistent recovery point acknowledged");
+                    self.update(|s| {
+                        s.points += 1;
+                        s.last_point = Some(id);
+                    });
+                }
+                None => {
+                    tracing::warn!(
+                        passes = self.config.max_passes,
+                        "writes never paused; no recovery point this interval"
+                    );
+                    self.update(|s| s.points_skipped += 1);
+                }
+            }
+            let bytes = link.bytes_sent;
+            self.update(|s| s.bytes_sent = bytes);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => {
+                    let r = tokio::time::timeout(Duration::from_secs(10), link.drain()).await;
+                    self.believed = Some(sent);
+                    link.close().await;
+                    return match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(err(e)),
+                        Err(_) => Err(err("shutting down with unacknowledged data (it is resent on restart)")),
+                    };
+                }
+            }
+            self.believed = Some(sent.clone());
+        }
+    }
+
+    /// Reads the chunks `which` names, and sends those that differ from `sent`.
+    async fn send_pass<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        link: &mut Link<W>,
+        disks: &[Disk],
+        sizes: &[u64],
+        chunk_size: u32,
+        sent: &mut [Vec<Slot>],
+        which: &Dirty,
+    ) -> Result<(), SessionError> {
+        let level = self.config.compression_level;
+        for (d, disk) in disks.iter().enumerate() {
+            let size = sizes[d];
+            let count = size.div_ceil(u64::from(chunk_size));
+            let indexes: Vec<u64> = match which {
+                Dirty::All => (0..count).collect(),
+                Dirty::Chunks(sets) => {
+                    sets.get(d).map(|s| s.iter().copied().filter(|&i| i < count).collect()).unwrap_or_default()
+                }
+            };
+            let mut reads = futures::stream::iter(indexes)
+                .map(|index| {
+                    let disk = disk.clone();
+                    tokio::task::spawn_blocking(move || -> std::io::Result<(ReadChunk, Option<Vec<u8>>)> {
+                        let chunk = disk.read_chunk(index, chunk_size, size)?;
+                        let packed = match (&chunk.slot, level) {
+                            (Slot::Data(_), l) if l > 0 => {
+                                zstd::bulk::compress(&chunk.data, l).ok().filter(|z| z.len() < chunk.data.len())
+                            }
+                            _ => None,
+                        };
+                        Ok((chunk, packed))
+                    })
+                })
+                .buffered(2);
+            while let Some(r) = reads.next().await {
+                let (chunk, packed) = r.map_err(err)?.map_err(err)?;
+                self.update(|s| s.chunks_compared += 1);
+                let i = chunk.index as usize;
+                if sent[d][i] == chunk.slot {
+                    continue;
+                }
+                let len = ((size - chunk.index * u64::from(chunk_size)).min(u64::from(chunk_size))) as u32;
+                let seq = link.next_seq();
+                let (hash, encoding, body) = match (&chunk.slot, packed) {
+                    (Slot::Data(h), Some(z)) => (Some(h.to_hex()), Encoding::Zstd, bytes::Bytes::from(z)),
+                    (Slot::Data(h), None) => (Some(h.to_hex()), Encoding::Raw, bytes::Bytes::from(chunk.data)),
+                    _ => (None, Encoding::Raw, bytes::Bytes::new()),
+                };
+                let header = ChunkData { seq, disk: disk.id.clone(), index: chunk.index, len, hash, encoding };
+                link.send(seq, &Message::Chunk(header, body)).await.map_err(err)?;
+                sent[d][i] = chunk.slot;
+                self.update(|s| s.chunks_sent += 1);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns a set of dirty byte ranges into chunk indexes (for trackers that report blocks).
+pub fn chunks_of(blocks: impl IntoIterator<Item = u64>, block_size: u64, chunk_size: u32) -> BTreeSet<u64> {
+    blocks.into_iter().map(|b| b * block_size / u64::from(chunk_size)).collect()
+}

@@ -1,0 +1,411 @@
+//! The messages of the replication protocol (docs/replication-protocol.md).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use siterecovery_store::{ChunkHash, PointKind};
+
+use crate::WireError;
+use crate::frame::Frame;
+
+/// Version of the protocol; an agent and a process server speak only the same one.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One disk as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInfo {
+    /// Disk id, unique within the server.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Agent → process server, first frame of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol: u32,
+    /// Namespace of the ProtectedServer (must match the client certificate).
+    pub namespace: String,
+    /// Name of the ProtectedServer (must match the client certificate).
+    pub server: String,
+    /// The disks protected now, in a stable order. Authoritative: the process server
+    /// adopts this layout (new disks start empty, resized disks lose their last chunk).
+    pub disks: Vec<DiskInfo>,
+    /// Agent version, for logs.
+    pub agent: String,
+}
+
+/// Process server → agent: the session is open. The body carries the [`Head`]: what
+/// the process server holds durably for each disk of the hello, so the agent sends
+/// only chunks that differ (initial copy resumes, resync sends differences).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the process server.
+    pub protocol: u32,
+    /// Chunk size the agent must use for this server.
+    pub chunk_size: u32,
+    /// Latest recovery point the process server has recorded, if any.
+    pub latest_point: Option<String>,
+    /// Bytes per second the agent may send right now (0: unlimited).
+    #[serde(default)]
+    pub bandwidth_bytes_per_second: u64,
+}
+
+/// How a chunk body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// The plaintext chunk.
+    Raw,
+    /// One zstd frame of the chunk.
+    Zstd,
+}
+
+/// Agent → process server: the content of one chunk at the instant it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkData {
+    /// Sequence number within the connection (acknowledged by [`Ack`]).
+    pub seq: u64,
+    /// Disk id.
+    pub disk: String,
+    /// Chunk index (offset / chunk size).
+    pub index: u64,
+    /// Plaintext length.
+    pub len: u32,
+    /// blake3 of the plaintext; `None` for an all-zero chunk (no body).
+    pub hash: Option<String>,
+    /// Body encoding.
+    pub encoding: Encoding,
+}
+
+/// Agent → process server: every chunk sent before this marker reflects one instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointMarker {
+    /// Sequence number within the connection.
+    pub seq: u64,
+    /// Point id (`generate_point_id`), chosen by the agent so a resend is idempotent.
+    pub id: String,
+    /// Crash, app or group consistent.
+    pub kind: PointKind,
+    /// The instant.
+    pub time: jiff::Timestamp,
+    /// Consistency group, for group points.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// Agent → process server: the disk layout changed (a disk grew, was added or removed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layout {
+    /// Sequence number within the connection.
+    pub seq: u64,
+    /// The disks from now on.
+    pub disks: Vec<DiskInfo>,
+}
+
+/// Agent → process server: the agent is resending by checksum comparison, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resync {
+    /// Sequence number within the connection.
+    pub seq: u64,
+    /// `TrackingLost`, `DiskResized`, `ChecksumMismatch`, `Manual`, `InitialCopy`.
+    pub reason: String,
+}
+
+/// Process server → agent: every message up to `seq` is durable in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    /// Highest durable sequence number.
+    pub seq: u64,
+}
+
+/// Either side: the session ends, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// A CamelCase reason, e.g. `IdentityMismatch`.
+    pub reason: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Opens a session.
+    Hello(Hello),
+    /// Accepts a session; with the head.
+    Welcome(Welcome, Head),
+    /// One chunk; with its (possibly compressed) body.
+    Chunk(ChunkData, Bytes),
+    /// A recovery point.
+    Point(PointMarker),
+    /// Durable up to here.
+    Ack(Ack),
+    /// Ends a session.
+    Refused(Refusal),
+    /// New disk layout.
+    Layout(Layout),
+    /// A resync starts.
+    Resync(Resync),
+}
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const CHUNK: u8 = 3;
+    pub const POINT: u8 = 4;
+    pub const ACK: u8 = 5;
+    pub const REFUSED: u8 = 6;
+    pub const LAYOUT: u8 = 7;
+    pub const RESYNC: u8 = 8;
+}
+
+fn frame<T: Serialize>(kind: u8, header: &T, body: Bytes) -> Frame {
+    let header = serde_json::to_vec(header).expect("protocol headers always serialise");
+    Frame { kind, header: Bytes::from(header), body }
+}
+
+fn header<'a, T: Deserialize<'a>>(f: &'a Frame, what: &str) -> Result<T, WireError> {
+    serde_json::from_slice(&f.header).map_err(|e| WireError::Malformed(format!("{what} header: {e}")))
+}
+
+fn no_body(f: &Frame, what: &str) -> Result<(), WireError> {
+    if f.body.is_empty() {
+        Ok(())
+    } else {
+        Err(WireError::Malformed(format!("{what} frame carries an unexpected body of {} bytes", f.body.len())))
+    }
+}
+
+impl Message {
+    /// The frame for this message.
+    pub fn to_frame(&self) -> Frame {
+        match self {
+            Message::Hello(h) => frame(kind::HELLO, h, Bytes::new()),
+            Message::Welcome(w, head) => frame(kind::WELCOME, w, head.encode()),
+            Message::Chunk(c, body) => frame(kind::CHUNK, c, body.clone()),
+            Message::Point(p) => frame(kind::POINT, p, Bytes::new()),
+            Message::Ack(a) => frame(kind::ACK, a, Bytes::new()),
+            Message::Refused(r) => frame(kind::REFUSED, r, Bytes::new()),
+            Message::Layout(l) => frame(kind::LAYOUT, l, Bytes::new()),
+            Message::Resync(r) => frame(kind::RESYNC, r, Bytes::new()),
+        }
+    }
+
+    /// Decodes a frame, checking that its header and body fit its kind.
+    pub fn from_frame(f: &Frame) -> Result<Self, WireError> {
+        Ok(match f.kind {
+            kind::HELLO => {
+                no_body(f, "hello")?;
+                Message::Hello(header(f, "hello")?)
+            }
+            kind::WELCOME => Message::Welcome(header(f, "welcome")?, Head::decode(f.body.clone())?),
+            kind::CHUNK => {
+                let c: ChunkData = header(f, "chunk")?;
+                match (&c.hash, f.body.is_empty()) {
+                    (None, false) => return Err(WireError::Malformed("zero chunk carries a body".into())),
+                    (Some(_), true) => return Err(WireError::Malformed("data chunk has no body".into())),
+                    _ => {}
+                }
+                if let Some(h) = &c.hash {
+                    ChunkHash::from_hex(h).ok_or_else(|| WireError::Malformed(format!("chunk hash {h:?}")))?;
+                }
+                Message::Chunk(c, f.body.clone())
+            }
+            kind::POINT => {
+                no_body(f, "point")?;
+                Message::Point(header(f, "point")?)
+            }
+            kind::ACK => {
+                no_body(f, "ack")?;
+                Message::Ack(header(f, "ack")?)
+            }
+            kind::REFUSED => Message::Refused(header(f, "refusal")?),
+            kind::LAYOUT => {
+                no_body(f, "layout")?;
+                Message::Layout(header(f, "layout")?)
+            }
+            kind::RESYNC => {
+                no_body(f, "resync")?;
+                Message::Resync(header(f, "resync")?)
+            }
+            other => return Err(WireError::Malformed(format!("unknown frame kind {other}"))),
+        })
+    }
+
+    /// The sequence number of an agent message that must be acknowledged.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Message::Chunk(c, _) => Some(c.seq),
+            Message::Point(p) => Some(p.seq),
+            Message::Layout(l) => Some(l.seq),
+            Message::Resync(r) => Some(r.seq),
+            _ => None,
+        }
+    }
+}
+
+/// What is known of one chunk slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Never received (initial copy not there yet, or invalidated by a resize).
+    Missing,
+    /// All zeros.
+    Zero,
+    /// Content with this blake3 hash.
+    Data(ChunkHash),
+}
+
+/// The chunks of one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskHead {
+    /// Disk id.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `ceil(size / chunk_size)` slots.
+    pub slots: Vec<Slot>,
+}
+
+impl DiskHead {
+    /// A disk of which nothing was received yet.
+    pub fn empty(id: &str, size: u64, chunk_size: u32) -> Self {
+        let n = size.div_ceil(u64::from(chunk_size)) as usize;
+        Self { id: id.to_string(), size, slots: vec![Slot::Missing; n] }
+    }
+
+    /// Adopts a new size: whole chunks inside both sizes are kept; a chunk whose length
+    /// changes (the old or new last chunk) and every new chunk become missing.
+    pub fn resize(&mut self, size: u64, chunk_size: u32) {
+        if size == self.size {
+            return;
+        }
+        let cs = u64::from(chunk_size);
+        let keep = (self.size.min(size) / cs) as usize;
+        let n = size.div_ceil(cs) as usize;
+        self.slots.truncate(keep);
+        self.slots.resize(n, Slot::Missing);
+        self.size = size;
+    }
+
+    /// Whether every chunk was received.
+    pub fn complete(&self) -> bool {
+        !self.slots.contains(&Slot::Missing)
+    }
+}
+
+/// What a process server holds for every disk of a server.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Head {
+    /// Disks, in the agent's order.
+    pub disks: Vec<DiskHead>,
+}
+
+impl Head {
+    /// The disk named `id`.
+    pub fn disk_mut(&mut self, id: &str) -> Option<&mut DiskHead> {
+        self.disks.iter_mut().find(|d| d.id == id)
+    }
+
+    /// Adopts a disk layout: keeps known disks (resized as needed), adds new ones empty,
+    /// drops disks no longer listed. Returns whether anything changed.
+    pub fn adopt(&mut self, disks: &[DiskInfo], chunk_size: u32) -> bool {
+        let before = self.clone();
+        let mut old = std::mem::take(&mut self.disks);
+        for d in disks {
+            let head = match old.iter().position(|o| o.id == d.id) {
+                Some(i) => {
+                    let mut h = old.swap_remove(i);
+                    h.resize(d.size, chunk_size);
+                    h
+                }
+                None => DiskHead::empty(&d.id, d.size, chunk_size),
+            };
+            self.disks.push(head);
+        }
+        *self != before
+    }
+
+    /// Binary form: per disk, `id length u16 | id | size u64 | slot count u64 | slots`,
+    /// a slot being `0` (missing), `1` (zero) or `2` followed by 32 hash bytes.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_u32(self.disks.len() as u32);
+        for d in &self.disks {
+            out.put_u16(d.id.len() as u16);
+            out.put_slice(d.id.as_bytes());
+            out.put_u64(d.size);
+            out.put_u64(d.slots.len() as u64);
+            for s in &d.slots {
+                match s {
+                    Slot::Missing => out.put_u8(0),
+                    Slot::Zero => out.put_u8(1),
+                    Slot::Data(h) => {
+                        out.put_u8(2);
+                        out.put_slice(&h.0);
+                    }
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    /// Parses [`Head::encode`]'s form.
+    pub fn decode(mut b: Bytes) -> Result<Self, WireError> {
+        let short = || WireError::Malformed("head is truncated".into());
+        if b.remaining() < 4 {
+            return Err(short());
+        }
+        let n = b.get_u32() as usize;
+        let mut disks = Vec::with_capacity(n.min(256));
+        for _ in 0..n {
+            if b.remaining() < 2 {
+                return Err(short());
+            }
+            let len = b.get_u16() as usize;
+            if b.remaining() < len + 16 {
+                return Err(short());
+            }
+            let id = String::from_utf8(b.split_to(len).to_vec())
+                .map_err(|_| WireError::Malformed("disk id is not UTF-8".into()))?;
+            let size = b.get_u64();
+            let count = b.get_u64() as usize;
+            if count > b.remaining() {
+                return Err(short());
+            }
+            let mut slots = Vec::with_capacity(count);
+            for _ in 0..count {
+                if !b.has_remaining() {
+                    return Err(short());
+                }
+                slots.push(match b.get_u8() {
+                    0 => Slot::Missing,
+                    1 => Slot::Zero,
+                    2 => {
+                        if b.remaining() < 32 {
+                            return Err(short());
+                        }
+                        let mut h = [0u8; 32];
+                        b.copy_to_slice(&mut h);
+                        Slot::Data(ChunkHash(h))
+                    }
+                    t => return Err(WireError::Malformed(format!("unknown slot tag {t} in head"))),
+                });
+            }
+            disks.push(DiskHead { id, size, slots });
+        }
+        if b.has_remaining() {
+            return Err(WireError::Malformed(format!("{} bytes after the head", b.remaining())));
+        }
+        Ok(Self { disks })
+    }
+}

@@ -1,0 +1,331 @@
+//! One agent connection: authenticate, hand out the head, journal every frame, and
+//! acknowledge in groups after each fsync (docs/replication-protocol.md).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use siterecovery_store::{ChunkHash, ServerRef};
+use siterecovery_wire::tls::agent_from_certificate;
+use siterecovery_wire::{
+    Ack, ChunkData, Encoding, Frame, Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, WireError, read_frame,
+    write_message,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::Shared;
+use crate::state::{ServerState, apply};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a session ended early: a reason for the agent and the log.
+#[derive(Debug)]
+struct Refuse(String, String);
+
+fn refuse(reason: &str, message: impl Into<String>) -> Refuse {
+    Refuse(reason.to_string(), message.into())
+}
+
+/// Serves one TLS connection whose handshake (and client-certificate check) succeeded.
+pub async fn serve<S>(shared: Arc<Shared>, stream: tokio_rustls::server::TlsStream<S>, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let identity =
+        stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).and_then(|c| agent_from_certificate(c));
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let result = match identity {
+        None => Err(refuse("NotAnAgentCertificate", "the client certificate names no agent (no siterecovery URI SAN)")),
+        Some(identity) => session(&shared, &mut rd, &mut wr, identity).await,
+    };
+    if let Err(Refuse(reason, message)) = result {
+        shared.metrics.sessions_refused.inc();
+        tracing::warn!(%peer, %reason, %message, "agent session ended");
+        let m = Message::Refused(Refusal { reason, message });
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = write_message(&mut wr, &m).await;
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+}
+
+fn check_hello(h: &Hello, identity: &(String, String)) -> Result<ServerRef, Refuse> {
+    if h.protocol != PROTOCOL_VERSION {
+        return Err(refuse(
+            "ProtocolVersion",
+            format!(
+                "agent speaks protocol {}, this process server {PROTOCOL_VERSION}; upgrade the older side",
+                h.protocol
+            ),
+        ));
+    }
+    if (h.namespace.as_str(), h.server.as_str()) != (identity.0.as_str(), identity.1.as_str()) {
+        return Err(refuse(
+            "IdentityMismatch",
+            format!(
+                "the certificate was issued to {}/{} but the agent says it is {}/{}",
+                identity.0, identity.1, h.namespace, h.server
+            ),
+        ));
+    }
+    let server = ServerRef::new(&h.namespace, &h.server).map_err(|e| refuse("InvalidName", e.to_string()))?;
+    let mut seen = std::collections::HashSet::new();
+    for d in &h.disks {
+        siterecovery_store::validate_segment("disk id", &d.id).map_err(|e| refuse("InvalidDisk", e.to_string()))?;
+        if !seen.insert(&d.id) {
+            return Err(refuse("InvalidDisk", format!("disk {} is listed twice", d.id)));
+        }
+        if d.size == 0 {
+            return Err(refuse("InvalidDisk", format!("disk {} has size 0", d.id)));
+        }
+    }
+    if h.disks.is_empty() {
+        return Err(refuse("InvalidDisk", "the agent protects no disk"));
+    }
+    Ok(server)
+}
+
+async fn session<R, W>(shared: &Arc<Shared>, rd: &mut R, wr: &mut W, identity: (String, String)) -> Result<(), Refuse>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(rd))
+        .await
+        .map_err(|_| refuse("Timeout", "no hello within 30 s"))?
+        .map_err(|e| refuse("ProtocolError", e.to_string()))?
+        .ok_or_else(|| refuse("ProtocolError", "connection closed before hello"))?;
+    let Message::Hello(hello) = Message::from_frame(&first).map_err(|e| refuse("ProtocolError", e.to_string()))? else {
+        return Err(refuse("ProtocolError", "the first frame must be a hello"));
+    };
+    let server = check_hello(&hello, &identity)?;
+    let target = shared
+        .targets
+        .resolve(server.namespace(), server.name())
+        .await
+        .map_err(|(reason, message)| Refuse(reason, message))?;
+    let state = shared.open(server, target).await.map_err(|e| refuse("CacheUnavailable", e.to_string()))?;
+
+    // One session per server: a reconnecting agent replaces its stale connection.
+    let (cancel_tx, mut cancel_rx) = oneshot::channel();
+    if let Some(old) = state.cancel_session.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = old.send(());
+    }
+    let _guard = tokio::time::timeout(Duration::from_secs(30), state.session.lock())
+        .await
+        .map_err(|_| refuse("Busy", "the previous session of this server did not end within 30 s; retry"))?;
+    *state.cancel_session.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel_tx);
+    shared.metrics.sessions.inc();
+    tracing::info!(server = %state.server, disks = hello.disks.len(), agent = %hello.agent, "agent session opened");
+
+    // Adopt the agent's disk layout through the journal, so a restart replays it too.
+    let layout = {
+        let received = state.received();
+        let mut head = received.head.clone();
+        head.adopt(&hello.disks, state.chunk_size)
+            .then(|| Message::Layout(siterecovery_wire::Layout { seq: 0, disks: hello.disks.clone() }))
+    };
+    if let Some(m) = layout {
+        journal(&state, &m.to_frame(), &m).await?;
+    }
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.journal.sync())
+        .await
+        .map_err(|e| refuse("CacheUnavailable", e.to_string()))?
+        .map_err(|e| refuse("CacheUnavailable", e.to_string()))?;
+    let (head, latest_point) = {
+        let r = state.received();
+        (r.head.clone(), r.latest_point.clone())
+    };
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        chunk_size: state.chunk_size,
+        latest_point,
+        bandwidth_bytes_per_second: state.target.bandwidth_bytes_per_second,
+    };
+    write_message(wr, &Message::Welcome(welcome, head)).await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
+    wr.flush().await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
+
+    // Group commit: the syncer fsyncs whatever was appended since its last round and
+    // acknowledges the highest sequence number covered.
+    let (appended_tx, appended_rx) = watch::channel(0u64);
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Result<u64, String>>(16);
+    let syncer = tokio::spawn(sync_loop(state.clone(), appended_rx, ack_tx));
+    let mut last_seq = 0u64;
+    let outcome: Result<(), Refuse> = loop {
+        tokio::select! {
+            biased;
+            _ = &mut cancel_rx => break Err(refuse("Superseded", "a newer connection of this agent took over")),
+            ack = ack_rx.recv() => match ack {
+                Some(Ok(seq)) => {
+                    if let Err(e) = write_message(wr, &Message::Ack(Ack { seq })).await {
+                        break Err(refuse("ConnectionLost", e.to_string()));
+                    }
+                    let _ = wr.flush().await;
+                }
+                Some(Err(e)) => break Err(refuse("CacheUnavailable", e)),
+                None => break Err(refuse("CacheUnavailable", "the journal syncer stopped")),
+            },
+            frame = read_frame(rd) => {
+                let frame = match frame {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break Ok(()),
+                    Err(WireError::Truncated) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
+                    Err(e) => break Err(refuse("ProtocolError", e.to_string())),
+                };
+                match receive(shared, &state, &frame, &mut last_seq).await {
+                    Ok(()) => { let _ = appended_tx.send(last_seq); }
+                    Err(r) => break Err(r),
+                }
+            }
+        }
+    };
+    // Acknowledge what is durable before leaving, whatever the reason.
+    drop(appended_tx);
+    let _ = syncer.await;
+    while let Ok(Ok(seq)) = ack_rx.try_recv() {
+        let _ = write_message(wr, &Message::Ack(Ack { seq })).await;
+    }
+    let _ = wr.flush().await;
+    tracing::info!(server = %state.server, ?outcome, "agent session closed");
+    outcome
+}
+
+async fn sync_loop(
+    state: Arc<ServerState>,
+    mut appended: watch::Receiver<u64>,
+    acks: mpsc::Sender<Result<u64, String>>,
+) {
+    while appended.changed().await.is_ok() {
+        let seq = *appended.borrow_and_update();
+        let st = state.clone();
+        let r = tokio::task::spawn_blocking(move || st.journal.sync()).await;
+        let msg = match r {
+            Ok(Ok(_)) => Ok(seq),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let failed = msg.is_err();
+        if acks.send(msg).await.is_err() || failed {
+            return;
+        }
+        state.kick.notify_one();
+    }
+}
+
+/// Validates one agent frame and journals it (not yet durable).
+async fn receive(shared: &Shared, state: &Arc<ServerState>, frame: &Frame, last_seq: &mut u64) -> Result<(), Refuse> {
+    let m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    let seq = m.seq().ok_or_else(|| refuse("ProtocolError", "agents send chunks, points, layouts and resyncs only"))?;
+    if seq <= *last_seq {
+        return Err(refuse("ProtocolError", format!("sequence number {seq} after {}", *last_seq)));
+    }
+    match &m {
+        Message::Chunk(c, body) => check_chunk(state, c, body).await?,
+        Message::Point(p) => {
+            siterecovery_store::validate_segment("point id", &p.id)
+                .map_err(|e| refuse("ProtocolError", e.to_string()))?;
+            let r = state.received();
+            if let Some(d) = r.head.disks.iter().find(|d| !d.complete()) {
+                return Err(refuse(
+                    "InitialCopyIncomplete",
+                    format!("point {} before every chunk of disk {} was sent", p.id, d.id),
+                ));
+            }
+        }
+        Message::Layout(l) => {
+            for d in &l.disks {
+                siterecovery_store::validate_segment("disk id", &d.id)
+                    .map_err(|e| refuse("InvalidDisk", e.to_string()))?;
+            }
+        }
+        Message::Resync(r) => {
+            tracing::info!(server = %state.server, reason = %r.reason, "agent resynchronising by checksums");
+            *last_seq = seq;
+            return Ok(());
+        }
+        _ => unreachable!("seq() is Some only for agent messages"),
+    }
+    if shared.budget.wait_for_room().await {
+        shared.metrics.backpressure_waits.inc();
+    }
+    journal(state, frame, &m).await?;
+    if let Message::Chunk(c, _) = &m {
+        let n = u64::from(c.len);
+        state.progress.bytes_received.fetch_add(n, Ordering::Relaxed);
+        shared.metrics.bytes_received.inc_by(n);
+    }
+    let n = frame.encoded_len() as u64 + 4;
+    shared.budget.add(n);
+    state.backlog.fetch_add(n, Ordering::Relaxed);
+    *last_seq = seq;
+    Ok(())
+}
+
+/// Appends a frame and applies it to the received head.
+async fn journal(state: &Arc<ServerState>, frame: &Frame, m: &Message) -> Result<(), Refuse> {
+    let st = state.clone();
+    let f = frame.clone();
+    tokio::task::spawn_blocking(move || st.journal.append(&f))
+        .await
+        .map_err(|e| refuse("CacheUnavailable", e.to_string()))?
+        .map_err(|e| {
+            if e.is_full() { refuse("CacheFull", e.to_string()) } else { refuse("CacheUnavailable", e.to_string()) }
+        })?;
+    let mut r = state.received();
+    let r = &mut *r;
+    apply(&mut r.head, &mut r.latest_point, state.chunk_size, m);
+    Ok(())
+}
+
+/// A chunk must name a known disk and slot, have that slot's length, and hash to what
+/// it claims: checked before anything is acknowledged.
+async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) -> Result<(), Refuse> {
+    let expected = {
+        let r = state.received();
+        let d = r
+            .head
+            .disks
+            .iter()
+            .find(|d| d.id == c.disk)
+            .ok_or_else(|| refuse("ProtocolError", format!("chunk of unknown disk {}", c.disk)))?;
+        if c.index as usize >= d.slots.len() {
+            return Err(refuse("ProtocolError", format!("chunk {} is past the end of disk {}", c.index, c.disk)));
+        }
+        let cs = u64::from(state.chunk_size);
+        (d.size - c.index * cs).min(cs)
+    };
+    if u64::from(c.len) != expected {
+        return Err(refuse(
+            "ProtocolError",
+            format!("chunk {} of disk {} is {} bytes, expected {expected}", c.index, c.disk, c.len),
+        ));
+    }
+    let Some(claimed) = &c.hash else { return Ok(()) };
+    let claimed = ChunkHash::from_hex(claimed).expect("checked by from_frame");
+    let (body, encoding, len) = (body.clone(), c.encoding, c.len as usize);
+    let actual = tokio::task::spawn_blocking(move || -> Result<ChunkHash, String> {
+        let plain = match encoding {
+            Encoding::Raw => body.to_vec(),
+            Encoding::Zstd => zstd::bulk::decompress(&body, len).map_err(|e| format!("zstd: {e}"))?,
+        };
+        if plain.len() != len {
+            return Err(format!("body decodes to {} bytes, header says {len}", plain.len()));
+        }
+        Ok(ChunkHash::of(&plain))
+    })
+    .await
+    .map_err(|e| refuse("ProtocolError", e.to_string()))?
+    .map_err(|e| refuse("ChecksumMismatch", format!("chunk {} of disk {}: {e}", c.index, c.disk)))?;
+    if actual != claimed {
+        return Err(refuse(
+            "ChecksumMismatch",
+            format!("chunk {} of disk {} does not hash to what the agent claims", c.index, c.disk),
+        ));
+    }
+    Ok(())
+}

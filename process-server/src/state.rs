@@ -1,0 +1,338 @@
+//! Per-server state of the process server: the journal, the head as received (what
+//! agents are told at connect) and as uploaded (what the next manifest is built from),
+//! and the cache budget shared by every server.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use siterecovery_store::{ChunkRef, ServerRef, StoreError};
+use siterecovery_wire::{DiskHead, Frame, Head, Message, Slot};
+use tokio::sync::Notify;
+
+use crate::journal::{Journal, JournalError, Position};
+use crate::target::Target;
+
+/// What the uploader has made durable in Blob storage, persisted in `checkpoint`.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    /// Every journal record before this position is uploaded.
+    pub position: Position,
+    /// Chunk size of the server (fixed once its first point exists).
+    pub chunk_size: u32,
+    /// Latest recovery point written.
+    pub latest_point: Option<String>,
+    /// Head as uploaded.
+    pub head: Head,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointHeader {
+    position: Position,
+    chunk_size: u32,
+    latest_point: Option<String>,
+}
+
+impl Checkpoint {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("checkpoint")
+    }
+
+    /// Reads the checkpoint of `dir`, if there is one.
+    pub fn load(dir: &Path) -> Result<Option<Self>, StateError> {
+        let path = Self::path(dir);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StateError::Checkpoint(format!("{}: {e}", path.display()))),
+        };
+        let corrupt = |why: String| StateError::Checkpoint(format!("{} is corrupt: {why}", path.display()));
+        if bytes.len() < 8 {
+            return Err(corrupt("too short".into()));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(body) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(corrupt("checksum mismatch".into()));
+        }
+        let frame = Frame::decode_payload(Bytes::copy_from_slice(&body[4..])).map_err(|e| corrupt(e.to_string()))?;
+        let h: CheckpointHeader = serde_json::from_slice(&frame.header).map_err(|e| corrupt(e.to_string()))?;
+        let head = Head::decode(frame.body).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(Self { position: h.position, chunk_size: h.chunk_size, latest_point: h.latest_point, head }))
+    }
+
+    /// Replaces the checkpoint of `dir` atomically (write, fsync, rename, fsync dir).
+    pub fn store(&self, dir: &Path) -> Result<(), StateError> {
+        let header = CheckpointHeader {
+            position: self.position,
+            chunk_size: self.chunk_size,
+            latest_point: self.latest_point.clone(),
+        };
+        let frame = Frame {
+            kind: 0,
+            header: Bytes::from(serde_json::to_vec(&header).expect("serialisable")),
+            body: self.head.encode(),
+        };
+        let mut bytes = frame.encode().to_vec();
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_be_bytes());
+        let path = Self::path(dir);
+        let tmp = dir.join("checkpoint.tmp");
+        let io = |e: std::io::Error| StateError::Checkpoint(format!("writing {}: {e}", path.display()));
+        let mut f = fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
+    }
+}
+
+/// A failure of a server's state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The checkpoint could not be read or written.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The store failed while recovering the head from the latest point.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Applies one journal message to a head. Messages were validated before they were
+/// journaled, so an out-of-range chunk cannot occur; it is ignored defensively.
+pub fn apply(head: &mut Head, latest: &mut Option<String>, chunk_size: u32, m: &Message) {
+    match m {
+        Message::Chunk(c, _) => {
+            if let Some(slot) = head.disk_mut(&c.disk).and_then(|d| d.slots.get_mut(c.index as usize)) {
+                *slot = match &c.hash {
+                    None => Slot::Zero,
+                    Some(h) => Slot::Data(siterecovery_store::ChunkHash::from_hex(h).expect("validated")),
+                };
+            }
+        }
+        Message::Layout(l) => {
+            head.adopt(&l.disks, chunk_size);
+        }
+        Message::Point(p) => *latest = Some(p.id.clone()),
+        _ => {}
+    }
+}
+
+/// The head as received: what the agent is told it need not send again.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    /// Head after every journaled message.
+    pub head: Head,
+    /// Latest point marker journaled.
+    pub latest_point: Option<String>,
+}
+
+/// Progress counters of one server (for metrics and status).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of chunk data received (plaintext).
+    pub bytes_received: AtomicU64,
+    /// Bytes uploaded (sealed chunks and manifests).
+    pub bytes_uploaded: AtomicU64,
+    /// Recovery points written.
+    pub points_written: AtomicU64,
+}
+
+/// One protected server on this process server.
+pub struct ServerState {
+    /// Namespace and name.
+    pub server: ServerRef,
+    /// Its cache directory.
+    pub dir: PathBuf,
+    /// Where its data goes.
+    pub target: Arc<Target>,
+    /// Its journal.
+    pub journal: Journal,
+    /// Chunk size of the server.
+    pub chunk_size: u32,
+    /// Head as received.
+    pub received: Mutex<Received>,
+    /// One agent session at a time: a new session cancels the old one and takes this.
+    pub session: tokio::sync::Mutex<()>,
+    /// Cancels the current session (a newer connection of the same agent arrived).
+    pub cancel_session: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Wakes the uploader.
+    pub kick: Notify,
+    /// Uploader's state at start (read once by the uploader).
+    pub start: Mutex<Option<Checkpoint>>,
+    /// Counters.
+    pub progress: Progress,
+    /// Journal bytes not uploaded yet.
+    pub backlog: AtomicU64,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").field("server", &self.server.to_string()).finish()
+    }
+}
+
+impl ServerState {
+    /// Opens a server's cache: the checkpoint (or, without one, the latest recovery point
+    /// in the store), then the journal after it, replayed into the received head.
+    pub async fn open(cache: &Path, server: ServerRef, target: Arc<Target>) -> Result<Self, StateError> {
+        let dir = cache.join(server.namespace()).join(server.name());
+        fs::create_dir_all(&dir).map_err(|e| StateError::Checkpoint(format!("creating {}: {e}", dir.display())))?;
+        let checkpoint = match Checkpoint::load(&dir)? {
+            Some(c) => c,
+            None => from_latest_point(&target, &server).await?,
+        };
+        let journal_dir = dir.join("journal");
+        let journal = tokio::task::block_in_place(|| Journal::open(&journal_dir))?;
+        let mut received = Received { head: checkpoint.head.clone(), latest_point: checkpoint.latest_point.clone() };
+        let mut pos = checkpoint.position;
+        loop {
+            let batch = tokio::task::block_in_place(|| journal.read_from(pos, 1024, 1 << 30))?;
+            let Some((_, last)) = batch.last() else { break };
+            pos = *last;
+            for (frame, _) in &batch {
+                if let Ok(m) = Message::from_frame(frame) {
+                    apply(&mut received.head, &mut received.latest_point, checkpoint.chunk_size, &m);
+                }
+            }
+        }
+        let backlog = journal.bytes_after(checkpoint.position);
+        Ok(Self {
+            server,
+            dir,
+            target,
+            journal,
+            chunk_size: checkpoint.chunk_size,
+            received: Mutex::new(received),
+            session: tokio::sync::Mutex::new(()),
+            cancel_session: Mutex::new(None),
+            kick: Notify::new(),
+            start: Mutex::new(Some(checkpoint)),
+            progress: Progress::default(),
+            backlog: AtomicU64::new(backlog),
+        })
+    }
+
+    /// The received state, locked.
+    pub fn received(&self) -> std::sync::MutexGuard<'_, Received> {
+        self.received.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Without a checkpoint (a new server, or its cache volume was lost and it moved here):
+/// start from the latest recovery point in the store, so only differences are resent.
+async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<Checkpoint, StateError> {
+    let ids = target.store.list_point_ids(server).await?;
+    let Some(latest) = ids.last() else {
+        return Ok(Checkpoint { chunk_size: target.chunk_size, ..Default::default() });
+    };
+    let m = target.store.load_point(server, latest).await?;
+    let disks = m
+        .disks
+        .iter()
+        .map(|d| DiskHead {
+            id: d.id.clone(),
+            size: d.size,
+            slots: d
+                .chunks
+                .iter()
+                .map(|c| match c {
+                    ChunkRef::Zero => Slot::Zero,
+                    ChunkRef::Data(h) => Slot::Data(*h),
+                })
+                .collect(),
+        })
+        .collect();
+    tracing::info!(server = %server, point = %m.id, "no cache for this server; starting from its latest recovery point");
+    Ok(Checkpoint {
+        position: Position::default(),
+        chunk_size: m.chunk_size,
+        latest_point: Some(m.id.clone()),
+        head: Head { disks },
+    })
+}
+
+/// Bytes acknowledged to agents and not yet uploaded, over all servers, against a limit:
+/// sessions stop reading from their agents while it is exceeded (backpressure).
+#[derive(Debug)]
+pub struct CacheBudget {
+    /// Limit in bytes.
+    pub limit: u64,
+    used: AtomicU64,
+    freed: Notify,
+}
+
+impl CacheBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self { limit, used: AtomicU64::new(0), freed: Notify::new() }
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` more bytes.
+    pub fn add(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Returns `n` bytes and wakes waiting sessions.
+    pub fn release(&self, n: u64) {
+        let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+        self.freed.notify_waiters();
+    }
+
+    /// Waits until the cache is below its limit. Returns whether it had to wait.
+    pub async fn wait_for_room(&self) -> bool {
+        let mut waited = false;
+        while self.used() >= self.limit {
+            waited = true;
+            let freed = self.freed.notified();
+            if self.used() < self.limit {
+                break;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), freed).await;
+        }
+        waited
+    }
+}
+
+/// Every server with state on this process server.
+#[derive(Debug, Default)]
+pub struct Registry {
+    servers: tokio::sync::Mutex<HashMap<(String, String), Arc<ServerState>>>,
+}
+
+impl Registry {
+    /// The state of a server, opened on first use (the caller starts its uploader).
+    pub async fn get_or_open(
+        &self,
+        cache: &Path,
+        server: ServerRef,
+        target: Arc<Target>,
+    ) -> Result<(Arc<ServerState>, bool), StateError> {
+        let key = (server.namespace().to_string(), server.name().to_string());
+        let mut map = self.servers.lock().await;
+        if let Some(s) = map.get(&key) {
+            return Ok((s.clone(), false));
+        }
+        let state = Arc::new(ServerState::open(cache, server, target).await?);
+        map.insert(key, state.clone());
+        Ok((state, true))
+    }
+
+    /// Every server, for reporting.
+    pub async fn all(&self) -> Vec<Arc<ServerState>> {
+        self.servers.lock().await.values().cloned().collect()
+    }
+}
