@@ -81,3 +81,91 @@ impl ChangeTracker for StampTracker {
         "checksum-scan"
     }
 }
+
+/// The block-device tracker: writes followed in the kernel's block layer with eBPF
+/// (`siterecovery-tracker`, docs/change-tracking.md). A quiet look proves that nothing
+/// was submitted or completed on any protected device since the previous one. The first
+/// look after start is `All` (writes before the tracker ran are unknown), and so is a
+/// look after lost events.
+#[derive(Debug)]
+pub struct EbpfTracker {
+    tracker: siterecovery_tracker::BlockTracker,
+    started: bool,
+}
+
+/// Tracking block size: writes are recorded at this granularity.
+pub const EBPF_GRANULARITY: u64 = 64 * 1024;
+
+impl EbpfTracker {
+    /// Attaches to the devices of `disks` (block devices or partitions).
+    pub fn start(disks: &[Disk]) -> Result<Self, siterecovery_tracker::TrackerError> {
+        let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
+        let tracker = siterecovery_tracker::BlockTracker::start(&paths, EBPF_GRANULARITY)?;
+        Ok(Self { tracker, started: false })
+    }
+}
+
+impl ChangeTracker for EbpfTracker {
+    fn take(&mut self, disks: &[Disk], chunk_size: u32) -> std::io::Result<Dirty> {
+        let set = self.tracker.take_dirty().map_err(std::io::Error::other)?;
+        if !std::mem::replace(&mut self.started, true) {
+            return Ok(Dirty::All);
+        }
+        if set.lost {
+            tracing::warn!("the kernel dropped write records; comparing every chunk by checksum");
+            return Ok(Dirty::All);
+        }
+        if set.devices.len() != disks.len() {
+            return Ok(Dirty::All);
+        }
+        Ok(Dirty::Chunks(
+            set.devices
+                .iter()
+                .map(|d| crate::chunks_of(d.blocks.iter().copied(), set.granularity, chunk_size))
+                .collect(),
+        ))
+    }
+
+    fn proves_quiet(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+}
+
+/// How the agent tracks changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tracking {
+    /// eBPF when every disk is a block device and eBPF works here, else checksum scans.
+    #[default]
+    Auto,
+    /// eBPF, or fail.
+    Ebpf,
+    /// Checksum scans (image files: modification time tells when to scan).
+    Scan,
+}
+
+/// The tracker `mode` asks for, for `disks`.
+pub fn tracker_for(mode: Tracking, disks: &[Disk]) -> anyhow::Result<Box<dyn ChangeTracker>> {
+    let all_devices = !disks.is_empty() && disks.iter().all(Disk::is_block_device);
+    match mode {
+        Tracking::Scan => Ok(Box::new(StampTracker::new(disks))),
+        Tracking::Ebpf => Ok(Box::new(EbpfTracker::start(disks)?)),
+        Tracking::Auto if all_devices => match EbpfTracker::start(disks) {
+            Ok(t) => Ok(Box::new(t)),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF change tracking unavailable; falling back to checksum scans, which cannot prove a quiet instant on block devices (no crash-consistent points)");
+                Ok(Box::new(StampTracker::new(disks)))
+            }
+        },
+        Tracking::Auto => Ok(Box::new(StampTracker::new(disks))),
+    }
+}
+
+/// Whether eBPF tracking can run here, and why not.
+pub fn ebpf_probe() -> Result<(), String> {
+    siterecovery_tracker::BlockTracker::probe()
+}

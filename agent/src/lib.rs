@@ -66,6 +66,9 @@ pub struct AgentConfig {
     /// zstd level on the wire (0: no compression).
     #[serde(default = "default_level")]
     pub compression_level: i32,
+    /// How changes are tracked.
+    #[serde(default)]
+    pub tracking: changes::Tracking,
 }
 
 fn default_interval() -> f64 {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use siterecovery_agent::changes::StampTracker;
+use siterecovery_agent::changes::tracker_for;
 use siterecovery_agent::disk::Disk;
 use siterecovery_agent::{Agent, AgentConfig};
 
@@ -33,7 +33,8 @@ async fn main() -> anyhow::Result<()> {
     let config: AgentConfig =
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     let disks: Vec<Disk> = config.disks.iter().map(|d| Disk::open(&d.id, &d.path)).collect::<Result<_, _>>()?;
-    let tracker = Box::new(StampTracker::new(&disks));
+    let tracker = tracker_for(config.tracking, &disks)?;
+    tracing::info!(tracker = tracker.name(), disks = disks.len(), "tracking changes");
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term =

@@ -177,6 +177,7 @@ pub fn agent_config(
         interval_seconds: interval,
         max_passes: 8,
         compression_level: 1,
+        tracking: Default::default(),
     }
 }
 
