@@ -19,6 +19,9 @@ pub struct Disk {
     file: Arc<File>,
 }
 
+/// Size of the blocks deltas are made of.
+pub const DELTA_BLOCK: usize = 64 * 1024;
+
 /// A chunk as read: its slot (hash or zero) and, for data, the bytes.
 #[derive(Debug)]
 pub struct ReadChunk {
@@ -28,6 +31,22 @@ pub struct ReadChunk {
     pub slot: Slot,
     /// The plaintext (empty for zero chunks).
     pub data: Vec<u8>,
+    /// A short hash of every [`DELTA_BLOCK`] of the chunk (0: an all-zero block), to
+    /// find what changed next time (empty for zero chunks).
+    pub blocks: Vec<u64>,
+}
+
+/// Short hashes of the delta blocks of `data` (0 for an all-zero block).
+pub fn block_hashes(data: &[u8]) -> Vec<u64> {
+    data.chunks(DELTA_BLOCK)
+        .map(|b| {
+            if b.iter().all(|&x| x == 0) {
+                0
+            } else {
+                u64::from_le_bytes(ChunkHash::of(b).0[..8].try_into().expect("8 bytes")) | 1
+            }
+        })
+        .collect()
 }
 
 impl Disk {
@@ -71,9 +90,10 @@ impl Disk {
             done += n;
         }
         if data.iter().all(|&b| b == 0) {
-            return Ok(ReadChunk { index, slot: Slot::Zero, data: Vec::new() });
+            return Ok(ReadChunk { index, slot: Slot::Zero, data: Vec::new(), blocks: Vec::new() });
         }
         let hash = ChunkHash::of(&data);
-        Ok(ReadChunk { index, slot: Slot::Data(hash), data })
+        let blocks = block_hashes(&data);
+        Ok(ReadChunk { index, slot: Slot::Data(hash), data, blocks })
     }
 }

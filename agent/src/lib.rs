@@ -95,8 +95,12 @@ pub struct AgentStatus {
     pub points: u64,
     /// Intervals whose point was skipped because writes never paused.
     pub points_skipped: u64,
-    /// Chunks sent.
+    /// Chunks sent (whole or as deltas).
     pub chunks_sent: u64,
+    /// Of those, chunks sent as deltas.
+    pub deltas_sent: u64,
+    /// Plaintext bytes sent (whole chunks and delta ranges, before compression).
+    pub payload_bytes: u64,
     /// Bytes sent on the wire.
     pub bytes_sent: u64,
     /// Chunks read and compared.
@@ -124,12 +128,15 @@ pub struct Agent {
     /// What this process believes the process server holds, per disk (kept across
     /// reconnections; only differences from the head are then resent).
     believed: Option<Vec<Vec<Slot>>>,
+    /// Block hashes of the chunks last read, with the chunk hash they describe: what a
+    /// delta against the process server's copy must carry.
+    blocks: std::collections::HashMap<(usize, u64), (siterecovery_store::ChunkHash, Vec<u64>)>,
 }
 
 impl Agent {
     /// An agent with a tracker.
     pub fn new(config: AgentConfig, tracker: Box<dyn ChangeTracker>) -> Self {
-        Self { config, tracker, status: Arc::default(), believed: None }
+        Self { config, tracker, status: Arc::default(), believed: None, blocks: Default::default() }
     }
 
     /// Shared status, updated as the agent works.
@@ -258,7 +265,7 @@ impl Agent {
         self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &compare).await?;
         self.update(|s| s.initial_copy_done = true);
 
-        let interval = Duration::from_secs_f64(c.interval_seconds.max(0.1));
+        let interval = Duration::from_secs_f64(self.config.interval_seconds.max(0.1));
         loop {
             // Until this cycle's pass is sent, what the tracker hands out exists only here:
             // a failure now must make the next session compare everything.
@@ -323,7 +330,7 @@ impl Agent {
 
     /// Reads the chunks `which` names, and sends those that differ from `sent`.
     async fn send_pass<W: tokio::io::AsyncWrite + Unpin>(
-        &self,
+        &mut self,
         link: &mut Link<W>,
         disks: &[Disk],
         sizes: &[u64],
@@ -360,24 +367,101 @@ impl Agent {
                 let (chunk, packed) = r.map_err(err)?.map_err(err)?;
                 self.update(|s| s.chunks_compared += 1);
                 let i = chunk.index as usize;
+                let previous = match chunk.slot {
+                    Slot::Data(h) => self.blocks.insert((d, chunk.index), (h, chunk.blocks.clone())),
+                    _ => self.blocks.remove(&(d, chunk.index)),
+                };
                 if sent[d][i] == chunk.slot {
                     continue;
                 }
                 let len = ((size - chunk.index * u64::from(chunk_size)).min(u64::from(chunk_size))) as u32;
                 let seq = link.next_seq();
-                let (hash, encoding, body) = match (&chunk.slot, packed) {
-                    (Slot::Data(h), Some(z)) => (Some(h.to_hex()), Encoding::Zstd, bytes::Bytes::from(z)),
-                    (Slot::Data(h), None) => (Some(h.to_hex()), Encoding::Raw, bytes::Bytes::from(chunk.data)),
-                    _ => (None, Encoding::Raw, bytes::Bytes::new()),
+                let delta = match (sent[d][i], chunk.slot) {
+                    (Slot::Data(old), Slot::Data(_)) => previous
+                        .filter(|(h, b)| *h == old && b.len() == chunk.blocks.len())
+                        .map(|(_, b)| (Some(old), b)),
+                    (Slot::Zero, Slot::Data(_)) => Some((None, vec![0; chunk.blocks.len()])),
+                    _ => None,
+                }
+                .map(|(base, before)| (base, changed_ranges(&before, &chunk.blocks, len)))
+                .filter(|(_, ranges)| ranges.iter().map(|r| u64::from(r[1])).sum::<u64>() * 2 <= u64::from(len));
+                let payload;
+                let message = match (chunk.slot, delta) {
+                    (Slot::Data(h), Some((base, ranges))) => {
+                        let mut bytes = Vec::new();
+                        for &[off, n] in &ranges {
+                            bytes.extend_from_slice(&chunk.data[off as usize..(off + n) as usize]);
+                        }
+                        payload = bytes.len() as u64;
+                        let (encoding, body) = pack(bytes, level);
+                        self.update(|s| s.deltas_sent += 1);
+                        Message::Delta(
+                            siterecovery_wire::ChunkDelta {
+                                seq,
+                                disk: disk.id.clone(),
+                                index: chunk.index,
+                                len,
+                                base: base.map(|b| b.to_hex()),
+                                hash: h.to_hex(),
+                                ranges,
+                                encoding,
+                            },
+                            body,
+                        )
+                    }
+                    (slot, _) => {
+                        let (hash, encoding, body) = match (slot, packed) {
+                            (Slot::Data(h), Some(z)) => (Some(h.to_hex()), Encoding::Zstd, bytes::Bytes::from(z)),
+                            (Slot::Data(h), None) => (Some(h.to_hex()), Encoding::Raw, bytes::Bytes::from(chunk.data)),
+                            _ => (None, Encoding::Raw, bytes::Bytes::new()),
+                        };
+                        payload = if hash.is_some() { u64::from(len) } else { 0 };
+                        Message::Chunk(
+                            ChunkData { seq, disk: disk.id.clone(), index: chunk.index, len, hash, encoding },
+                            body,
+                        )
+                    }
                 };
-                let header = ChunkData { seq, disk: disk.id.clone(), index: chunk.index, len, hash, encoding };
-                link.send(seq, &Message::Chunk(header, body)).await.map_err(err)?;
+                link.send(seq, &message).await.map_err(err)?;
                 sent[d][i] = chunk.slot;
-                self.update(|s| s.chunks_sent += 1);
+                self.update(|s| {
+                    s.chunks_sent += 1;
+                    s.payload_bytes += payload;
+                });
             }
         }
         Ok(())
     }
+}
+
+/// The `[offset, length]` ranges of a chunk of `len` bytes whose delta blocks differ,
+/// adjacent blocks merged.
+pub fn changed_ranges(before: &[u64], after: &[u64], len: u32) -> Vec<[u32; 2]> {
+    let block = disk::DELTA_BLOCK as u32;
+    let mut out: Vec<[u32; 2]> = Vec::new();
+    for (i, (a, b)) in before.iter().zip(after).enumerate() {
+        if a == b {
+            continue;
+        }
+        let off = i as u32 * block;
+        let n = block.min(len - off);
+        match out.last_mut() {
+            Some(last) if last[0] + last[1] == off => last[1] += n,
+            _ => out.push([off, n]),
+        }
+    }
+    out
+}
+
+/// zstd-compresses a body when that makes it smaller.
+fn pack(bytes: Vec<u8>, level: i32) -> (Encoding, bytes::Bytes) {
+    if level > 0
+        && let Ok(z) = zstd::bulk::compress(&bytes, level)
+        && z.len() < bytes.len()
+    {
+        return (Encoding::Zstd, bytes::Bytes::from(z));
+    }
+    (Encoding::Raw, bytes::Bytes::from(bytes))
 }
 
 /// Turns a set of dirty byte ranges into chunk indexes (for trackers that report blocks).

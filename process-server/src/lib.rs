@@ -4,6 +4,7 @@
 
 pub mod journal;
 pub mod metrics;
+pub mod recent;
 pub mod session;
 pub mod state;
 pub mod target;
@@ -68,6 +69,8 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Where `/metrics` and `/healthz` are served, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Memory for recently received chunks (the bases of deltas).
+    pub recent_chunk_bytes: u64,
 }
 
 /// What every session and uploader shares.
@@ -77,6 +80,7 @@ pub struct Shared {
     cache_dir: PathBuf,
     budget: Arc<CacheBudget>,
     metrics: Arc<Metrics>,
+    recent: recent::RecentChunks,
 }
 
 impl Shared {
@@ -143,6 +147,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         cache_dir: config.cache_dir.clone(),
         budget: Arc::new(CacheBudget::new(config.cache_limit)),
         metrics: metrics.clone(),
+        recent: recent::RecentChunks::new(config.recent_chunk_bytes),
     });
     resume(&shared).await?;
 

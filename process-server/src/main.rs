@@ -30,6 +30,9 @@ struct Args {
     /// Address of /metrics and /healthz.
     #[arg(long, env = "SR_METRICS", default_value = "0.0.0.0:9090")]
     metrics: SocketAddr,
+    /// Memory for recently received chunks, the bases deltas apply to.
+    #[arg(long, env = "SR_RECENT_CHUNK_BYTES", default_value_t = 256 << 20)]
+    recent_chunk_bytes: u64,
     /// Log as JSON.
     #[arg(long, env = "SR_LOG_JSON")]
     log_json: bool,
@@ -51,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         cache_limit: args.cache_limit_bytes,
         tls: TlsFiles::in_dir(&args.tls_dir),
         metrics: Some(args.metrics),
+        recent_chunk_bytes: args.recent_chunk_bytes,
     };
     let ps = start(config, targets).await?;
     println!("listening on {}", ps.addr);

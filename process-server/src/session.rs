@@ -2,6 +2,8 @@
 //! acknowledge in groups after each fsync (docs/replication-protocol.md).
 
 use std::net::SocketAddr;
+
+use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,8 +11,8 @@ use std::time::Duration;
 use siterecovery_store::{ChunkHash, ServerRef};
 use siterecovery_wire::tls::agent_from_certificate;
 use siterecovery_wire::{
-    Ack, ChunkData, Encoding, Frame, Hello, Message, PROTOCOL_VERSION, Refusal, Welcome, WireError, read_frame,
-    write_message,
+    Ack, ChunkData, ChunkDelta, Encoding, Frame, Hello, Message, PROTOCOL_VERSION, Refusal, Slot, Welcome, WireError,
+    read_frame, write_message,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -217,15 +219,27 @@ async fn sync_loop(
     }
 }
 
-/// Validates one agent frame and journals it (not yet durable).
+/// Validates one agent frame and journals it (not yet durable). A delta is journaled as
+/// the whole chunk it makes.
 async fn receive(shared: &Shared, state: &Arc<ServerState>, frame: &Frame, last_seq: &mut u64) -> Result<(), Refuse> {
-    let m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    let mut m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
     let seq = m.seq().ok_or_else(|| refuse("ProtocolError", "agents send chunks, points, layouts and resyncs only"))?;
     if seq <= *last_seq {
         return Err(refuse("ProtocolError", format!("sequence number {seq} after {}", *last_seq)));
     }
+    let mut rebuilt = None;
     match &m {
-        Message::Chunk(c, body) => check_chunk(state, c, body).await?,
+        Message::Delta(d, body) => {
+            let (chunk, plain) = rebuild(shared, state, d, body).await?;
+            m = Message::Chunk(chunk, plain);
+            rebuilt = Some(m.to_frame());
+        }
+        Message::Chunk(c, body) => {
+            if let Some(plain) = check_chunk(state, c, body).await? {
+                let hash = ChunkHash::from_hex(c.hash.as_deref().unwrap_or_default()).expect("checked");
+                shared.recent.insert(&state.server, &c.disk, hash, plain);
+            }
+        }
         Message::Point(p) => {
             siterecovery_store::validate_segment("point id", &p.id)
                 .map_err(|e| refuse("ProtocolError", e.to_string()))?;
@@ -253,6 +267,7 @@ async fn receive(shared: &Shared, state: &Arc<ServerState>, frame: &Frame, last_
     if shared.budget.wait_for_room().await {
         shared.metrics.backpressure_waits.inc();
     }
+    let frame = rebuilt.as_ref().unwrap_or(frame);
     journal(state, frame, &m).await?;
     if let Message::Chunk(c, _) = &m {
         let n = u64::from(c.len);
@@ -284,39 +299,20 @@ async fn journal(state: &Arc<ServerState>, frame: &Frame, m: &Message) -> Result
 
 /// A chunk must name a known disk and slot, have that slot's length, and hash to what
 /// it claims: checked before anything is acknowledged.
-async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) -> Result<(), Refuse> {
-    let expected = {
-        let r = state.received();
-        let d = r
-            .head
-            .disks
-            .iter()
-            .find(|d| d.id == c.disk)
-            .ok_or_else(|| refuse("ProtocolError", format!("chunk of unknown disk {}", c.disk)))?;
-        if c.index as usize >= d.slots.len() {
-            return Err(refuse("ProtocolError", format!("chunk {} is past the end of disk {}", c.index, c.disk)));
-        }
-        let cs = u64::from(state.chunk_size);
-        (d.size - c.index * cs).min(cs)
-    };
+async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) -> Result<Option<Bytes>, Refuse> {
+    let expected = expected_len(state, &c.disk, c.index)?;
     if u64::from(c.len) != expected {
         return Err(refuse(
             "ProtocolError",
             format!("chunk {} of disk {} is {} bytes, expected {expected}", c.index, c.disk, c.len),
         ));
     }
-    let Some(claimed) = &c.hash else { return Ok(()) };
+    let Some(claimed) = &c.hash else { return Ok(None) };
     let claimed = ChunkHash::from_hex(claimed).expect("checked by from_frame");
     let (body, encoding, len) = (body.clone(), c.encoding, c.len as usize);
-    let actual = tokio::task::spawn_blocking(move || -> Result<ChunkHash, String> {
-        let plain = match encoding {
-            Encoding::Raw => body.to_vec(),
-            Encoding::Zstd => zstd::bulk::decompress(&body, len).map_err(|e| format!("zstd: {e}"))?,
-        };
-        if plain.len() != len {
-            return Err(format!("body decodes to {} bytes, header says {len}", plain.len()));
-        }
-        Ok(ChunkHash::of(&plain))
+    let (actual, plain) = tokio::task::spawn_blocking(move || -> Result<(ChunkHash, Bytes), String> {
+        let plain = decode(&body, encoding, len)?;
+        Ok((ChunkHash::of(&plain), plain))
     })
     .await
     .map_err(|e| refuse("ProtocolError", e.to_string()))?
@@ -327,5 +323,127 @@ async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) ->
             format!("chunk {} of disk {} does not hash to what the agent claims", c.index, c.disk),
         ));
     }
-    Ok(())
+    Ok(Some(plain))
+}
+
+/// A body as plaintext of exactly `len` bytes.
+fn decode(body: &Bytes, encoding: Encoding, len: usize) -> Result<Bytes, String> {
+    let plain = match encoding {
+        Encoding::Raw => body.clone(),
+        Encoding::Zstd => Bytes::from(zstd::bulk::decompress(body, len).map_err(|e| format!("zstd: {e}"))?),
+    };
+    if plain.len() != len {
+        return Err(format!("body decodes to {} bytes, expected {len}", plain.len()));
+    }
+    Ok(plain)
+}
+
+/// The length chunk `index` of `disk` must have, from the received head.
+fn expected_len(state: &ServerState, disk: &str, index: u64) -> Result<u64, Refuse> {
+    let r = state.received();
+    let d = r
+        .head
+        .disks
+        .iter()
+        .find(|d| d.id == disk)
+        .ok_or_else(|| refuse("ProtocolError", format!("chunk of unknown disk {disk}")))?;
+    if index as usize >= d.slots.len() {
+        return Err(refuse("ProtocolError", format!("chunk {index} is past the end of disk {disk}")));
+    }
+    let cs = u64::from(state.chunk_size);
+    Ok((d.size - index * cs).min(cs))
+}
+
+/// Applies a delta to the process server's copy of its base chunk and checks the
+/// result hashes to what the agent claims.
+async fn rebuild(
+    shared: &Shared,
+    state: &ServerState,
+    d: &ChunkDelta,
+    body: &Bytes,
+) -> Result<(ChunkData, Bytes), Refuse> {
+    let len = expected_len(state, &d.disk, d.index)?;
+    if u64::from(d.len) != len {
+        return Err(refuse(
+            "ProtocolError",
+            format!("delta of chunk {} of disk {} says {} bytes, expected {len}", d.index, d.disk, d.len),
+        ));
+    }
+    let slot = state.received().head.disks.iter().find(|x| x.id == d.disk).map(|x| x.slots[d.index as usize]);
+    let base = match (&d.base, slot) {
+        (None, Some(Slot::Zero)) => None,
+        (Some(h), Some(Slot::Data(held))) if ChunkHash::from_hex(h) == Some(held) => Some(held),
+        _ => {
+            return Err(refuse(
+                "BaseMismatch",
+                format!(
+                    "delta of chunk {} of disk {} applies to a chunk this process server does not hold; send it whole",
+                    d.index, d.disk
+                ),
+            ));
+        }
+    };
+    let base_plain = match base {
+        None => Bytes::from(vec![0u8; len as usize]),
+        Some(h) => match shared.recent.get(&state.server, &d.disk, &h) {
+            Some(b) => b,
+            None => fetch_base(state, &d.disk, &h, len as usize).await?,
+        },
+    };
+    let claimed = ChunkHash::from_hex(&d.hash).expect("checked by from_frame");
+    let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
+    let plain = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
+        let bytes = decode(&body, encoding, covered)?;
+        let mut chunk = base_plain.to_vec();
+        let mut at = 0usize;
+        for [off, n] in ranges {
+            let (off, n) = (off as usize, n as usize);
+            chunk[off..off + n].copy_from_slice(&bytes[at..at + n]);
+            at += n;
+        }
+        Ok(Bytes::from(chunk))
+    })
+    .await
+    .map_err(|e| refuse("ProtocolError", e.to_string()))?
+    .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
+    let p = plain.clone();
+    let actual = tokio::task::spawn_blocking(move || ChunkHash::of(&p))
+        .await
+        .map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    if actual != claimed {
+        return Err(refuse(
+            "ChecksumMismatch",
+            format!("delta of chunk {} of disk {} does not produce the chunk the agent claims", d.index, d.disk),
+        ));
+    }
+    shared.recent.insert(&state.server, &d.disk, claimed, plain.clone());
+    let chunk = ChunkData {
+        seq: d.seq,
+        disk: d.disk.clone(),
+        index: d.index,
+        len: d.len,
+        hash: Some(d.hash.clone()),
+        encoding: Encoding::Raw,
+    };
+    Ok((chunk, plain))
+}
+
+/// A base chunk that is no longer in memory: from the store, waiting a while for the
+/// uploader if it was received but not uploaded yet.
+async fn fetch_base(state: &ServerState, disk: &str, hash: &ChunkHash, len: usize) -> Result<Bytes, Refuse> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match state.target.store.get_chunk(&state.server, disk, hash, len).await {
+            Ok((plain, _)) => return Ok(Bytes::from(plain)),
+            Err(siterecovery_store::StoreError::Backend(siterecovery_store::BackendError::NotFound { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                state.kick.notify_one();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(refuse("BaseUnavailable", format!("base chunk of disk {disk}: {e}; send the chunk whole")));
+            }
+        }
+    }
 }

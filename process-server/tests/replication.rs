@@ -45,8 +45,22 @@ async fn initial_copy_then_changes_restore_bit_exact() {
     let points_before = s.points;
     let s = agent.wait("a point after the change", 60, |s| s.points > points_before).await;
     assert_eq!(s.chunks_sent - sent_before, 1, "only the changed chunk is resent: {s:#?}");
+    assert_eq!(s.deltas_sent, 1, "as a delta: {s:#?}");
     let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
     assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore-2")).await;
+
+    // Writes into a zero chunk of the sparse disk and across two delta blocks of sda:
+    // deltas again, carrying only the 64 KiB blocks written.
+    let (sent_before, payload_before) = (s.chunks_sent, s.payload_bytes);
+    write_pattern(&b, 5 * MIB + 4096, 1000, 4);
+    write_pattern(&a, 7 * MIB + 65_000, 2000, 5);
+    let s = agent.wait("both changes sent", 60, |s| s.chunks_sent >= sent_before + 2).await;
+    let points_before = s.points;
+    let s = agent.wait("a point after them", 60, |s| s.points > points_before).await;
+    assert_eq!(s.deltas_sent, 3, "{s:#?}");
+    assert_eq!(s.payload_bytes - payload_before, 3 * 64 * 1024, "one block of sdb, two of sda: {s:#?}");
+    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
+    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore-3")).await;
     agent.stop().await;
     drop(ps);
 }

@@ -87,6 +87,31 @@ impl Store {
         Ok(reports)
     }
 
+    /// Downloads one chunk and returns its verified plaintext and the bytes downloaded.
+    /// A chunk that fails decryption, or whose content does not hash to its name or has
+    /// another length than `len`, is an error naming the object.
+    pub async fn get_chunk(
+        &self,
+        server: &ServerRef,
+        disk: &str,
+        hash: &ChunkHash,
+        len: usize,
+    ) -> Result<(Vec<u8>, u64)> {
+        let key = server.chunk_key(disk, hash);
+        let sealed = self.backend.get(&key).await?;
+        let n = sealed.len() as u64;
+        let codec = self.codec.clone();
+        let hash = *hash;
+        let plain = tokio::task::spawn_blocking(move || {
+            let plain = codec.open(&key, &sealed)?;
+            verify_chunk(&key, &hash, len, &plain)?;
+            Ok::<_, StoreError>(plain)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok((plain, n))
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn restore_chunk(
         &self,
@@ -103,20 +128,7 @@ impl Store {
         let path = target.to_path_buf();
         let (plain, n) = match chunk {
             ChunkRef::Zero => (vec![0u8; len], 0),
-            ChunkRef::Data(hash) => {
-                let key = server.chunk_key(&disk.id, &hash);
-                let sealed = self.backend.get(&key).await?;
-                let n = sealed.len() as u64;
-                let codec = self.codec.clone();
-                let plain = tokio::task::spawn_blocking(move || {
-                    let plain = codec.open(&key, &sealed)?;
-                    verify_chunk(&key, &hash, len, &plain)?;
-                    Ok::<_, StoreError>(plain)
-                })
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))??;
-                (plain, n)
-            }
+            ChunkRef::Data(hash) => self.get_chunk(server, &disk.id, &hash, len).await?,
         };
         tokio::task::spawn_blocking(move || file.write_all_at(&plain, offset))
             .await

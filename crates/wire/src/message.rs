@@ -82,6 +82,59 @@ pub struct ChunkData {
     pub encoding: Encoding,
 }
 
+/// Agent → process server: a chunk given as the changed byte ranges of the chunk the
+/// process server holds (`base`). The process server applies them to its copy of the
+/// base and checks the result against `hash`: a few changed blocks of a large chunk
+/// cross the wire instead of the whole chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkDelta {
+    /// Sequence number within the connection.
+    pub seq: u64,
+    /// Disk id.
+    pub disk: String,
+    /// Chunk index.
+    pub index: u64,
+    /// Plaintext length of the chunk.
+    pub len: u32,
+    /// blake3 of the chunk the ranges apply to (the process server's current slot), or
+    /// `None` when that slot is all zeros.
+    pub base: Option<String>,
+    /// blake3 of the chunk after applying the ranges.
+    pub hash: String,
+    /// `[offset, length]` ranges inside the chunk, ascending and disjoint; the body is
+    /// their bytes, concatenated (zstd-compressed as a whole when `encoding` says so).
+    pub ranges: Vec<[u32; 2]>,
+    /// Body encoding.
+    pub encoding: Encoding,
+}
+
+impl ChunkDelta {
+    /// Bytes the ranges cover (the decoded body length).
+    pub fn covered(&self) -> u64 {
+        self.ranges.iter().map(|r| u64::from(r[1])).sum()
+    }
+
+    /// Checks the ranges lie inside the chunk, ascending and disjoint.
+    pub fn check(&self) -> Result<(), WireError> {
+        let mut end = 0u64;
+        for &[off, len] in &self.ranges {
+            let (off, len) = (u64::from(off), u64::from(len));
+            if len == 0 || off < end || off + len > u64::from(self.len) {
+                return Err(WireError::Malformed(format!(
+                    "delta of chunk {} of disk {}: range [{off}, +{len}) is empty, overlaps or leaves the chunk",
+                    self.index, self.disk
+                )));
+            }
+            end = off + len;
+        }
+        for h in std::iter::once(&self.hash).chain(self.base.as_ref()) {
+            ChunkHash::from_hex(h).ok_or_else(|| WireError::Malformed(format!("chunk hash {h:?}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// Agent → process server: every chunk sent before this marker reflects one instant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +199,8 @@ pub enum Message {
     Welcome(Welcome, Head),
     /// One chunk; with its (possibly compressed) body.
     Chunk(ChunkData, Bytes),
+    /// Changed ranges of one chunk; with their (possibly compressed) bytes.
+    Delta(ChunkDelta, Bytes),
     /// A recovery point.
     Point(PointMarker),
     /// Durable up to here.
@@ -167,6 +222,7 @@ mod kind {
     pub const REFUSED: u8 = 6;
     pub const LAYOUT: u8 = 7;
     pub const RESYNC: u8 = 8;
+    pub const DELTA: u8 = 9;
 }
 
 fn frame<T: Serialize>(kind: u8, header: &T, body: Bytes) -> Frame {
@@ -193,6 +249,7 @@ impl Message {
             Message::Hello(h) => frame(kind::HELLO, h, Bytes::new()),
             Message::Welcome(w, head) => frame(kind::WELCOME, w, head.encode()),
             Message::Chunk(c, body) => frame(kind::CHUNK, c, body.clone()),
+            Message::Delta(d, body) => frame(kind::DELTA, d, body.clone()),
             Message::Point(p) => frame(kind::POINT, p, Bytes::new()),
             Message::Ack(a) => frame(kind::ACK, a, Bytes::new()),
             Message::Refused(r) => frame(kind::REFUSED, r, Bytes::new()),
@@ -221,6 +278,11 @@ impl Message {
                 }
                 Message::Chunk(c, f.body.clone())
             }
+            kind::DELTA => {
+                let d: ChunkDelta = header(f, "delta")?;
+                d.check()?;
+                Message::Delta(d, f.body.clone())
+            }
             kind::POINT => {
                 no_body(f, "point")?;
                 Message::Point(header(f, "point")?)
@@ -246,6 +308,7 @@ impl Message {
     pub fn seq(&self) -> Option<u64> {
         match self {
             Message::Chunk(c, _) => Some(c.seq),
+            Message::Delta(d, _) => Some(d.seq),
             Message::Point(p) => Some(p.seq),
             Message::Layout(l) => Some(l.seq),
             Message::Resync(r) => Some(r.seq),
