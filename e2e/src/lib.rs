@@ -6,6 +6,7 @@
 
 pub mod fixtures;
 pub mod operator;
+pub mod pods;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

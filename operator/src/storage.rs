@@ -22,9 +22,7 @@ pub fn backend(policy: &ReplicationPolicy, secret: Option<&Secret>) -> Result<Az
     };
     let sas = secret
         .and_then(|s| s.data.as_ref())
-        .and_then(|d| d.get("sasToken"))
-        .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
-        .filter(|s| !s.is_empty())
+        .and_then(|d| siterecovery_store::sas_token(&d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()))
         .ok_or_else(|| Unavailable::NoSas(format!("Secret {} has no sasToken", secret_ref.name)))?;
     AzureBlobBackend::with_sas(&target.endpoint, &target.container, &sas)
         .map_err(|e| Unavailable::NoSas(format!("spec.target: {e}")))

@@ -3,6 +3,7 @@
 //! to Blob storage through `siterecovery-store`. Protocol: docs/replication-protocol.md.
 
 pub mod journal;
+pub mod kube;
 pub mod metrics;
 pub mod recent;
 pub mod session;

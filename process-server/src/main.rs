@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use siterecovery_process_server::kube::{KubeTargets, heartbeat, report_status};
 use siterecovery_process_server::target::StaticTargets;
 use siterecovery_process_server::{Config, TlsFiles, start};
 
@@ -24,9 +25,20 @@ struct Args {
     /// Directory with tls.crt, tls.key, ca.crt and optionally crl.pem.
     #[arg(long, env = "SR_TLS_DIR", default_value = "/etc/siterecovery/tls")]
     tls_dir: PathBuf,
-    /// Where every server's data goes (JSON, see the `target` module).
+    /// Port to listen on, overriding the port of --listen (set by the operator's pods).
+    #[arg(long, env = "SR_LISTEN_PORT")]
+    port: Option<u16>,
+    /// Where every server's data goes (JSON, see the `target` module). Without it, the
+    /// process server runs in a cluster: targets come from each server's policy and its
+    /// Secrets, and it keeps its heartbeat Lease and reports status.
     #[arg(long, env = "SR_TARGETS")]
-    targets: PathBuf,
+    targets: Option<PathBuf>,
+    /// This pod's name (from the downward API); agents assigned elsewhere are refused.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This pod's namespace (from the downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
     /// Address of /metrics and /healthz.
     #[arg(long, env = "SR_METRICS", default_value = "0.0.0.0:9090")]
     metrics: SocketAddr,
@@ -47,16 +59,37 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let targets = Arc::new(StaticTargets::load(&args.targets)?);
+    let mut listen = args.listen;
+    if let Some(port) = args.port {
+        listen.set_port(port);
+    }
     let config = Config {
-        listen: args.listen,
-        cache_dir: args.cache_dir,
+        listen,
+        cache_dir: args.cache_dir.clone(),
         cache_limit: args.cache_limit_bytes,
         tls: TlsFiles::in_dir(&args.tls_dir),
         metrics: Some(args.metrics),
         recent_chunk_bytes: args.recent_chunk_bytes,
     };
-    let ps = start(config, targets).await?;
+    let ps = match &args.targets {
+        Some(path) => start(config, Arc::new(StaticTargets::load(path)?)).await?,
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("no --targets file and no Kubernetes API to read policies from: {e}"))?;
+            let targets = Arc::new(KubeTargets::new(client.clone(), args.pod_name.clone()));
+            let ps = start(config, targets).await?;
+            if let (Some(pod), Some(ns)) = (args.pod_name.clone(), args.pod_namespace.clone()) {
+                tokio::spawn(heartbeat(client.clone(), ns, pod, args.cache_dir.clone(), ps.shared.clone()));
+            } else {
+                tracing::warn!(
+                    "POD_NAME or POD_NAMESPACE unset: no heartbeat Lease, the operator will see this process server as lost"
+                );
+            }
+            tokio::spawn(report_status(client, ps.shared.clone()));
+            ps
+        }
+    };
     println!("listening on {}", ps.addr);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -172,6 +172,8 @@ pub struct ServerState {
     pub progress: Progress,
     /// Journal bytes not uploaded yet.
     pub backlog: AtomicU64,
+    /// The latest recovery point in the store: id, time and kind.
+    pub latest: Mutex<Option<(String, jiff::Timestamp, siterecovery_store::PointKind)>>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -186,8 +188,8 @@ impl ServerState {
     pub async fn open(cache: &Path, server: ServerRef, target: Arc<Target>) -> Result<Self, StateError> {
         let dir = cache.join(server.namespace()).join(server.name());
         fs::create_dir_all(&dir).map_err(|e| StateError::Checkpoint(format!("creating {}: {e}", dir.display())))?;
-        let checkpoint = match Checkpoint::load(&dir)? {
-            Some(c) => c,
+        let (checkpoint, latest) = match Checkpoint::load(&dir)? {
+            Some(c) => (c, None),
             None => from_latest_point(&target, &server).await?,
         };
         let journal_dir = dir.join("journal");
@@ -218,7 +220,14 @@ impl ServerState {
             start: Mutex::new(Some(checkpoint)),
             progress: Progress::default(),
             backlog: AtomicU64::new(backlog),
+            latest: Mutex::new(latest),
         })
+    }
+
+    /// The latest recovery point written to the store by this process server (or found
+    /// there when it took the server over).
+    pub fn latest_written(&self) -> Option<(String, jiff::Timestamp, siterecovery_store::PointKind)> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The received state, locked.
@@ -229,10 +238,12 @@ impl ServerState {
 
 /// Without a checkpoint (a new server, or its cache volume was lost and it moved here):
 /// start from the latest recovery point in the store, so only differences are resent.
-async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<Checkpoint, StateError> {
+type Latest = Option<(String, jiff::Timestamp, siterecovery_store::PointKind)>;
+
+async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<(Checkpoint, Latest), StateError> {
     let ids = target.store.list_point_ids(server).await?;
     let Some(latest) = ids.last() else {
-        return Ok(Checkpoint { chunk_size: target.chunk_size, ..Default::default() });
+        return Ok((Checkpoint { chunk_size: target.chunk_size, ..Default::default() }, None));
     };
     let m = target.store.load_point(server, latest).await?;
     let disks = m
@@ -252,12 +263,16 @@ async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<Checkp
         })
         .collect();
     tracing::info!(server = %server, point = %m.id, "no cache for this server; starting from its latest recovery point");
-    Ok(Checkpoint {
-        position: Position::default(),
-        chunk_size: m.chunk_size,
-        latest_point: Some(m.id.clone()),
-        head: Head { disks },
-    })
+    let latest = Some((m.id.clone(), m.time, m.kind));
+    Ok((
+        Checkpoint {
+            position: Position::default(),
+            chunk_size: m.chunk_size,
+            latest_point: Some(m.id.clone()),
+            head: Head { disks },
+        },
+        latest,
+    ))
 }
 
 /// Bytes acknowledged to agents and not yet uploaded, over all servers, against a limit:

@@ -115,6 +115,7 @@ async fn round(
             };
             match store.put_manifest(server, &manifest).await {
                 Ok(n) => {
+                    *state.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((p.id.clone(), p.time, p.kind));
                     state.progress.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
                     state.progress.points_written.fetch_add(1, Ordering::Relaxed);
                     metrics.points_written.inc();

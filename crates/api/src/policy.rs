@@ -303,3 +303,14 @@ pub enum PolicyConditionType {
     /// The data-encryption key Secret exists and holds an active key.
     EncryptionKeyReady,
 }
+
+impl ReplicationPolicy {
+    /// Name of the policy's key Secret: the one it names, or `<policy>-encryption`.
+    pub fn key_secret_name(&self) -> String {
+        self.spec
+            .encryption
+            .as_ref()
+            .map(|e| e.key_secret_ref.name.clone())
+            .unwrap_or_else(|| format!("{}-encryption", kube::ResourceExt::name_any(self)))
+    }
+}

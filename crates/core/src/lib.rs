@@ -2,6 +2,7 @@
 //! (callers pass `now`). Reconcilers observe, ask this crate what to do, and apply.
 
 pub mod assignment;
+pub mod bandwidth;
 pub mod lifecycle;
 pub mod retention;
 pub mod rpo;

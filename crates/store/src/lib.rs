@@ -27,7 +27,7 @@ mod manifest;
 mod restore;
 mod store;
 
-pub use backend::{AccountSas, AzureBlobBackend, BackendError, BlobBackend, LocalBackend};
+pub use backend::{AccountSas, AzureBlobBackend, BackendError, BlobBackend, LocalBackend, SECRET_SAS_TOKEN, sas_token};
 pub use codec::Codec;
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, delete_server_data};

@@ -59,12 +59,7 @@ pub struct Decision {
 
 /// Name of the policy's key Secret: the one it names, or `<policy>-encryption`.
 pub fn key_secret_name(policy: &ReplicationPolicy) -> String {
-    policy
-        .spec
-        .encryption
-        .as_ref()
-        .map(|e| e.key_secret_ref.name.clone())
-        .unwrap_or_else(|| format!("{}-encryption", policy.name_any()))
+    policy.key_secret_name()
 }
 
 /// Decides the policy's status. Pure.

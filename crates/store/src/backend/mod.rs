@@ -7,7 +7,7 @@ mod sas;
 
 pub use azure::AzureBlobBackend;
 pub use local::LocalBackend;
-pub use sas::{AccountSas, DEVSTORE_ACCOUNT, DEVSTORE_KEY};
+pub use sas::{AccountSas, DEVSTORE_ACCOUNT, DEVSTORE_KEY, SECRET_SAS_TOKEN, sas_token};
 
 use bytes::Bytes;
 

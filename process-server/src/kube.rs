@@ -1,0 +1,280 @@
+//! The process server in a cluster: targets from each server's ReplicationPolicy and its
+//! Secrets, the heartbeat Lease the operator watches (docs/process-servers.md), and the
+//! status fields the process server owns on each ProtectedServer (`latestRecoveryPoints`,
+//! `churn`, field manager `siterecovery-process-server`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt as _};
+use siterecovery_api::{ProtectedServer, ReplicationPolicy};
+use siterecovery_store::{AzureBlobBackend, Keyring, Store, StoreOptions};
+
+use crate::Shared;
+use crate::target::{Target, Targets};
+
+/// Field manager of everything the process server writes.
+pub const FIELD_MANAGER: &str = "siterecovery-process-server";
+/// How long a resolved target is reused before its policy and Secrets are read again
+/// (so key rotation and new credentials apply).
+const TARGET_TTL: Duration = Duration::from_secs(60);
+
+/// (namespace, policy name).
+type PolicyKey = (String, String);
+
+/// Targets read from the API: the server's policy, its credential and key Secrets.
+pub struct KubeTargets {
+    client: Client,
+    /// This pod's name: agents assigned elsewhere are sent away.
+    pod: Option<String>,
+    cache: Mutex<HashMap<PolicyKey, (Instant, Arc<Target>)>>,
+}
+
+impl KubeTargets {
+    /// Targets for the process server `pod` (None: accept every server).
+    pub fn new(client: Client, pod: Option<String>) -> Self {
+        Self { client, pod, cache: Mutex::default() }
+    }
+
+    async fn target_of(&self, ns: &str, policy_name: &str) -> Result<Arc<Target>, (String, String)> {
+        let key = (ns.to_string(), policy_name.to_string());
+        if let Some((at, t)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < TARGET_TTL
+        {
+            return Ok(t.clone());
+        }
+        let unavailable = |m: String| ("TargetUnavailable".to_string(), m);
+        let policy = Api::<ReplicationPolicy>::namespaced(self.client.clone(), ns)
+            .get_opt(policy_name)
+            .await
+            .map_err(|e| unavailable(format!("reading ReplicationPolicy {ns}/{policy_name}: {e}")))?
+            .ok_or_else(|| unavailable(format!("ReplicationPolicy {ns}/{policy_name} does not exist")))?;
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), ns);
+        let data = |s: Secret| -> BTreeMap<String, Vec<u8>> {
+            s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()
+        };
+        let target = &policy.spec.target;
+        let Some(cred) = &target.credential.secret_ref else {
+            return Err(unavailable(
+                "the policy uses workload identity, which this process server does not support yet; use a credential Secret with sasToken".into(),
+            ));
+        };
+        let cred = secrets
+            .get_opt(&cred.name)
+            .await
+            .map_err(|e| unavailable(format!("reading Secret {ns}/{}: {e}", cred.name)))?
+            .ok_or_else(|| unavailable(format!("credential Secret {ns}/{} does not exist", cred.name)))?;
+        let sas = siterecovery_store::sas_token(&data(cred))
+            .ok_or_else(|| unavailable(format!("credential Secret of policy {policy_name} has no sasToken")))?;
+        let backend = AzureBlobBackend::with_sas(&target.endpoint, &target.container, &sas)
+            .map_err(|e| unavailable(format!("spec.target of policy {policy_name}: {e}")))?;
+        let key_name = policy.key_secret_name();
+        let keys = secrets
+            .get_opt(&key_name)
+            .await
+            .map_err(|e| unavailable(format!("reading Secret {ns}/{key_name}: {e}")))?
+            .ok_or_else(|| unavailable(format!("key Secret {ns}/{key_name} does not exist yet")))?;
+        let keyring = Keyring::from_secret_data(&data(keys))
+            .map_err(|e| unavailable(format!("key Secret {ns}/{key_name}: {e}")))?;
+        let store =
+            Store::new(Arc::new(backend), keyring, StoreOptions::default()).map_err(|e| unavailable(e.to_string()))?;
+        let bandwidth = policy
+            .spec
+            .bandwidth
+            .as_ref()
+            .map_or(0, |b| siterecovery_core::bandwidth::limit_at(b, jiff::Timestamp::now()));
+        let t = Arc::new(Target {
+            store,
+            chunk_size: siterecovery_store::DEFAULT_CHUNK_SIZE,
+            bandwidth_bytes_per_second: bandwidth,
+        });
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), t.clone()));
+        Ok(t)
+    }
+}
+
+#[async_trait::async_trait]
+impl Targets for KubeTargets {
+    async fn resolve(&self, namespace: &str, server: &str) -> Result<Arc<Target>, (String, String)> {
+        let psrv = Api::<ProtectedServer>::namespaced(self.client.clone(), namespace)
+            .get_opt(server)
+            .await
+            .map_err(|e| {
+                ("TargetUnavailable".to_string(), format!("reading ProtectedServer {namespace}/{server}: {e}"))
+            })?
+            .ok_or_else(|| {
+                ("UnknownServer".to_string(), format!("ProtectedServer {namespace}/{server} does not exist"))
+            })?;
+        if psrv.metadata.deletion_timestamp.is_some() {
+            return Err(("ServerDeleting".into(), format!("ProtectedServer {namespace}/{server} is being deleted")));
+        }
+        if let Some(pod) = &self.pod {
+            let assigned = psrv.status.as_ref().and_then(|s| s.process_server.clone());
+            if assigned.as_deref() != Some(pod.as_str()) {
+                return Err((
+                    "NotAssigned".into(),
+                    match assigned {
+                        Some(p) => format!("{namespace}/{server} replicates to process server {p}, not {pod}"),
+                        None => format!("{namespace}/{server} has no process server assigned yet; retry"),
+                    },
+                ));
+            }
+        }
+        self.target_of(namespace, &psrv.spec.policy_ref.name).await
+    }
+}
+
+/// Free space of the cache volume, in percent.
+pub fn cache_free_percent(dir: &std::path::Path) -> Option<f64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    let total = s.blocks() as f64;
+    (total > 0.0).then(|| 100.0 * s.blocks_available() as f64 / total)
+}
+
+/// Renews the heartbeat Lease `sr-ps-<pod>` every 10 s, with the cache's free space and
+/// the upload backlog in its annotations.
+pub async fn heartbeat(client: Client, namespace: String, pod: String, cache_dir: PathBuf, shared: Arc<Shared>) {
+    let leases = Api::<Lease>::namespaced(client.clone(), &namespace);
+    let name = format!("sr-ps-{pod}");
+    let owner = Api::<Pod>::namespaced(client, &namespace).get_opt(&pod).await.ok().flatten().map(|p| OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        ..Default::default()
+    });
+    loop {
+        let free = cache_free_percent(&cache_dir).unwrap_or(0.0);
+        let mut lease = Lease::default();
+        lease.metadata.name = Some(name.clone());
+        lease.metadata.labels =
+            Some([("app.kubernetes.io/component".to_string(), "process-server".to_string())].into());
+        lease.metadata.annotations = Some(
+            [
+                ("siterecovery.io/cache-free-percent".to_string(), format!("{free:.1}")),
+                ("siterecovery.io/upload-backlog-bytes".to_string(), shared.backlog().to_string()),
+            ]
+            .into(),
+        );
+        lease.metadata.owner_references = owner.clone().map(|o| vec![o]);
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(pod.clone()),
+            renew_time: Some(MicroTime(jiff::Timestamp::now())),
+            lease_duration_seconds: Some(30),
+            ..Default::default()
+        });
+        let result = match leases.get_opt(&name).await {
+            Ok(Some(old)) => {
+                lease.metadata.resource_version = old.metadata.resource_version;
+                leases
+                    .replace(
+                        &name,
+                        &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+                        &lease,
+                    )
+                    .await
+                    .map(drop)
+            }
+            Ok(None) => leases
+                .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &lease)
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, lease = %name, "heartbeat not written; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+/// Writes each server's latest recovery point and churn to its status, at most every
+/// 2 s per server and whenever a new point was written.
+pub async fn report_status(client: Client, shared: Arc<Shared>) {
+    let mut last: HashMap<String, Reported> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for state in shared.servers().await {
+            let Some((id, time, kind)) = state.latest_written() else { continue };
+            let key = state.server.to_string();
+            let received = state.progress.bytes_received.load(std::sync::atomic::Ordering::Relaxed);
+            let r = last.entry(key).or_insert_with(|| Reported::new(received));
+            r.sample(received);
+            if r.point.as_deref() == Some(id.as_str()) && r.at.elapsed() < Duration::from_secs(30) {
+                continue;
+            }
+            let (rate, day) = r.churn(received);
+            let kind = match kind {
+                siterecovery_store::PointKind::Crash => "CrashConsistent",
+                siterecovery_store::PointKind::App => "AppConsistent",
+                siterecovery_store::PointKind::Group => "GroupConsistent",
+            };
+            let field = match kind {
+                "AppConsistent" => "appConsistent",
+                "GroupConsistent" => "groupConsistent",
+                _ => "crashConsistent",
+            };
+            let patch = serde_json::json!({
+                "apiVersion": "siterecovery.io/v1alpha1",
+                "kind": "ProtectedServer",
+                "status": {
+                    "latestRecoveryPoints": { field: {"id": id, "time": Time(time), "kind": kind} },
+                    "churn": {"bytesPerSecond": rate, "bytesLast24h": day},
+                }
+            });
+            let api = Api::<ProtectedServer>::namespaced(client.clone(), state.server.namespace());
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            match api.patch_status(state.server.name(), &pp, &Patch::Apply(&patch)).await {
+                Ok(_) => {
+                    r.point = Some(id);
+                    r.at = Instant::now();
+                    r.bytes_at_report = received;
+                }
+                Err(e) => tracing::warn!(server = %state.server, error = %e, "status not written; retrying"),
+            }
+        }
+    }
+}
+
+/// What was last reported for a server, and samples of its received bytes for the churn.
+struct Reported {
+    point: Option<String>,
+    at: Instant,
+    bytes_at_report: u64,
+    /// (when, cumulative bytes received), one sample every 5 minutes, 24 h kept.
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl Reported {
+    fn new(received: u64) -> Self {
+        Self {
+            point: None,
+            at: Instant::now(),
+            bytes_at_report: received,
+            samples: [(Instant::now(), received)].into(),
+        }
+    }
+
+    fn sample(&mut self, received: u64) {
+        if self.samples.back().is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(300)) {
+            self.samples.push_back((Instant::now(), received));
+        }
+        while self.samples.front().is_some_and(|(t, _)| t.elapsed() > Duration::from_secs(86_400)) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second since the last report, and bytes over the last 24 h (or since
+    /// this process server started, when that is shorter).
+    fn churn(&self, received: u64) -> (i64, i64) {
+        let rate = received.saturating_sub(self.bytes_at_report) as f64 / self.at.elapsed().as_secs_f64().max(1.0);
+        let day = received.saturating_sub(self.samples.front().map_or(received, |(_, b)| *b));
+        (rate as i64, day as i64)
+    }
+}
