@@ -9,7 +9,7 @@ cd "$here/.."
 start=$(date +%s)
 "$here/tools.sh"
 make --no-print-directory lint
-cargo build --workspace --tests
+cargo build --workspace --bins --tests
 
 # shellcheck source=services.sh
 source "$here/services.sh"
