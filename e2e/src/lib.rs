@@ -5,6 +5,7 @@
 //! test binaries and the tests inside them can run in parallel.
 
 pub mod fixtures;
+pub mod lifecycle;
 pub mod operator;
 pub mod pods;
 

@@ -6,6 +6,7 @@ pub mod journal;
 pub mod kube;
 pub mod metrics;
 pub mod recent;
+pub mod restore;
 pub mod session;
 pub mod state;
 pub mod target;

@@ -78,9 +78,22 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("no --targets file and no Kubernetes API to read policies from: {e}"))?;
             let targets = Arc::new(KubeTargets::new(client.clone(), args.pod_name.clone()));
-            let ps = start(config, targets).await?;
+            let ps = start(config, targets.clone()).await?;
             if let (Some(pod), Some(ns)) = (args.pod_name.clone(), args.pod_namespace.clone()) {
-                tokio::spawn(heartbeat(client.clone(), ns, pod, args.cache_dir.clone(), ps.shared.clone()));
+                tokio::spawn(heartbeat(
+                    client.clone(),
+                    ns.clone(),
+                    pod.clone(),
+                    args.cache_dir.clone(),
+                    ps.shared.clone(),
+                ));
+                tokio::spawn(siterecovery_process_server::restore::run(
+                    client.clone(),
+                    ns,
+                    Some(pod),
+                    targets,
+                    ps.shared.clone(),
+                ));
             } else {
                 tracing::warn!(
                     "POD_NAME or POD_NAMESPACE unset: no heartbeat Lease, the operator will see this process server as lost"
