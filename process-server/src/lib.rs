@@ -151,12 +151,17 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         metrics: metrics.clone(),
         recent: recent::RecentChunks::new(config.recent_chunk_bytes),
     });
-    resume(&shared).await?;
-
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, cache = %config.cache_dir.display(), "process server listening");
     let mut tasks = Vec::new();
+    // Resuming reads each cached server's store; a store outage must not delay serving.
+    let s = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = resume(&s).await {
+            tracing::error!(error = %e, "resuming cached uploads failed");
+        }
+    }));
     let s = shared.clone();
     tasks.push(tokio::spawn(async move {
         loop {
@@ -227,10 +232,15 @@ async fn resume(shared: &Shared) -> anyhow::Result<()> {
             };
             let Ok(server) = ServerRef::new(&n, &s) else { continue };
             match shared.targets.resolve(&n, &s).await {
-                Ok(target) => {
-                    let state = shared.open(server, target).await?;
-                    tracing::info!(server = %state.server, backlog = state.backlog.load(std::sync::atomic::Ordering::Relaxed), "resuming uploads from the cache");
-                }
+                Ok(target) => match shared.open(server, target).await {
+                    Ok(state) => {
+                        tracing::info!(server = %state.server, backlog = state.backlog.load(std::sync::atomic::Ordering::Relaxed), "resuming uploads from the cache")
+                    }
+                    // One unreadable cache must not keep the others (and new agents) waiting.
+                    Err(e) => {
+                        tracing::error!(namespace = %n, server = %s, error = %e, "cannot resume this server's cache")
+                    }
+                },
                 Err((reason, message)) => {
                     tracing::warn!(namespace = %n, server = %s, %reason, %message, "cached data cannot be uploaded now")
                 }

@@ -53,7 +53,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // The Azure SDK logs every failed attempt at info; its retries are ours to report.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,typespec_client_core=warn,azure_core=warn".into());
     if args.log_json {
         tracing_subscriber::fmt().with_env_filter(filter).json().init();
     } else {

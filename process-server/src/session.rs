@@ -37,10 +37,10 @@ where
 {
     let identity =
         stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).and_then(|c| agent_from_certificate(c));
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
     let result = match identity {
         None => Err(refuse("NotAnAgentCertificate", "the client certificate names no agent (no siterecovery URI SAN)")),
-        Some(identity) => session(&shared, &mut rd, &mut wr, identity).await,
+        Some(identity) => session(&shared, rd, &mut wr, identity).await,
     };
     if let Err(Refuse(reason, message)) = result {
         shared.metrics.sessions_refused.inc();
@@ -91,12 +91,12 @@ fn check_hello(h: &Hello, identity: &(String, String)) -> Result<ServerRef, Refu
     Ok(server)
 }
 
-async fn session<R, W>(shared: &Arc<Shared>, rd: &mut R, wr: &mut W, identity: (String, String)) -> Result<(), Refuse>
+async fn session<R, W>(shared: &Arc<Shared>, mut rd: R, wr: &mut W, identity: (String, String)) -> Result<(), Refuse>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
-    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(rd))
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut rd))
         .await
         .map_err(|_| refuse("Timeout", "no hello within 30 s"))?
         .map_err(|e| refuse("ProtocolError", e.to_string()))?
@@ -157,6 +157,19 @@ where
     let (appended_tx, appended_rx) = watch::channel(0u64);
     let (ack_tx, mut ack_rx) = mpsc::channel::<Result<u64, String>>(16);
     let syncer = tokio::spawn(sync_loop(state.clone(), appended_rx, ack_tx));
+    // Frames are read by their own task: a read interrupted by an ack in the select!
+    // below would lose a half-read frame (reads are not cancel-safe; channels are). A
+    // full channel stops the reader, which stops reading the socket: backpressure.
+    let (frame_tx, mut frames) = mpsc::channel(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut rd).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if frame_tx.send(r).await.is_err() || end {
+                return;
+            }
+        }
+    });
     let mut last_seq = 0u64;
     let outcome: Result<(), Refuse> = loop {
         tokio::select! {
@@ -172,12 +185,12 @@ where
                 Some(Err(e)) => break Err(refuse("CacheUnavailable", e)),
                 None => break Err(refuse("CacheUnavailable", "the journal syncer stopped")),
             },
-            frame = read_frame(rd) => {
+            frame = frames.recv() => {
                 let frame = match frame {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break Ok(()),
-                    Err(WireError::Truncated) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
-                    Err(e) => break Err(refuse("ProtocolError", e.to_string())),
+                    Some(Ok(Some(f))) => f,
+                    Some(Ok(None)) | None => break Ok(()),
+                    Some(Err(WireError::Truncated)) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
+                    Some(Err(e)) => break Err(refuse("ProtocolError", e.to_string())),
                 };
                 match receive(shared, &state, &frame, &mut last_seq).await {
                     Ok(()) => { let _ = appended_tx.send(last_seq); }
@@ -186,6 +199,7 @@ where
             }
         }
     };
+    reader.abort();
     // Acknowledge what is durable before leaving, whatever the reason.
     drop(appended_tx);
     let _ = syncer.await;
@@ -264,8 +278,10 @@ async fn receive(shared: &Shared, state: &Arc<ServerState>, frame: &Frame, last_
         }
         _ => unreachable!("seq() is Some only for agent messages"),
     }
-    if shared.budget.wait_for_room().await {
+    if shared.budget.is_full() {
+        // Counted when the wait begins: a session stalled for good shows up too.
         shared.metrics.backpressure_waits.inc();
+        shared.budget.wait_for_room().await;
     }
     let frame = rebuilt.as_ref().unwrap_or(frame);
     journal(state, frame, &m).await?;

@@ -190,7 +190,22 @@ impl ServerState {
         fs::create_dir_all(&dir).map_err(|e| StateError::Checkpoint(format!("creating {}: {e}", dir.display())))?;
         let (checkpoint, latest) = match Checkpoint::load(&dir)? {
             Some(c) => (c, None),
-            None => from_latest_point(&target, &server).await?,
+            None => match tokio::time::timeout(std::time::Duration::from_secs(10), from_latest_point(&target, &server))
+                .await
+            {
+                Ok(Ok(found)) => found,
+                // The store is down: start empty rather than refuse the agent. Its data is
+                // then compared against nothing and sent again, and the uploader skips
+                // chunks the store already has; correctness does not depend on the store.
+                Ok(Err(e)) => {
+                    tracing::warn!(server = %server, error = %e, "cannot read the latest recovery point; starting from an empty head");
+                    (Checkpoint { chunk_size: target.chunk_size, ..Default::default() }, None)
+                }
+                Err(_) => {
+                    tracing::warn!(server = %server, "the store did not answer within 10 s; starting from an empty head");
+                    (Checkpoint { chunk_size: target.chunk_size, ..Default::default() }, None)
+                }
+            },
         };
         let journal_dir = dir.join("journal");
         let journal = tokio::task::block_in_place(|| Journal::open(&journal_dir))?;
@@ -305,6 +320,11 @@ impl CacheBudget {
     pub fn release(&self, n: u64) {
         let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
         self.freed.notify_waiters();
+    }
+
+    /// Whether the cache is at its limit (a session would wait).
+    pub fn is_full(&self) -> bool {
+        self.used() >= self.limit
     }
 
     /// Waits until the cache is below its limit. Returns whether it had to wait.
