@@ -5,6 +5,9 @@
 pub mod changes;
 pub mod disk;
 pub mod link;
+mod pass;
+pub mod register;
+pub mod report;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -25,6 +28,8 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use crate::changes::{ChangeTracker, Dirty};
 use crate::disk::{Disk, ReadChunk};
 use crate::link::{Link, spawn_ack_reader};
+use crate::pass::pass_message;
+pub use crate::pass::{DiskSize, PassRequest, PassStatus, pass_bytes};
 
 /// One disk to protect.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +74,10 @@ pub struct AgentConfig {
     /// How changes are tracked.
     #[serde(default)]
     pub tracking: changes::Tracking,
+    /// The Kubernetes API the agent reports its status to; without it the agent runs
+    /// standalone (replication only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<report::KubeConfig>,
 }
 
 fn default_interval() -> f64 {
@@ -109,6 +118,12 @@ pub struct AgentStatus {
     pub last_resync_reason: Option<String>,
     /// Last connection error.
     pub last_error: Option<String>,
+    /// Change tracker in use (`ebpf`, `checksum-scan`).
+    pub tracker: String,
+    /// The protected disks and their sizes as last opened (empty before the first session).
+    pub disks: Vec<DiskSize>,
+    /// The current or last comparison pass (initial copy or resync).
+    pub pass: Option<PassStatus>,
 }
 
 /// A failure that ends a session (the agent reconnects).
@@ -131,12 +146,30 @@ pub struct Agent {
     /// Block hashes of the chunks last read, with the chunk hash they describe: what a
     /// delta against the process server's copy must carry.
     blocks: std::collections::HashMap<(usize, u64), (siterecovery_store::ChunkHash, Vec<u64>)>,
+    /// Set when a disk changed size: the next session's catch-up is reported as a resync.
+    resized: Option<String>,
+    /// Full comparison passes asked for from outside (manual resync).
+    requests: PassRequest,
 }
 
 impl Agent {
     /// An agent with a tracker.
     pub fn new(config: AgentConfig, tracker: Box<dyn ChangeTracker>) -> Self {
-        Self { config, tracker, status: Arc::default(), believed: None, blocks: Default::default() }
+        let status = AgentStatus { tracker: tracker.name().to_owned(), ..Default::default() };
+        Self {
+            config,
+            tracker,
+            status: Arc::new(Mutex::new(status)),
+            believed: None,
+            blocks: Default::default(),
+            resized: None,
+            requests: PassRequest::default(),
+        }
+    }
+
+    /// Handle to request a full comparison pass (e.g. a manual resync from the status).
+    pub fn pass_requests(&self) -> PassRequest {
+        self.requests.clone()
     }
 
     /// Shared status, updated as the agent works.
@@ -158,6 +191,11 @@ impl Agent {
         let mut backoff = Duration::from_millis(250);
         while !*shutdown.borrow() {
             let result = self.session(TlsConnector::from(tls.clone()), shutdown.clone()).await;
+            // A session that got as far as the welcome was a success until it broke:
+            // reconnect promptly, as after the first failure.
+            if self.status.lock().unwrap_or_else(|p| p.into_inner()).connected {
+                backoff = Duration::from_millis(250);
+            }
             self.update(|s| s.connected = false);
             match result {
                 Ok(()) => return Ok(()),
@@ -225,6 +263,7 @@ impl Agent {
         self.update(|s| {
             s.connected = true;
             s.last_error = None;
+            s.disks = disks.iter().zip(&sizes).map(|(d, &size)| DiskSize { id: d.id.clone(), size }).collect();
         });
         let acks = spawn_ack_reader(rd);
         let mut link = Link::new(link_wr.take().expect("set"), acks, welcome.bandwidth_bytes_per_second);
@@ -249,6 +288,8 @@ impl Agent {
             _ => Dirty::All,
         };
         let mut sent = held;
+        let resized = self.resized.clone();
+        let counted = compare == Dirty::All || resized.is_some();
         if compare == Dirty::All {
             let reason = if sent.iter().all(|d| d.iter().all(|s| *s == Slot::Missing)) {
                 "InitialCopy"
@@ -261,8 +302,20 @@ impl Agent {
             self.update(|s| s.last_resync_reason = Some(reason.into()));
             let seq = link.next_seq();
             link.send(seq, &Message::Resync(Resync { seq, reason: reason.into() })).await.map_err(err)?;
+            match resized {
+                Some(message) => self.begin_pass("DiskResized", message, &compare, &sizes, chunk_size),
+                None => self.begin_pass(reason, pass_message(reason), &compare, &sizes, chunk_size),
+            }
+        } else if let Some(message) = resized {
+            self.begin_pass("DiskResized", message, &compare, &sizes, chunk_size);
         }
-        self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &compare).await?;
+        self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &compare, counted).await?;
+        if counted {
+            // A pass is complete when the process server holds all of it durably.
+            link.drain().await.map_err(err)?;
+            self.end_pass();
+            self.resized = None;
+        }
         self.update(|s| s.initial_copy_done = true);
 
         let interval = Duration::from_secs_f64(self.config.interval_seconds.max(0.1));
@@ -272,10 +325,36 @@ impl Agent {
             self.believed = None;
             // Pre-copy: send what changed until a look finds nothing written since the
             // previous one; everything sent then reflects that instant.
+            if let Some((reason, message)) = self.requests.take() {
+                tracing::info!(reason, message, "comparing every chunk with the process server's copy");
+                self.begin_pass(&reason, message.clone(), &Dirty::All, &sizes, chunk_size);
+                let seq = link.next_seq();
+                let mut pass =
+                    link.send(seq, &Message::Resync(Resync { seq, reason: reason.clone() })).await.map_err(err);
+                if pass.is_ok() {
+                    pass = self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &Dirty::All, true).await;
+                }
+                if pass.is_ok() {
+                    pass = link.drain().await.map_err(err);
+                }
+                if pass.is_err() {
+                    // Asked for once, done once: the next session runs it again.
+                    self.requests.request(&reason, &message);
+                }
+                pass?;
+                self.end_pass();
+            }
             let mut point = None;
             for _ in 0..self.config.max_passes.max(1) {
                 let now_sizes: Vec<u64> = disks.iter().map(Disk::size).collect::<Result<_, _>>().map_err(err)?;
                 if now_sizes != sizes {
+                    let changed: Vec<String> = disks
+                        .iter()
+                        .zip(sizes.iter().zip(&now_sizes))
+                        .filter(|(_, (a, b))| a != b)
+                        .map(|(d, (a, b))| format!("disk {} changed size from {a} to {b} bytes", d.id))
+                        .collect();
+                    self.resized = Some(changed.join("; "));
                     self.believed = Some(sent);
                     link.drain().await.map_err(err)?;
                     return Err(err("a disk changed size; reconnecting to send the new layout"));
@@ -286,7 +365,7 @@ impl Agent {
                     point = Some(at);
                     break;
                 }
-                self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &dirty).await?;
+                self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &dirty, false).await?;
             }
             match point {
                 Some(time) => {
@@ -328,7 +407,35 @@ impl Agent {
         }
     }
 
-    /// Reads the chunks `which` names, and sends those that differ from `sent`.
+    /// Starts reporting a comparison pass over the chunks `which` names.
+    fn begin_pass(&self, reason: &str, message: String, which: &Dirty, sizes: &[u64], chunk_size: u32) {
+        let bytes_total = pass_bytes(which, sizes, chunk_size);
+        self.update(|s| {
+            let id = s.pass.as_ref().map_or(1, |p| p.id + 1);
+            s.pass = Some(PassStatus {
+                id,
+                reason: reason.to_owned(),
+                message,
+                started: jiff::Timestamp::now(),
+                completed: None,
+                bytes_compared: vec![0; bytes_total.len()],
+                bytes_total,
+                bytes_resent: 0,
+            });
+        });
+    }
+
+    fn end_pass(&self) {
+        self.update(|s| {
+            if let Some(p) = &mut s.pass {
+                p.completed = Some(jiff::Timestamp::now());
+            }
+        });
+    }
+
+    /// Reads the chunks `which` names, and sends those that differ from `sent`; `counted`
+    /// adds them to the current [`PassStatus`].
+    #[allow(clippy::too_many_arguments)]
     async fn send_pass<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
         link: &mut Link<W>,
@@ -337,6 +444,7 @@ impl Agent {
         chunk_size: u32,
         sent: &mut [Vec<Slot>],
         which: &Dirty,
+        counted: bool,
     ) -> Result<(), SessionError> {
         let level = self.config.compression_level;
         for (d, disk) in disks.iter().enumerate() {
@@ -365,7 +473,15 @@ impl Agent {
                 .buffered(2);
             while let Some(r) = reads.next().await {
                 let (chunk, packed) = r.map_err(err)?.map_err(err)?;
-                self.update(|s| s.chunks_compared += 1);
+                let len = ((size - chunk.index * u64::from(chunk_size)).min(u64::from(chunk_size))) as u32;
+                self.update(|s| {
+                    s.chunks_compared += 1;
+                    if let Some(p) = s.pass.as_mut().filter(|_| counted)
+                        && let Some(b) = p.bytes_compared.get_mut(d)
+                    {
+                        *b += u64::from(len);
+                    }
+                });
                 let i = chunk.index as usize;
                 let previous = match chunk.slot {
                     Slot::Data(h) => self.blocks.insert((d, chunk.index), (h, chunk.blocks.clone())),
@@ -374,7 +490,6 @@ impl Agent {
                 if sent[d][i] == chunk.slot {
                     continue;
                 }
-                let len = ((size - chunk.index * u64::from(chunk_size)).min(u64::from(chunk_size))) as u32;
                 let seq = link.next_seq();
                 let delta = match (sent[d][i], chunk.slot) {
                     (Slot::Data(old), Slot::Data(_)) => previous
@@ -427,6 +542,9 @@ impl Agent {
                 self.update(|s| {
                     s.chunks_sent += 1;
                     s.payload_bytes += payload;
+                    if let Some(p) = s.pass.as_mut().filter(|_| counted) {
+                        p.bytes_resent += payload;
+                    }
                 });
             }
         }

@@ -1,0 +1,398 @@
+//! `siterecovery-agent register`: trades a bootstrap token for the agent's credentials at
+//! the operator's registration endpoint (`POST /register`, docs/agent-registration.md)
+//! and writes them, with an `agent.json`, into a directory.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use siterecovery_wire::tls::{provider, root_store};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use crate::report::KubeConfig;
+use crate::{AgentConfig, DiskConfig};
+
+/// Port of process servers when the bundle names none.
+pub const PROCESS_SERVER_PORT: u16 = 9443;
+/// Largest answer accepted from the endpoint.
+const MAX_RESPONSE: usize = 1024 * 1024;
+/// The whole exchange (connect, TLS, request, answer).
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The registration request (`application/json`; the endpoint refuses unknown fields).
+#[derive(Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterRequest {
+    /// Namespace of the ProtectedServer.
+    pub namespace: String,
+    /// Name of the ProtectedServer.
+    pub name: String,
+    /// The bootstrap token (`srbt_…`).
+    pub token: String,
+    /// This machine's host name (must equal `spec.agent.hostname`).
+    pub hostname: String,
+    /// This machine's `/etc/machine-id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+}
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("hostname", &self.hostname)
+            .field("machine_id", &self.machine_id)
+            .finish()
+    }
+}
+
+/// The registration answer: the agent's credentials.
+#[derive(Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bundle {
+    /// Namespace of the ProtectedServer.
+    pub namespace: String,
+    /// Name of the ProtectedServer.
+    pub name: String,
+    /// API server URL.
+    pub api_server: String,
+    /// PEM CA bundle of the API server, when it is not publicly trusted.
+    #[serde(default)]
+    pub api_server_ca: Option<String>,
+    /// ServiceAccount token.
+    pub token: String,
+    /// PEM client certificate for mTLS to process servers.
+    pub client_certificate: String,
+    /// Its PEM private key.
+    pub client_key: String,
+    /// When the client certificate expires.
+    #[serde(default)]
+    pub client_certificate_expiry_time: Option<String>,
+    /// PEM bundle of the operator CA.
+    pub ca_bundle: String,
+    /// DNS name (optionally with port) of the namespace's process servers.
+    pub process_server: String,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("api_server", &self.api_server)
+            .field("process_server", &self.process_server)
+            .field("token", &"<redacted>")
+            .field("client_key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The endpoint refused, with its reason and message.
+    #[error("registration refused (HTTP {status} {reason}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The refusal's reason (`TokenAlreadyUsed`, …).
+        reason: String,
+        /// What happened and what to do.
+        message: String,
+        /// Seconds to wait before retrying (503 `NotReady`).
+        retry_after: Option<u64>,
+    },
+    /// Bad arguments or local files.
+    #[error("{0}")]
+    Local(String),
+    /// Connecting, TLS or HTTP failed, or the answer was not understood.
+    #[error("{0}")]
+    Exchange(String),
+}
+
+impl RegisterError {
+    /// Whether trying again later can help (the endpoint was not ready or unreachable).
+    pub fn retryable(&self) -> bool {
+        matches!(self, RegisterError::Refused { status: 503, .. } | RegisterError::Exchange(_))
+    }
+}
+
+fn local(what: impl std::fmt::Display) -> RegisterError {
+    RegisterError::Local(what.to_string())
+}
+
+fn exchange(what: impl std::fmt::Display) -> RegisterError {
+    RegisterError::Exchange(what.to_string())
+}
+
+/// `POST <url>/register` with `request`, verifying the endpoint with `ca_pem` only.
+pub async fn register(url: &str, ca_pem: &str, request: &RegisterRequest) -> Result<Bundle, RegisterError> {
+    tokio::time::timeout(TIMEOUT, post(url, ca_pem, request))
+        .await
+        .map_err(|_| exchange(format!("no answer from {url} within {} s", TIMEOUT.as_secs())))?
+}
+
+async fn post(url: &str, ca_pem: &str, request: &RegisterRequest) -> Result<Bundle, RegisterError> {
+    let uri: http::Uri = url.parse().map_err(|e| local(format!("--url {url}: {e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(local(format!("--url {url}: registration needs https://")));
+    }
+    let host = uri.host().ok_or_else(|| local(format!("--url {url}: no host")))?;
+    let port = uri.port_u16().unwrap_or(443);
+    let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_else(|| host.to_owned());
+    let path = format!("{}/register", uri.path().trim_end_matches('/'));
+
+    let roots = root_store(ca_pem).map_err(|e| local(format!("--ca: {e}")))?;
+    let tls = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(exchange)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(bare.to_owned()).map_err(|e| local(format!("--url host {host}: {e}")))?;
+    let tcp = tokio::net::TcpStream::connect((bare, port))
+        .await
+        .map_err(|e| exchange(format!("connecting to {authority}: {e}")))?;
+    let stream = TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| exchange(format!("TLS with {authority} (is --ca the operator CA?): {e}")))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(exchange)?;
+    let driver = tokio::spawn(connection);
+
+    let body = serde_json::to_vec(request).map_err(local)?;
+    let req = http::Request::post(path)
+        .header(http::header::HOST, authority.as_str())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(local)?;
+    let response = sender.send_request(req).await.map_err(|e| exchange(format!("POST {url}/register: {e}")))?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
+    let body = Limited::new(response.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| exchange(format!("reading the answer: {e}")))?
+        .to_bytes();
+    driver.abort();
+    interpret(status.as_u16(), retry_after, &body)
+}
+
+/// Turns the endpoint's answer into a bundle or a refusal.
+pub fn interpret(status: u16, retry_after: Option<u64>, body: &[u8]) -> Result<Bundle, RegisterError> {
+    if status == 200 {
+        return serde_json::from_slice(body).map_err(|e| exchange(format!("the registration answer: {e}")));
+    }
+    #[derive(Deserialize)]
+    struct Refusal {
+        reason: String,
+        message: String,
+    }
+    match serde_json::from_slice::<Refusal>(body) {
+        Ok(r) => Err(RegisterError::Refused { status, reason: r.reason, message: r.message, retry_after }),
+        Err(_) => {
+            let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
+            Err(RegisterError::Refused { status, reason: "Unknown".into(), message: text, retry_after })
+        }
+    }
+}
+
+/// `host:port` of the process server: the bundle's name with port 9443 unless it has one.
+pub fn process_server_address(name: &str) -> String {
+    let has_port = match name.rsplit_once(':') {
+        // `[v6]:port` or `host:port`; a bare IPv6 address has more than one colon.
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (host.ends_with(']') || !host.contains(':')) && !host.is_empty()
+        }
+        None => false,
+    };
+    match (has_port, name.contains(':') && !name.starts_with('[')) {
+        (true, _) => name.to_owned(),
+        (false, true) => format!("[{name}]:{PROCESS_SERVER_PORT}"),
+        (false, false) => format!("{name}:{PROCESS_SERVER_PORT}"),
+    }
+}
+
+/// Writes the credentials into `out` (`tls.crt`, `tls.key`, `ca.crt`, `token`,
+/// `api-ca.crt`) and `agent.json`. Keys and the token are written `0600`. An existing
+/// `agent.json` keeps its local choices (interval, tracking, …); `disks` replaces its
+/// disks unless empty. Returns the configuration written.
+pub fn write_bundle(out: &Path, bundle: &Bundle, disks: &[DiskConfig]) -> Result<AgentConfig, RegisterError> {
+    if !out.exists() {
+        std::fs::create_dir_all(out).map_err(|e| local(format!("creating {}: {e}", out.display())))?;
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| local(format!("{}: {e}", out.display())))?;
+    }
+    let out = out.canonicalize().map_err(|e| local(format!("{}: {e}", out.display())))?;
+    let config_path = out.join("agent.json");
+    let previous: Option<AgentConfig> = match std::fs::read_to_string(&config_path) {
+        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| local(format!("{}: {e}", config_path.display())))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(local(format!("{}: {e}", config_path.display()))),
+    };
+    let disks = match (&previous, disks.is_empty()) {
+        (Some(p), true) => p.disks.clone(),
+        (None, true) => return Err(local("name at least one disk (--disk id=/dev/sdX)")),
+        (_, false) => disks.to_vec(),
+    };
+
+    write_file(&out.join("tls.crt"), bundle.client_certificate.as_bytes(), 0o644)?;
+    write_file(&out.join("tls.key"), bundle.client_key.as_bytes(), 0o600)?;
+    write_file(&out.join("ca.crt"), bundle.ca_bundle.as_bytes(), 0o644)?;
+    write_file(&out.join("token"), bundle.token.as_bytes(), 0o600)?;
+    let api_server_ca = match &bundle.api_server_ca {
+        Some(ca) => {
+            write_file(&out.join("api-ca.crt"), ca.as_bytes(), 0o644)?;
+            Some(out.join("api-ca.crt"))
+        }
+        None => None,
+    };
+    let kube = KubeConfig { api_server: bundle.api_server.clone(), token: out.join("token"), api_server_ca };
+    let config = match previous {
+        Some(p) => AgentConfig {
+            namespace: bundle.namespace.clone(),
+            server: bundle.name.clone(),
+            disks,
+            process_server: process_server_address(&bundle.process_server),
+            client_cert: out.join("tls.crt"),
+            client_key: out.join("tls.key"),
+            ca_bundle: out.join("ca.crt"),
+            kube: Some(kube),
+            ..p
+        },
+        None => AgentConfig {
+            namespace: bundle.namespace.clone(),
+            server: bundle.name.clone(),
+            disks,
+            process_server: process_server_address(&bundle.process_server),
+            tls_server_name: None,
+            client_cert: out.join("tls.crt"),
+            client_key: out.join("tls.key"),
+            ca_bundle: out.join("ca.crt"),
+            interval_seconds: crate::default_interval(),
+            max_passes: crate::default_passes(),
+            compression_level: crate::default_level(),
+            tracking: Default::default(),
+            kube: Some(kube),
+        },
+    };
+    let mut json = serde_json::to_vec_pretty(&config).map_err(local)?;
+    json.push(b'\n');
+    write_file(&config_path, &json, 0o644)?;
+    Ok(config)
+}
+
+/// Writes `data` to `path` through a temporary file with `mode` from its creation (a
+/// key is never readable by others, not even briefly), then renames it into place.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), RegisterError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // rename keeps the temporary file's mode; an existing file's mode is replaced too.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        local(format!("writing {}: {e}", path.display()))
+    })
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`).
+pub fn local_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty())
+}
+
+/// This machine's id (`/etc/machine-id`), when it has one.
+pub fn local_machine_id() -> Option<String> {
+    std::fs::read_to_string("/etc/machine-id").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty())
+}
+
+/// Parses `--disk id=/dev/sdb`.
+pub fn parse_disk(arg: &str) -> Result<DiskConfig, String> {
+    match arg.split_once('=') {
+        Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+            Ok(DiskConfig { id: id.to_owned(), path: PathBuf::from(path) })
+        }
+        _ => Err(format!("expected id=path, e.g. disk-0=/dev/sdb, got {arg:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_server_gets_the_default_port_unless_it_names_one() {
+        assert_eq!(process_server_address("ps.prod.svc"), "ps.prod.svc:9443");
+        assert_eq!(process_server_address("ps.prod.svc:10443"), "ps.prod.svc:10443");
+        assert_eq!(process_server_address("127.0.0.1"), "127.0.0.1:9443");
+        assert_eq!(process_server_address("::1"), "[::1]:9443");
+        assert_eq!(process_server_address("[::1]"), "[::1]:9443");
+        assert_eq!(process_server_address("[::1]:9000"), "[::1]:9000");
+    }
+
+    #[test]
+    fn refusals_carry_reason_message_and_retry_hint() {
+        let body = br#"{"reason":"TokenAlreadyUsed","message":"used at 10:00 by db-01"}"#;
+        match interpret(409, None, body) {
+            Err(e @ RegisterError::Refused { status: 409, .. }) => {
+                assert_eq!(e.to_string(), "registration refused (HTTP 409 TokenAlreadyUsed): used at 10:00 by db-01");
+                assert!(!e.retryable());
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = interpret(503, Some(5), br#"{"reason":"NotReady","message":"try again"}"#).unwrap_err();
+        assert!(e.retryable());
+        assert!(matches!(e, RegisterError::Refused { retry_after: Some(5), .. }));
+        let e = interpret(502, None, b"<html>bad gateway</html>").unwrap_err();
+        assert!(e.to_string().contains("HTTP 502 Unknown"), "{e}");
+    }
+
+    #[test]
+    fn disks_parse_as_id_equals_path() {
+        let d = parse_disk("disk-0=/dev/sdb").unwrap();
+        assert_eq!((d.id.as_str(), d.path.as_path()), ("disk-0", Path::new("/dev/sdb")));
+        assert!(parse_disk("/dev/sdb").is_err());
+        assert!(parse_disk("=/dev/sdb").is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let request = RegisterRequest {
+            namespace: "prod".into(),
+            name: "db-01".into(),
+            token: "srbt_secret".into(),
+            hostname: "db-01".into(),
+            machine_id: None,
+        };
+        assert!(!format!("{request:?}").contains("srbt_secret"));
+        let bundle: Bundle = serde_json::from_value(serde_json::json!({
+            "namespace": "prod", "name": "db-01", "apiServer": "https://k", "token": "eyJsecret",
+            "clientCertificate": "C", "clientKey": "KEYSECRET", "caBundle": "B", "processServer": "ps",
+        }))
+        .unwrap();
+        let text = format!("{bundle:?}");
+        assert!(!text.contains("eyJsecret") && !text.contains("KEYSECRET"), "{text}");
+    }
+}
