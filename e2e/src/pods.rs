@@ -95,6 +95,17 @@ impl PodRunner {
         Ok(Self { state, task, dir })
     }
 
+    /// Every running pod's port mapping: pod → (container port → loopback port).
+    pub fn ports(&self) -> BTreeMap<String, BTreeMap<u16, u16>> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.running.iter().map(|(k, r)| (k.clone(), r.ports.iter().map(|(a, b)| (*a, *b)).collect())).collect()
+    }
+
+    /// Why pods could not be started so far.
+    pub fn failures(&self) -> Vec<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).failures.clone()
+    }
+
     /// The loopback port a container port of `pod` is mapped to, once it runs.
     pub fn port(&self, pod: &str, container_port: u16) -> Option<u16> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).running.get(pod)?.ports.get(&container_port).copied()
@@ -273,10 +284,7 @@ async fn start_pod(
         } else {
             anyhow::bail!("env {}: only values and fieldRefs are supported by the pod runner", e.name)
         };
-        let value = match value.parse::<u16>().ok().and_then(|p| ports.get(&p)) {
-            Some(mapped) => mapped.to_string(),
-            None => rewrite(&value),
-        };
+        let value = remap_port(&value, &ports).unwrap_or_else(|| rewrite(&value));
         env.push((e.name.clone(), value));
     }
     let account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
@@ -298,6 +306,17 @@ async fn start_pod(
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     Ok(Running { child, uid: pod.uid().unwrap_or_default(), ports, log })
+}
+
+/// A declared container port in an environment value, as `9443` or `0.0.0.0:9443`:
+/// its mapped loopback port (never another interface: tests stay on loopback).
+fn remap_port(value: &str, ports: &HashMap<u16, u16>) -> Option<String> {
+    if let Some(mapped) = value.parse::<u16>().ok().and_then(|p| ports.get(&p)) {
+        return Some(mapped.to_string());
+    }
+    let (_, port) = value.rsplit_once(':')?;
+    let mapped = ports.get(&port.parse::<u16>().ok()?)?;
+    Some(format!("127.0.0.1:{mapped}"))
 }
 
 /// A claim is a filesystem of its own, as a real volume is (a process server reports its
