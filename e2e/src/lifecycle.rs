@@ -171,35 +171,23 @@ impl World {
         Api::namespaced(self.t.admin.clone(), &self.t.ns.name)
     }
 
-    /// Starts the agent of server `i` with the client certificate the operator issued.
+    /// Registers the agent of server `i` with its bootstrap token (`siterecovery-agent
+    /// register`, as on a real server) and starts it with the written configuration,
+    /// pointed at the process server's loopback port.
     pub async fn start_agent(&self, i: usize) -> anyhow::Result<AgentProcess> {
         let s = &self.servers[i];
-        let secrets: Api<Secret> = Api::namespaced(self.t.admin.clone(), self.ns());
-        let tls = wait_for(
-            &secrets,
-            &format!("sr-agent-{}-tls", s.name),
-            Duration::from_secs(60),
-            "the agent certificate",
-            |_| true,
-        )
-        .await?;
-        let data: BTreeMap<String, Vec<u8>> = tls.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
         let base = self.dir.0.join(format!("agent-{}", s.name));
-        std::fs::create_dir_all(&base)?;
-        for f in ["tls.crt", "tls.key", "ca.crt"] {
-            std::fs::write(base.join(f), data.get(f).with_context(|| format!("agent Secret without {f}"))?)?;
-        }
-        let config = serde_json::json!({
-            "namespace": self.ns(), "server": s.name,
-            "disks": s.disks.iter().map(|(id, p)| serde_json::json!({"id": id, "path": p})).collect::<Vec<_>>(),
-            "processServer": format!("localhost:{}", self.port),
-            "clientCert": base.join("tls.crt"), "clientKey": base.join("tls.key"), "caBundle": base.join("ca.crt"),
-            "intervalSeconds": 1.0,
-        });
         let config_path = base.join("agent.json");
+        if !config_path.exists() {
+            self.register(i, &base).await?;
+        }
+        let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
+        config["processServer"] = format!("localhost:{}", self.port).into();
+        config["intervalSeconds"] = 1.0.into();
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
         let log = base.join("agent.log");
         let child = Command::new(binary("siterecovery-agent")?)
+            .arg("run")
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
@@ -207,6 +195,55 @@ impl World {
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log)?))
             .spawn()?;
         Ok(AgentProcess { child, log })
+    }
+
+    async fn register(&self, i: usize, base: &Path) -> anyhow::Result<()> {
+        let s = &self.servers[i];
+        let secrets: Api<Secret> = Api::namespaced(self.t.admin.clone(), self.ns());
+        let plain = wait_for(
+            &secrets,
+            &format!("sr-bootstrap-{}-token", s.name),
+            Duration::from_secs(60),
+            "the bootstrap token",
+            |_| true,
+        )
+        .await?;
+        let data: BTreeMap<String, Vec<u8>> =
+            plain.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        std::fs::create_dir_all(base)?;
+        let ca = base.join("registration-ca.crt");
+        std::fs::write(&ca, data.get("ca.crt").context("bootstrap Secret without ca.crt")?)?;
+        let token = String::from_utf8(data.get("token").context("bootstrap Secret without token")?.clone())?;
+        let mut cmd = Command::new(binary("siterecovery-agent")?);
+        cmd.arg("register")
+            .arg("--url")
+            .arg(format!("https://localhost:{}", self.t.operator.registration_addr.port()))
+            .arg("--ca")
+            .arg(&ca)
+            .args(["--namespace", self.ns(), "--server", &s.name, "--hostname", &format!("{}.example.com", s.name)])
+            .arg("--out")
+            .arg(base)
+            .env("SR_BOOTSTRAP_TOKEN", token);
+        for (id, path) in &s.disks {
+            cmd.arg("--disk").arg(format!("{id}={}", path.display()));
+        }
+        // 75 (EX_TEMPFAIL): the operator is not ready for this server yet; retry as an
+        // install script would.
+        let mut out = cmd.output()?;
+        for _ in 0..30 {
+            if out.status.code() != Some(75) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            out = cmd.output()?;
+        }
+        ensure!(
+            out.status.success(),
+            "siterecovery-agent register failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     /// Waits until the process server reports a crash-consistent point of `server` newer

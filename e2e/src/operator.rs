@@ -134,6 +134,8 @@ pub struct OperatorProcess {
     pub log: PathBuf,
     /// Its /metrics, /healthz, /readyz address.
     pub metrics_addr: std::net::SocketAddr,
+    /// Its agent registration endpoint (HTTPS).
+    pub registration_addr: std::net::SocketAddr,
     _dir: TempDir,
 }
 
@@ -147,6 +149,7 @@ impl OperatorProcess {
         let dir = TempDir::new("operator")?;
         let kubeconfig = write_token_kubeconfig(&dir.0, &token)?;
         let metrics_addr = free_loopback_port()?;
+        let registration_addr = free_loopback_port()?;
         let log = dir.0.join("operator.log");
         let child = Command::new(binary)
             .env("KUBECONFIG", &kubeconfig)
@@ -154,8 +157,8 @@ impl OperatorProcess {
             .env("POD_NAMESPACE", operator_ns)
             .env("POD_NAME", format!("{operator_ns}-operator-0"))
             .env("SR_METRICS_ADDR", metrics_addr.to_string())
-            // Parallel tests each run an operator: no fixed port for the registration endpoint.
-            .env("SR_REGISTRATION_ADDR", "127.0.0.1:0")
+            // Parallel tests each run an operator: a free port each for the registration endpoint.
+            .env("SR_REGISTRATION_ADDR", registration_addr.to_string())
             // As the chart's Deployment sets it: the process servers' ClusterRole.
             .env("SR_PROCESS_SERVER_CLUSTER_ROLE", format!("{operator_ns}-process-server"))
             .env("SR_LOG_FORMAT", "text")
@@ -164,7 +167,7 @@ impl OperatorProcess {
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log)?))
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self { child, log, metrics_addr, _dir: dir })
+        Ok(Self { child, log, metrics_addr, registration_addr, _dir: dir })
     }
 
     /// The operator's process id (benchmarks read its memory from `/proc/<pid>/status`).
