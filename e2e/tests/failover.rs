@@ -1,0 +1,113 @@
+//! Lifecycle step 4, unplanned failover: the site goes down (agents stop), a plan fails
+//! over to the latest processed point, changes to an earlier point once, then commits.
+//! The recovered disks equal the chosen point byte for byte each time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::ensure;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use siterecovery_api::plan::RunState;
+use siterecovery_api::server::ServerPhase;
+use siterecovery_api::{ProtectedServer, RecoveryPlan};
+use siterecovery_e2e::lifecycle::{World, same_content, write_pattern};
+use siterecovery_e2e::wait_for;
+
+async fn operate(plans: &Api<RecoveryPlan>, op: serde_json::Value) -> anyhow::Result<String> {
+    let run = op["runId"].as_str().unwrap_or_default().to_string();
+    plans.patch("dr", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"operation": op}}))).await?;
+    wait_for(plans, "dr", Duration::from_secs(180), &format!("run {run} to succeed"), |p: &RecoveryPlan| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.operation.as_ref())
+            .is_some_and(|o| o.run_id.as_deref() == Some(run.as_str()) && o.state == RunState::Succeeded)
+    })
+    .await?;
+    Ok(run)
+}
+
+/// Checks the failed-over disks of server `i` equal its point, and returns the point id.
+async fn check_recovered(w: &World, i: usize) -> anyhow::Result<String> {
+    let s = &w.servers[i];
+    let status = w.servers_api().get(&s.name).await?.status.unwrap_or_default();
+    let f = status.failover.ok_or_else(|| anyhow::anyhow!("{}: no failover block", s.name))?;
+    let point = f.recovery_point.ok_or_else(|| anyhow::anyhow!("{}: failover without recovery point", s.name))?;
+    let (_, restored) = w.restore(i, &point.id).await?;
+    ensure!(f.recovered_disks.len() == restored.len(), "{}: recovered {:?}", s.name, f.recovered_disks);
+    for ((disk, copy), recovered) in restored.iter().zip(&f.recovered_disks) {
+        ensure!(
+            same_content(copy, Path::new(recovered))?,
+            "{}/{disk}: the recovered disk differs from point {}",
+            s.name,
+            point.id
+        );
+    }
+    Ok(point.id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplanned_failover_change_point_and_commit() -> anyhow::Result<()> {
+    let mut w = World::start("failover", &["db-01"]).await?;
+    let r = failover(&mut w).await;
+    w.explain(r)
+}
+
+async fn failover(w: &mut World) -> anyhow::Result<()> {
+    let servers = w.servers_api();
+    wait_for(&servers, "db-01", Duration::from_secs(120), "phase Protected", |p: &ProtectedServer| {
+        p.status.as_ref().and_then(|s| s.phase) == Some(ServerPhase::Protected)
+    })
+    .await?;
+    // Two generations of data, each with its own point.
+    let first = w.wait_point("db-01", None).await?;
+    write_pattern(&w.servers[0].disks[0].1, MIB_2, 300_000, 42)?;
+    let second = w.wait_point("db-01", Some(&first)).await?;
+
+    // The site goes down.
+    w.agents.clear();
+    let plans: Api<RecoveryPlan> = Api::namespaced(w.t.admin.clone(), w.ns());
+    let plan: RecoveryPlan = serde_json::from_value(json!({
+        "apiVersion": "siterecovery.io/v1alpha1", "kind": "RecoveryPlan",
+        "metadata": {"name": "dr"},
+        "spec": {"groups": [{"name": "all", "servers": ["db-01"]}]}
+    }))?;
+    plans.create(&PostParams::default(), &plan).await?;
+
+    operate(
+        &plans,
+        json!({"type": "UnplannedFailover", "runId": "dr-1", "recoveryPoint": {"selector": "LatestProcessed"}}),
+    )
+    .await?;
+    let s = wait_for(&servers, "db-01", Duration::from_secs(60), "phase FailedOver", |p: &ProtectedServer| {
+        p.status.as_ref().and_then(|s| s.phase) == Some(ServerPhase::FailedOver)
+    })
+    .await?;
+    let chosen = check_recovered(w, 0).await?;
+    ensure!(chosen >= second, "the latest processed point {chosen} is older than {second}");
+    ensure!(s.status.and_then(|s| s.failover).is_some_and(|f| f.state == RunState::Succeeded));
+
+    // Change the recovery point once, to the first one.
+    operate(&plans, json!({"type": "ChangeRecoveryPoint", "runId": "dr-2", "recoveryPoint": {"selector": "Named", "pointName": first}})).await?;
+    wait_for(&servers, "db-01", Duration::from_secs(60), "FailedOver at the first point", |p: &ProtectedServer| {
+        let st = p.status.as_ref();
+        st.and_then(|s| s.phase) == Some(ServerPhase::FailedOver)
+            && st
+                .and_then(|s| s.failover.as_ref())
+                .and_then(|f| f.recovery_point.as_ref())
+                .is_some_and(|rp| rp.id == first)
+    })
+    .await?;
+    ensure!(check_recovered(w, 0).await? == first);
+
+    // Commit makes it final.
+    // A merge patch keeps fields it does not name: clear the previous recovery point.
+    operate(&plans, json!({"type": "Commit", "runId": "dr-3", "recoveryPoint": null})).await?;
+    wait_for(&servers, "db-01", Duration::from_secs(60), "phase Committed", |p: &ProtectedServer| {
+        p.status.as_ref().and_then(|s| s.phase) == Some(ServerPhase::Committed)
+    })
+    .await?;
+    Ok(())
+}
+
+const MIB_2: u64 = 2 * 1024 * 1024;
