@@ -95,6 +95,13 @@ struct PsChild {
 impl PsChild {
     /// Starts the binary and waits until it listens.
     async fn start(dir: &Path, pki: &Pki, targets: &Path, port: u16, metrics_port: u16, limit: u64, tag: &str) -> Self {
+        let mut ps = Self::spawn(dir, pki, targets, port, metrics_port, limit, tag);
+        ps.wait_listening(30).await;
+        ps
+    }
+
+    /// Starts the binary.
+    fn spawn(dir: &Path, pki: &Pki, targets: &Path, port: u16, metrics_port: u16, limit: u64, tag: &str) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_siterecovery-process-server"));
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -109,21 +116,28 @@ impl PsChild {
             .arg("--targets")
             .arg(targets)
             .env("RUST_LOG", "info");
-        let mut guard = ChildGuard::spawn(cmd, dir.join(format!("{tag}.log")));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = std::fs::read_to_string(&guard.log).unwrap_or_default();
-            if log.contains("listening on") {
-                break;
-            }
-            guard.assert_alive("process server start");
-            assert!(Instant::now() < deadline, "the process server never listened; log:\n{}", guard.tail());
-            sleep(Duration::from_millis(20)).await;
-        }
         Self {
-            guard,
+            guard: ChildGuard::spawn(cmd, dir.join(format!("{tag}.log"))),
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
+        }
+    }
+
+    /// Waits until the process server listens, or panics after `secs` with its log.
+    async fn wait_listening(&mut self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let log = std::fs::read_to_string(&self.guard.log).unwrap_or_default();
+            if log.contains("listening on") {
+                return;
+            }
+            self.guard.assert_alive("process server start");
+            assert!(
+                Instant::now() < deadline,
+                "the process server did not listen within {secs} s; log:\n{}",
+                self.guard.tail()
+            );
+            sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -211,7 +225,7 @@ async fn process_server_killed_mid_initial_copy_keeps_what_it_acknowledged() {
     let (port, metrics_port) = (free_port(), free_port());
     let mut ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-1").await;
 
-    const CHUNKS: u64 = 32;
+    const CHUNKS: u64 = 24;
     let a = dir.join("a.img");
     write_random(&a, 0, (CHUNKS * MIB) as usize, 11);
     let disks = [("sda", a.as_path())];
@@ -302,6 +316,37 @@ async fn process_server_killed_mid_delta_then_next_point_has_the_change() {
     std::fs::create_dir_all(&out).unwrap();
     store.restore_point(&server, &old, &[("sda".into(), out.join("sda"))]).await.unwrap();
     assert!(std::fs::read(out.join("sda")).unwrap() == original, "the first point no longer restores the original");
+    agent.stop().await;
+    drop(ps);
+}
+
+/// Every restart of the process server costs a healthy agent at most a few seconds: its
+/// reconnection delay starts over after a session that worked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_promptly_after_each_process_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(dir);
+    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-0").await;
+    let a = dir.join("a.img");
+    write_random(&a, 0, (2 * MIB) as usize, 71);
+    let disks = [("sda", a.as_path())];
+    let files = pki.agent_files(&pki.ca, "prod", "flap", "flap");
+    let agent = start_agent(agent_config(&pki, files, "prod", "flap", ps.addr, &disks, 0.2));
+    agent.wait("a first point", 60, |s| s.points >= 1).await;
+    for round in 1..=4 {
+        // A healthy session: it made a point since it connected.
+        let points = agent.status().points;
+        agent.wait("a point in this session", 30, |s| s.points > points).await;
+        ps.guard.kill9();
+        wait_disconnected(&agent).await;
+        ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, &format!("ps-{round}")).await;
+        let since = Instant::now();
+        agent.wait(&format!("reconnection {round} within 5 s"), 5, |s| s.connected).await;
+        eprintln!("restart {round}: reconnected after {:?}", since.elapsed());
+    }
     agent.stop().await;
     drop(ps);
 }
@@ -457,6 +502,8 @@ async fn failing_uploads_hold_the_agent_back_then_drain() {
     let mut t = stall_on(&format!("http://{blob}/devstoreaccount1")).await;
     let errors = metric(t.ps.metrics, "siterecovery_process_server_upload_errors_total").await;
     assert!(errors.is_some_and(|e| e > 0.0), "upload errors: {errors:?}");
+    let waits = metric(t.ps.metrics, "siterecovery_process_server_backpressure_waits_total").await;
+    assert!(waits.is_some_and(|w| w > 0.0), "backpressure waits: {waits:?}; log:\n{}", t.ps.guard.tail());
     let backlog = metric(t.ps.metrics, "siterecovery_process_server_backlog_bytes").await;
     assert!(backlog.is_some_and(|b| b >= LIMIT as f64 && b <= BOUND as f64), "backlog: {backlog:?}");
     sleep(Duration::from_secs(1)).await;
@@ -466,18 +513,22 @@ async fn failing_uploads_hold_the_agent_back_then_drain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: backpressure_waits counts a wait only when it ends, so a session stalled by a dead store shows 0"]
-async fn backpressure_waits_count_a_session_stalled_on_a_failing_store() {
-    let blob = refusing_blob_service().await;
-    let t = stall_on(&format!("http://{blob}/devstoreaccount1")).await;
-    let waits = metric(t.ps.metrics, "siterecovery_process_server_backpressure_waits_total").await;
-    assert!(waits.is_some_and(|w| w > 0.0), "backpressure waits: {waits:?}; log:\n{}", t.ps.guard.tail());
-}
+async fn an_unreachable_store_neither_refuses_a_new_server_nor_keeps_a_restart_down() {
+    let down = format!("http://127.0.0.1:{}/devstoreaccount1", free_port());
+    // A new server (nothing in the store can be read) still gets to fill the cache.
+    let mut t = stall_on(&down).await;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a new server's session lists its store's points before the welcome, so an unreachable store keeps it from caching"]
-async fn an_unreachable_store_still_lets_a_new_server_cache_then_drains() {
-    let t = stall_on(&format!("http://127.0.0.1:{}/devstoreaccount1", free_port())).await;
+    // Restarted during the outage with a cache but no checkpoint (a server whose first
+    // upload never succeeded; whether a round that held only the layout record wrote a
+    // checkpoint depends on timing, so it is removed), it serves at once and stays up.
+    t.ps.guard.kill9();
+    let _ = std::fs::remove_file(t.dir.join("cache/prod/bp/checkpoint"));
+    let (port, metrics_port) = (t.ps.addr.port(), t.ps.metrics.port());
+    let targets = t.dir.join("targets-azure.json");
+    t.ps = PsChild::spawn(&t.dir, &t.pki, &targets, port, metrics_port, LIMIT, "ps-outage");
+    t.ps.wait_listening(5).await;
+    sleep(Duration::from_secs(2)).await;
+    t.ps.guard.assert_alive("a restart during a store outage");
     t.recover().await;
 }
 
@@ -659,7 +710,6 @@ async fn garbage_and_truncated_frames_are_refused_and_leave_no_point() {
 
 /// A frame that arrives in two parts, with an ack due in between, is still read whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the session's select! drops a half-read frame whenever an ack is ready (read_frame is not cancel-safe)"]
 async fn a_frame_split_around_an_ack_is_read_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
