@@ -4,10 +4,11 @@ SHELL := /bin/bash
 export SR_CACHE ?= $(HOME)/.cache/siterecovery
 CARGO ?= cargo
 
-.PHONY: demo test bench tools build generate lint cluster-up cluster-down e2e unit help
+.PHONY: demo demo-down test bench tools build generate lint cluster-up cluster-down e2e unit help
 
 help:
-	@echo "make demo          build, start the local control plane, install the CRDs and apply the examples"
+	@echo "make demo          end to end: control plane, Azurite, helm install, protect a server, test failover"
+	@echo "make demo-down     stop everything make demo left running"
 	@echo "make test          the whole suite: lint, unit tests, tests against a real local API server"
 	@echo "make bench         release build, private control plane, operator scale benchmark (target/bench/)"
 	@echo "make cluster-up    start etcd + kube-apiserver + kube-controller-manager on loopback"
@@ -17,6 +18,10 @@ help:
 
 demo:
 	@hack/demo.sh
+
+# Stops what `make demo` left running (agent, pod runners, Azurite, control plane).
+demo-down:
+	@hack/demo.sh down
 
 test:
 	@hack/test.sh

@@ -18,7 +18,7 @@
 //!   the process has exactly the RBAC its pod would have.
 //!
 //! The pod's status is then set to Running and Ready (as the kubelet would). A deleted pod
-//! has its process killed. Nothing else of the kubelet is imitated (probes, restarts,
+//! has its process killed and its deletion confirmed. Nothing else of the kubelet is imitated (probes, restarts,
 //! resource limits, security contexts).
 
 use std::collections::{BTreeMap, HashMap};
@@ -166,9 +166,14 @@ async fn reconcile(
     }
     for pod in list {
         let name = pod.name_any();
-        if pod.metadata.deletion_timestamp.is_some()
-            || state.lock().unwrap_or_else(|p| p.into_inner()).running.contains_key(&name)
-        {
+        if pod.metadata.deletion_timestamp.is_some() {
+            // As the kubelet does once the container stopped: confirm the deletion, or the
+            // pod (and its namespace, and a claim's protection) waits forever.
+            let dp = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+            let _ = pods.delete(&name, &dp).await;
+            continue;
+        }
+        if state.lock().unwrap_or_else(|p| p.into_inner()).running.contains_key(&name) {
             continue;
         }
         match start_pod(admin, ns, &pod, dir, bin_dir, extra_env).await {

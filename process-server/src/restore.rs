@@ -191,8 +191,29 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let points = target.store.list_points(&server).await.map_err(|e| e.to_string())?;
-    let point = choose(&points, b.recovery_point_choice.as_ref())?;
+    // Every point that reads; an unreadable one (damaged, or under a key that is gone)
+    // is skipped and named in the outcome, never restored, and never a reason to refuse
+    // a failover to the points that are good.
+    let ids = target.store.list_point_ids(&server).await.map_err(|e| e.to_string())?;
+    let mut points = Vec::new();
+    let mut skipped = Vec::new();
+    for id in &ids {
+        match target.store.load_point(&server, id).await {
+            Ok(m) => points.push(m),
+            Err(e) => {
+                tracing::warn!(server = %server, point = %id, error = %e, "recovery point unreadable; skipped");
+                skipped.push(id.clone());
+            }
+        }
+    }
+    points.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+    let point = choose(&points, b.recovery_point_choice.as_ref()).map_err(|e| {
+        if skipped.is_empty() {
+            e
+        } else {
+            format!("{e} ({} unreadable point(s) skipped: {})", skipped.len(), skipped.join(", "))
+        }
+    })?;
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let disks: Vec<(String, PathBuf)> =
         point.disks.iter().map(|d| (d.id.clone(), dir.join(format!("{}.img", d.id)))).collect();
@@ -207,7 +228,11 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
         PointKind::Group => "GroupConsistent",
     };
     Ok(Done(json!({
-        "message": format!("restored {} to {} ({} downloaded)", point.id, dir.display(), downloaded),
+        "message": if skipped.is_empty() {
+            format!("restored {} to {} ({} downloaded)", point.id, dir.display(), downloaded)
+        } else {
+            format!("restored {} to {} ({} downloaded); skipped {} unreadable point(s): {}", point.id, dir.display(), downloaded, skipped.len(), skipped.join(", "))
+        },
         "recoveryPoint": {"id": point.id, "time": Time(point.time), "kind": kind},
         "recoveredDisks": disks.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>(),
         "progress": {"bytesTotal": total, "bytesDone": total, "percent": "100%"},

@@ -29,6 +29,11 @@ pub struct Checkpoint {
     pub latest_point: Option<String>,
     /// Head as uploaded.
     pub head: Head,
+    /// Whether chunks already in the store may be reused without uploading them again:
+    /// only when the server's latest point there reads with the current keyring. A
+    /// server recreated over leftovers written under a key that is gone must not build
+    /// new points on chunks nobody can decrypt.
+    pub trust_store: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -36,6 +41,8 @@ struct CheckpointHeader {
     position: Position,
     chunk_size: u32,
     latest_point: Option<String>,
+    #[serde(default)]
+    trust_store: bool,
 }
 
 impl Checkpoint {
@@ -62,7 +69,13 @@ impl Checkpoint {
         let frame = Frame::decode_payload(Bytes::copy_from_slice(&body[4..])).map_err(|e| corrupt(e.to_string()))?;
         let h: CheckpointHeader = serde_json::from_slice(&frame.header).map_err(|e| corrupt(e.to_string()))?;
         let head = Head::decode(frame.body).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some(Self { position: h.position, chunk_size: h.chunk_size, latest_point: h.latest_point, head }))
+        Ok(Some(Self {
+            position: h.position,
+            chunk_size: h.chunk_size,
+            latest_point: h.latest_point,
+            head,
+            trust_store: h.trust_store,
+        }))
     }
 
     /// Replaces the checkpoint of `dir` atomically (write, fsync, rename, fsync dir).
@@ -71,6 +84,7 @@ impl Checkpoint {
             position: self.position,
             chunk_size: self.chunk_size,
             latest_point: self.latest_point.clone(),
+            trust_store: self.trust_store,
         };
         let frame = Frame {
             kind: 0,
@@ -194,9 +208,9 @@ impl ServerState {
                 .await
             {
                 Ok(Ok(found)) => found,
-                // The store is down: start empty rather than refuse the agent. Its data is
-                // then compared against nothing and sent again, and the uploader skips
-                // chunks the store already has; correctness does not depend on the store.
+                // The store is down or its latest point unreadable: start empty rather than
+                // refuse the agent. Its data is then compared against nothing and sent
+                // again, and uploaded again (nothing stored is trusted).
                 Ok(Err(e)) => {
                     tracing::warn!(server = %server, error = %e, "cannot read the latest recovery point; starting from an empty head");
                     (Checkpoint { chunk_size: target.chunk_size, ..Default::default() }, None)
@@ -260,7 +274,14 @@ async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<(Check
     let Some(latest) = ids.last() else {
         return Ok((Checkpoint { chunk_size: target.chunk_size, ..Default::default() }, None));
     };
-    let m = target.store.load_point(server, latest).await?;
+    let m = match target.store.load_point(server, latest).await {
+        Ok(m) => m,
+        Err(e @ (StoreError::UnknownKey { .. } | StoreError::Corrupt { .. })) => {
+            tracing::warn!(server = %server, error = %e, "the latest stored point is unreadable with the current keys: starting empty, uploading everything again");
+            return Ok((Checkpoint { chunk_size: target.chunk_size, ..Default::default() }, None));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let disks = m
         .disks
         .iter()
@@ -285,6 +306,7 @@ async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<(Check
             chunk_size: m.chunk_size,
             latest_point: Some(m.id.clone()),
             head: Head { disks },
+            trust_store: true,
         },
         latest,
     ))

@@ -62,7 +62,11 @@ async fn round(
     let store = &state.target.store;
     for disk in messages.iter().filter_map(|m| if let Message::Chunk(c, _) = m { Some(&c.disk) } else { None }) {
         if !known.contains_key(disk) {
-            let set = store.stored_chunks(&state.server, disk).await.map_err(|e| e.to_string())?;
+            let set = if cp.trust_store {
+                store.stored_chunks(&state.server, disk).await.map_err(|e| e.to_string())?
+            } else {
+                Default::default()
+            };
             known.insert(disk.clone(), set);
         }
     }

@@ -172,3 +172,39 @@ async fn wrong_certificates_are_refused() {
     agent.stop().await;
     drop(ps);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_recreated_with_a_new_key_never_reuses_chunks_it_cannot_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(dir);
+    let a = dir.join("a.img");
+    write_pattern(&a, 0, (5 * MIB + 99) as usize, 21);
+    let disks = [("sda", a.as_path())];
+    let server = ServerRef::new("prod", "again").unwrap();
+
+    // The first life of the server, under a key that is then lost with its Secret.
+    let first = dir.join("first");
+    std::fs::create_dir_all(&first).unwrap();
+    let old_targets = local_targets(&first, &dir.join("store"), MIB as u32);
+    let ps = start_ps(&first, &pki, &old_targets, 1 << 30).await;
+    let files = pki.agent_files(&pki.ca, "prod", "again", "again-1");
+    let agent = start_agent(agent_config(&pki, files, "prod", "again", ps.addr, &disks, 0.2));
+    agent.wait("a point in the first life", 60, |s| s.points >= 1).await;
+    agent.stop().await;
+    drop(ps);
+
+    // Recreated: same name and container, a new key, a new process server (no cache).
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let new_targets = local_targets(&second, &dir.join("store"), MIB as u32);
+    let ps = start_ps(&second, &pki, &new_targets, 1 << 30).await;
+    let files = pki.agent_files(&pki.ca, "prod", "again", "again-2");
+    let agent = start_agent(agent_config(&pki, files, "prod", "again", ps.addr, &disks, 0.2));
+    let s = agent.wait("a point in the second life", 60, |s| s.points >= 1).await;
+    let store = store_of(&new_targets);
+    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
+    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore")).await;
+    agent.stop().await;
+    drop(ps);
+}

@@ -37,6 +37,18 @@ pub async fn delete_blobs(server: &ProtectedServer, ctx: &Context) -> Result<Not
         Some(r) => Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await?,
         None => None,
     };
+    if let (Some(r), None) = (&target.credential.secret_ref, &secret) {
+        // Deleted with the namespace, or by hand: as with a missing policy, nothing can
+        // reach the data any more, and blocking would hold the namespace forever.
+        return Ok(Notice {
+            type_: EventType::Warning,
+            reason: "DataKept",
+            note: format!(
+                "credential Secret {} is gone, so the data cannot be deleted: kept under servers/{ns}/{name}/ in container {}",
+                r.name, target.container
+            ),
+        });
+    }
     let backend = match crate::storage::backend(&policy, secret.as_ref()) {
         Ok(backend) => backend,
         Err(crate::storage::Unavailable::WorkloadIdentity) => {
