@@ -42,6 +42,8 @@ step "Installing tools and building (cached after the first run)"
 "$here/tools.sh"
 cargo build --workspace --bins
 bin=$PWD/target/debug
+# `kubectl siterecovery` is the plugin binary kubectl-siterecovery found on PATH.
+export PATH=$bin:$PATH
 
 step "Starting the local control plane (etcd, kube-apiserver, kube-controller-manager)"
 "$here/cluster.sh" up
@@ -93,7 +95,9 @@ wait_port() { # name pod-prefix container-port
 registration=$(wait_port operator siterecovery-operator 9444)
 if kubectl get namespace "$ns" >/dev/null 2>&1; then
   step "Removing the previous demo namespace"
-  # The operator (finalizers) and the pod runners (pod deletions) must still run meanwhile.
+  # Servers first, while the storage credential still exists, so their data is deleted
+  # too; the operator (finalizers) and the pod runners (pod deletions) must still run.
+  kubectl delete protectedservers --all -n "$ns" --timeout=60s >/dev/null || true
   kubectl delete namespace "$ns" --wait=false >/dev/null
   for _ in $(seq 1 120); do kubectl get namespace "$ns" >/dev/null 2>&1 || break; sleep 1; done
   if kubectl get namespace "$ns" >/dev/null 2>&1; then
@@ -208,7 +212,8 @@ wait_run() { # run id: until the plan reports that run finished
   echo "  run $1 did not finish: $state"; return 1
 }
 t3=$(date +%s)
-kubectl patch recoveryplan drill -n "$ns" --type merge -p '{"spec":{"operation":{"type":"TestFailover","runId":"demo-1"}}}' >/dev/null
+echo "  \$ kubectl siterecovery test-failover drill --run-id demo-1"
+kubectl siterecovery test-failover drill -n "$ns" --run-id demo-1 --timeout 3m
 wait_run demo-1
 failover=$(elapsed "$t3")
 point=$(kubectl get psrv "$server" -n "$ns" -o jsonpath='{.status.testFailover.recoveryPoint.id}')
@@ -224,12 +229,14 @@ for d in os data; do
 done
 
 step "Cleaning up the test failover"
-kubectl patch recoveryplan drill -n "$ns" --type merge -p '{"spec":{"operation":{"type":"TestFailoverCleanup","runId":"demo-1-cleanup"}}}' >/dev/null
+echo "  \$ kubectl siterecovery cleanup drill --run-id demo-1-cleanup"
+kubectl siterecovery cleanup drill -n "$ns" --run-id demo-1-cleanup --timeout 2m
 wait_run demo-1-cleanup
 ls "$demo/recovered/test-failover/$server" 2>/dev/null | sed 's/^/    left: /' || echo "  test disks removed"
 
-step "Summary"
-kubectl get psrv -n "$ns" -o wide
+step "Summary (kubectl siterecovery status; kubectl siterecovery points $server)"
+kubectl siterecovery status -n "$ns"
+kubectl siterecovery points "$server" -n "$ns" | head -n 6
 cat <<MSG
   initial replication of 304 MiB (48 MiB data + sparse 256 MiB): $initial
   test failover (restore + verify): $failover, recovered disks identical to the source: $ok
@@ -241,7 +248,9 @@ Everything is still running. Explore:
   kubectl get siterecovery -n $ns
   kubectl describe psrv $server -n $ns
   kubectl get events -n $ns --sort-by=.lastTimestamp
-  target/debug/kubectl-siterecovery status -n $ns        # the kubectl plugin, when built
+  export PATH=\$PWD/target/debug:\$PATH           # puts the kubectl plugin on PATH
+  kubectl siterecovery status -n $ns
+  kubectl siterecovery points $server -n $ns
   tail -f target/demo/agent.log target/demo/*-runner.log
 Stop everything with:
   make demo-down

@@ -318,7 +318,12 @@ impl Agent {
         }
         self.update(|s| s.initial_copy_done = true);
 
-        let interval = Duration::from_secs_f64(self.config.interval_seconds.max(0.1));
+        // The policy's interval, as the process server hands it, wins over local config.
+        let interval = welcome
+            .crash_interval_ms
+            .map(Duration::from_millis)
+            .unwrap_or_else(|| Duration::from_secs_f64(self.config.interval_seconds))
+            .max(Duration::from_millis(100));
         loop {
             // Until this cycle's pass is sent, what the tracker hands out exists only here:
             // a failure now must make the next session compare everything.

@@ -95,11 +95,21 @@ pub async fn run(kube: &Kube, args: &PointsArgs) -> anyhow::Result<()> {
         .map_err(|e| explain(e, "get", &format!("ProtectedServer {name}"), ns))?;
     let store = open_store(kube, &server).await?;
     let server_ref = ServerRef::new(ns.as_str(), name.as_str())?;
-    let points = store.list_points(&server_ref).await.with_context(|| {
+    let ids = store.list_point_ids(&server_ref).await.with_context(|| {
         format!(
             "listing the recovery points of {name} in the blob store (is the storage endpoint reachable from here?)"
         )
     })?;
+    // A point that does not read (damaged, or under a key that is gone) is named on
+    // stderr, not allowed to hide the good ones.
+    let mut points = Vec::new();
+    for id in &ids {
+        match store.load_point(&server_ref, id).await {
+            Ok(m) => points.push(m),
+            Err(e) => eprintln!("warning: recovery point {id} is unreadable: {e}"),
+        }
+    }
+    points.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
     match args.output {
         Output::Table if points.is_empty() => {
             eprintln!("No recovery points of {name} in the blob store yet.");

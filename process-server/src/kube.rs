@@ -93,6 +93,7 @@ impl KubeTargets {
             store,
             chunk_size: siterecovery_store::DEFAULT_CHUNK_SIZE,
             bandwidth_bytes_per_second: bandwidth,
+            crash_interval: policy.spec.crash_consistent_interval.to_std(),
         });
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), t.clone()));
         Ok(t)

@@ -20,6 +20,8 @@ pub struct Target {
     pub chunk_size: u32,
     /// Bytes per second agents may send (0: unlimited).
     pub bandwidth_bytes_per_second: u64,
+    /// Crash-consistent interval of the policy, handed to agents.
+    pub crash_interval: Option<std::time::Duration>,
 }
 
 /// Decides, for an authenticated agent, where its data goes, or why it may not connect.
@@ -111,7 +113,12 @@ impl StaticTargets {
         let chunk_size = file.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
         options.chunk_size = chunk_size;
         let store = Store::new(backend, keyring, options)?;
-        Ok(Self(Arc::new(Target { store, chunk_size, bandwidth_bytes_per_second: file.bandwidth_bytes_per_second })))
+        Ok(Self(Arc::new(Target {
+            store,
+            chunk_size,
+            bandwidth_bytes_per_second: file.bandwidth_bytes_per_second,
+            crash_interval: None,
+        })))
     }
 }
 

@@ -52,6 +52,10 @@ pub struct Welcome {
     /// Bytes per second the agent may send right now (0: unlimited).
     #[serde(default)]
     pub bandwidth_bytes_per_second: u64,
+    /// The policy's crash-consistent interval in milliseconds, when the process server knows
+    /// it; it takes precedence over the agent's own setting.
+    #[serde(default)]
+    pub crash_interval_ms: Option<u64>,
 }
 
 /// How a chunk body is encoded.
