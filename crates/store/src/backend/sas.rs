@@ -103,9 +103,7 @@ pub const SECRET_SAS_TOKEN: &str = "sasToken";
 
 /// The SAS token of a storage credential Secret's data, if it has a non-empty one.
 pub fn sas_token<V: AsRef<[u8]>>(data: &std::collections::BTreeMap<String, V>) -> Option<String> {
-    data.get(SECRET_SAS_TOKEN)
-        .map(|v| String::from_utf8_lossy(v.as_ref()).trim().to_owned())
-        .filter(|s| !s.is_empty())
+    data.get(SECRET_SAS_TOKEN).map(|v| String::from_utf8_lossy(v.as_ref()).trim().to_owned()).filter(|s| !s.is_empty())
 }
 
 #[cfg(test)]
