@@ -13,7 +13,7 @@ help:
 	@echo "make bench         release build, private control plane, operator scale benchmark (target/bench/)"
 	@echo "make cluster-up    start etcd + kube-apiserver + kube-controller-manager on loopback"
 	@echo "make cluster-down  stop them and remove their state"
-	@echo "make generate      regenerate crds/ and the chart's CRDs from crates/api"
+	@echo "make generate      regenerate crds/ and the chart's CRDs from crates/api, and deploy/ from the chart"
 	@echo "make lint          rustfmt, clippy (warnings are errors), generated files up to date"
 
 demo:
@@ -39,6 +39,7 @@ build:
 
 generate:
 	$(CARGO) run -q -p siterecovery-operator --bin crdgen -- --out crds --out charts/siterecovery/crds
+	hack/render-deploy.sh
 
 lint: tools
 	$(CARGO) fmt --all -- --check

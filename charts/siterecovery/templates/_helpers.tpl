@@ -13,3 +13,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "siterecovery.processServerRole" -}}
 {{- printf "%s-process-server" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{- define "siterecovery.agentName" -}}
+{{- printf "%s-agent" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* An image reference: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "siterecovery.image" -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .chart.AppVersion) -}}
+{{- end -}}
