@@ -19,9 +19,10 @@ use kube::{Client, ResourceExt as _};
 use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
 use siterecovery_api::common::RecoveryPointSelector;
+use siterecovery_api::failback::FailbackLocation;
 use siterecovery_api::plan::RecoveryPointChoice;
 use siterecovery_api::plan::{PlanOperationType as Op, RunState};
-use siterecovery_api::server::FailoverStatus;
+use siterecovery_api::server::{FailbackWork, FailoverStatus};
 use siterecovery_store::{Manifest, PointKind, ServerRef};
 
 use crate::Shared;
@@ -33,6 +34,8 @@ use crate::target::Targets as _;
 enum Block {
     Failover,
     TestFailover,
+    ReverseReplication,
+    Failback,
 }
 
 impl Block {
@@ -40,6 +43,8 @@ impl Block {
         match self {
             Block::Failover => "failover",
             Block::TestFailover => "testFailover",
+            Block::ReverseReplication => "reverseReplication",
+            Block::Failback => "failback",
         }
     }
 }
@@ -86,6 +91,23 @@ pub async fn run(
                     let status = s.status.clone().unwrap_or_default();
                     if pod.is_some() && status.process_server != pod {
                         continue;
+                    }
+                    for (block, w) in
+                        [(Block::ReverseReplication, &status.reverse_replication), (Block::Failback, &status.failback)]
+                    {
+                        let Some(w) = w.clone() else { continue };
+                        if w.state != RunState::Pending {
+                            continue;
+                        }
+                        let key = (s.name_any(), block);
+                        if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+                            continue;
+                        }
+                        let (api, busy, server) = (servers.clone(), busy.clone(), s.clone());
+                        tokio::spawn(async move {
+                            serve_failback(&api, &server, block, w).await;
+                            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        });
                     }
                     for (block, b) in
                         [(Block::Failover, &status.failover), (Block::TestFailover, &status.test_failover)]
@@ -239,6 +261,128 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
     })))
 }
 
+/// Serves a failback step on the `local` target: copies what differs from the
+/// failed-over copy (`status.failover.recoveredDisks`) onto the on-prem disks (the
+/// original ones, or the alternate target's), block by block, so only differing blocks
+/// move. Reprotect makes them equal once; the cut-over repeats it for what changed since
+/// and checks equality. In a real deployment the failed-over copy runs in Azure and the
+/// on-prem agent (master-target role) receives the blocks; on the embedded default both
+/// sides are files on this host.
+async fn serve_failback(api: &Api<ProtectedServer>, s: &ProtectedServer, block: Block, w: FailbackWork) {
+    let name = s.name_any();
+    let running = json!({"state": RunState::Running, "message": "comparing blocks"});
+    if let Err(e) = patch_block(api, &name, block, running).await {
+        tracing::warn!(server = %name, error = %e, "cannot mark the failback step running; retrying later");
+        return;
+    }
+    let now = Time(Timestamp::now());
+    let fields = match failback_sync(s, &w).await {
+        Ok((compared, sent)) => json!({
+            "state": RunState::Succeeded,
+            "completionTime": now,
+            "bytesSent": sent,
+            "progress": {"bytesTotal": compared, "bytesDone": compared, "percent": "100%"},
+            "message": format!("on-prem disks equal the failed-over copy; {sent} of {compared} bytes differed and were sent"),
+        }),
+        Err(message) => {
+            tracing::warn!(server = %name, step = block.field(), %message, "failback step failed");
+            json!({"state": RunState::Failed, "message": message, "completionTime": now})
+        }
+    };
+    if let Err(e) = patch_block(api, &name, block, fields).await {
+        tracing::warn!(server = %name, error = %e, "cannot report the failback step");
+    }
+}
+
+async fn failback_sync(s: &ProtectedServer, w: &FailbackWork) -> Result<(u64, u64), String> {
+    let status = s.status.clone().unwrap_or_default();
+    let recovered = status
+        .failover
+        .map(|f| f.recovered_disks)
+        .filter(|d| !d.is_empty())
+        .ok_or("no failed-over disks to fail back from (status.failover.recoveredDisks is empty)")?;
+    let destinations: Vec<String> = match w.location {
+        FailbackLocation::OriginalLocation => s.spec.disks.iter().map(|d| d.path.clone()).collect(),
+        FailbackLocation::AlternateLocation => w
+            .alternate
+            .as_ref()
+            .ok_or("AlternateLocation without an alternate target")?
+            .disks
+            .iter()
+            .map(|d| d.path.clone())
+            .collect(),
+    };
+    if destinations.len() != recovered.len() {
+        return Err(format!("{} failed-over disk(s) but {} on-prem disk(s)", recovered.len(), destinations.len()));
+    }
+    let mut compared = 0;
+    let mut sent = 0;
+    for (from, to) in recovered.iter().zip(&destinations) {
+        let (from, to) = (PathBuf::from(from), PathBuf::from(to));
+        let (c, n) = tokio::task::spawn_blocking(move || sync_disk(&from, &to)).await.map_err(|e| e.to_string())??;
+        compared += c;
+        sent += n;
+    }
+    Ok((compared, sent))
+}
+
+/// Makes `to` equal `from`, writing only the 64 KiB blocks that differ; returns (bytes
+/// compared, bytes written). A file target grows or shrinks to the source's size; a
+/// block device must be large enough. Synced, then verified by reading both sides back.
+pub fn sync_disk(from: &std::path::Path, to: &std::path::Path) -> Result<(u64, u64), String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 64 * 1024;
+    let io = |what: &str, p: &std::path::Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    let mut src = std::fs::File::open(from).map_err(|e| io("opening", from, e))?;
+    let size = src.seek(SeekFrom::End(0)).map_err(|e| io("sizing", from, e))?;
+    let mut dst = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(to)
+        .map_err(|e| io("opening", to, e))?;
+    let is_device =
+        dst.metadata().map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())).unwrap_or(false);
+    let dst_size = dst.seek(SeekFrom::End(0)).map_err(|e| io("sizing", to, e))?;
+    if is_device && dst_size < size {
+        return Err(format!("{} holds {dst_size} bytes, the disk needs {size}", to.display()));
+    }
+    if !is_device && dst_size != size {
+        dst.set_len(size).map_err(|e| io("resizing", to, e))?;
+    }
+    let (mut a, mut b) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut sent = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let n = ((size - off) as usize).min(BLOCK);
+        src.read_exact_at(&mut a[..n], off).map_err(|e| io("reading", from, e))?;
+        dst.read_exact_at(&mut b[..n], off).map_err(|e| io("reading", to, e))?;
+        if a[..n] != b[..n] {
+            dst.write_all_at(&a[..n], off).map_err(|e| io("writing", to, e))?;
+            sent += n as u64;
+        }
+        off += n as u64;
+    }
+    dst.sync_all().map_err(|e| io("syncing", to, e))?;
+    let mut off = 0u64;
+    while off < size {
+        let n = ((size - off) as usize).min(BLOCK);
+        src.read_exact_at(&mut a[..n], off).map_err(|e| io("reading", from, e))?;
+        dst.read_exact_at(&mut b[..n], off).map_err(|e| io("reading", to, e))?;
+        if a[..n] != b[..n] {
+            return Err(format!(
+                "{} differs from {} at byte {off} after the copy (is something writing to it?)",
+                to.display(),
+                from.display()
+            ));
+        }
+        off += n as u64;
+    }
+    Ok((size, sent))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +419,26 @@ mod tests {
                 .unwrap_err()
                 .contains("no recovery point")
         );
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::sync_disk;
+
+    #[test]
+    fn only_differing_blocks_are_written_and_the_target_ends_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut data: Vec<u8> = (0..(1 << 20) + 777).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&a, &data).unwrap();
+        let (compared, _) = sync_disk(&a, &b).unwrap();
+        assert_eq!(compared, data.len() as u64);
+        assert_eq!(std::fs::read(&b).unwrap(), data);
+        data[300_000] ^= 1;
+        std::fs::write(&a, &data).unwrap();
+        let (_, sent) = sync_disk(&a, &b).unwrap();
+        assert_eq!(sent, 64 * 1024, "one block differed");
+        assert_eq!(std::fs::read(&b).unwrap(), data);
     }
 }
