@@ -53,14 +53,6 @@ async fn failback(w: &mut World) -> anyhow::Result<()> {
                 .is_some_and(|o| o.run_id.as_deref() == Some(run) && o.state == RunState::Succeeded)
         })
         .await?;
-        if op == "UnplannedFailover" {
-            // The plan's run ends when the worker's block succeeded; the server reaches
-            // FailedOver at its next reconcile.
-            wait_for(&servers, "db-01", Duration::from_secs(60), "phase FailedOver", |p| {
-                phase(p) == Some(ServerPhase::FailedOver)
-            })
-            .await?;
-        }
     }
     let s = wait_for(&servers, "db-01", Duration::from_secs(60), "phase Committed", |p| {
         phase(p) == Some(ServerPhase::Committed)

@@ -487,6 +487,9 @@ impl Walk<'_> {
             out.message = b.message.clone();
             out.state = match b.state {
                 RunState::Pending | RunState::Running => RunState::Running,
+                // The worker is done, the server reaches FailedOver at its next reconcile:
+                // only then may the next operation (a commit) follow.
+                RunState::Succeeded if !test_op && phase == ServerPhase::FailingOver => RunState::Running,
                 other => other,
             };
             return out;

@@ -227,3 +227,20 @@ fn a_finished_run_is_never_resumed() {
     assert!(d.steps.is_empty(), "{:?}", d.steps);
     assert_eq!(d.status["operation"]["state"], "Failed");
 }
+
+#[test]
+fn a_failover_is_done_only_once_the_server_is_failed_over() {
+    let p = plan(json!({"type": "UnplannedFailover", "runId": "dr-1"}));
+    let block = |phase: &str| {
+        json!({"phase": phase, "failover": {"operation": "UnplannedFailover", "run": "billing/dr-1", "state": "Succeeded",
+            "recoveryPoint": {"id": "cc-9", "time": NOW, "kind": "CrashConsistent"}}})
+    };
+    // The worker finished, the server reconciler has not moved the phase yet: a commit
+    // issued now would be refused, so the run is not over.
+    let servers: BTreeMap<_, _> = [server("db-01", block("FailingOver"))].into_iter().collect();
+    let d = decide(&p, &servers, &BTreeMap::new(), &at(NOW));
+    assert_eq!(d.status["groups"][0]["servers"][0]["state"], "Running");
+    let servers: BTreeMap<_, _> = [server("db-01", block("FailedOver"))].into_iter().collect();
+    let d = decide(&p, &servers, &BTreeMap::new(), &at(NOW));
+    assert_eq!(d.status["groups"][0]["servers"][0]["state"], "Succeeded");
+}
