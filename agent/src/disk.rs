@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,7 +17,17 @@ pub struct Disk {
     /// Path of the image file or block device.
     pub path: PathBuf,
     file: Arc<File>,
+    /// A block device opened again with O_DIRECT, which chunks are read from. A
+    /// filesystem mounted on the device writes file data to it without going through the
+    /// device's page cache, so buffered reads can return data the filesystem has since
+    /// overwritten (stale pages cached by an earlier read): points would hold old file
+    /// contents under new metadata. Direct reads go to the device, after writing back
+    /// whatever was written through the cache.
+    direct: Option<Arc<File>>,
 }
+
+/// Memory alignment of direct reads (a multiple of every logical block size).
+const DIRECT_ALIGN: usize = 4096;
 
 /// Size of the blocks deltas are made of.
 pub const DELTA_BLOCK: usize = 64 * 1024;
@@ -54,7 +64,31 @@ impl Disk {
     pub fn open(id: &str, path: &Path) -> std::io::Result<Self> {
         let file = File::open(path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("opening disk {id} at {}: {e}", path.display())))?;
-        Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file) })
+        let block = file.metadata().is_ok_and(|m| m.file_type().is_block_device());
+        let direct = block
+            .then(|| std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_DIRECT).open(path))
+            .and_then(|r| r.inspect_err(|e| tracing::warn!(disk = id, error = %e, "no direct reads: reading through the page cache, which a mounted filesystem's writes bypass")).ok())
+            .map(Arc::new);
+        Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (fewer at the end of the disk).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let Some(direct) = &self.direct else { return read_full(&self.file, buf, offset) };
+        // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
+        // (chunks are, and so is a device's size).
+        let mut raw = vec![0u8; buf.len() + DIRECT_ALIGN];
+        let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let aligned = &mut raw[skip..skip + buf.len()];
+        match read_full(direct, aligned, offset) {
+            Ok(n) => {
+                buf[..n].copy_from_slice(&aligned[..n]);
+                Ok(n)
+            }
+            // A device that refuses this alignment: the page cache is better than nothing.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => read_full(&self.file, buf, offset),
+            Err(e) => Err(e),
+        }
     }
 
     /// Current size (seeking to the end works for block devices too).
@@ -79,16 +113,9 @@ impl Disk {
         let offset = index * cs;
         let len = (size.saturating_sub(offset)).min(cs) as usize;
         let mut data = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            let n = self.file.read_at(&mut data[done..], offset + done as u64)?;
-            if n == 0 {
-                // The disk shrank under us: the rest reads as zeros; the next pass
-                // notices the new size.
-                break;
-            }
-            done += n;
-        }
+        // Short when the disk shrank under us: the rest reads as zeros; the next pass
+        // notices the new size.
+        self.read_at(&mut data, offset)?;
         if data.iter().all(|&b| b == 0) {
             return Ok(ReadChunk { index, slot: Slot::Zero, data: Vec::new(), blocks: Vec::new() });
         }
@@ -96,4 +123,17 @@ impl Disk {
         let blocks = block_hashes(&data);
         Ok(ReadChunk { index, slot: Slot::Data(hash), data, blocks })
     }
+}
+
+/// Reads until `buf` is full or the end of the file.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
 }

@@ -1,9 +1,12 @@
 //! The mobility agent: copies the disks of a server to its process server, then follows
-//! their changes and marks crash-consistent recovery points at the policy interval
-//! (docs/replication-protocol.md).
+//! their changes and marks crash-consistent recovery points at the policy interval, and
+//! app-consistent ones (filesystems frozen around the user's hooks) at the policy's
+//! app-consistent interval (docs/replication-protocol.md).
 
+pub mod app;
 pub mod changes;
 pub mod disk;
+pub mod freeze;
 pub mod link;
 mod pass;
 pub mod register;
@@ -12,7 +15,7 @@ pub mod report;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -74,6 +77,10 @@ pub struct AgentConfig {
     /// How changes are tracked.
     #[serde(default)]
     pub tracking: changes::Tracking,
+    /// Hooks and filesystems of app-consistent points; without it the policy's
+    /// app-consistent points are reported as not configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_consistency: Option<app::AppConsistency>,
     /// The Kubernetes API the agent reports its status to; without it the agent runs
     /// standalone (replication only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +111,14 @@ pub struct AgentStatus {
     pub points: u64,
     /// Intervals whose point was skipped because writes never paused.
     pub points_skipped: u64,
+    /// App-consistent points acknowledged (also counted in `points`).
+    pub app_points: u64,
+    /// Latest app-consistent point acknowledged.
+    pub last_app_point: Option<String>,
+    /// App-consistent attempts that produced no point.
+    pub app_points_failed: u64,
+    /// The last app-consistent attempt that failed, or whose hooks or thaw did.
+    pub last_app_failure: Option<app::AppFailure>,
     /// Chunks sent (whole or as deltas).
     pub chunks_sent: u64,
     /// Of those, chunks sent as deltas.
@@ -150,6 +165,8 @@ pub struct Agent {
     resized: Option<String>,
     /// Full comparison passes asked for from outside (manual resync).
     requests: PassRequest,
+    /// When the next app-consistent point is due (None: at the first cycle).
+    next_app: Option<Instant>,
 }
 
 impl Agent {
@@ -164,6 +181,7 @@ impl Agent {
             blocks: Default::default(),
             resized: None,
             requests: PassRequest::default(),
+            next_app: None,
         }
     }
 
@@ -188,6 +206,13 @@ impl Agent {
                 |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()));
             agent_config(&r(&self.config.ca_bundle)?, &r(&self.config.client_cert)?, &r(&self.config.client_key)?)?
         };
+        if let Some(a) = &self.config.app_consistency {
+            let mounts = a.mount_points.clone();
+            let thawed = tokio::task::spawn_blocking(move || freeze::thaw_leftovers(&mounts)).await.unwrap_or_default();
+            for m in thawed {
+                tracing::warn!(mount = %m.display(), "thawed a filesystem left frozen (an agent killed during an app-consistent point?)");
+            }
+        }
         let mut backoff = Duration::from_millis(250);
         while !*shutdown.borrow() {
             let result = self.session(TlsConnector::from(tls.clone()), shutdown.clone()).await;
@@ -324,6 +349,11 @@ impl Agent {
             .map(Duration::from_millis)
             .unwrap_or_else(|| Duration::from_secs_f64(self.config.interval_seconds))
             .max(Duration::from_millis(100));
+        let app_interval = match welcome.app_interval_ms {
+            Some(ms) => Some(Duration::from_millis(ms)).filter(|d| !d.is_zero()),
+            None => self.config.app_consistency.as_ref().and_then(app::AppConsistency::interval),
+        }
+        .map(|d| d.max(Duration::from_secs(1)));
         loop {
             // Until this cycle's pass is sent, what the tracker hands out exists only here:
             // a failure now must make the next session compare everything.
@@ -349,29 +379,25 @@ impl Agent {
                 pass?;
                 self.end_pass();
             }
-            let mut point = None;
-            for _ in 0..self.config.max_passes.max(1) {
-                let now_sizes: Vec<u64> = disks.iter().map(Disk::size).collect::<Result<_, _>>().map_err(err)?;
-                if now_sizes != sizes {
-                    let changed: Vec<String> = disks
-                        .iter()
-                        .zip(sizes.iter().zip(&now_sizes))
-                        .filter(|(_, (a, b))| a != b)
-                        .map(|(d, (a, b))| format!("disk {} changed size from {a} to {b} bytes", d.id))
-                        .collect();
-                    self.resized = Some(changed.join("; "));
-                    self.believed = Some(sent);
-                    link.drain().await.map_err(err)?;
-                    return Err(err("a disk changed size; reconnecting to send the new layout"));
+            let mut app = None;
+            if let Some(every) = app_interval
+                && self.next_app.is_none_or(|t| Instant::now() >= t)
+            {
+                self.next_app = Some(Instant::now() + every);
+                let r = self.app_point(&mut link, &disks, &sizes, chunk_size, &mut sent, &mut shutdown).await?;
+                if r == app::AppOutcome::Shutdown {
+                    // The link may end in a partial frame: nothing more is sent on it.
+                    link.close().await;
+                    return Ok(());
                 }
-                let at = jiff::Timestamp::now();
-                let dirty = self.tracker.take(&disks, chunk_size).map_err(err)?;
-                if dirty.is_quiet() && self.tracker.proves_quiet() {
-                    point = Some(at);
-                    break;
-                }
-                self.send_pass(&mut link, &disks, &sizes, chunk_size, &mut sent, &dirty, false).await?;
+                app = Some(r);
             }
+            // An app-consistent point is this cycle's point (every point is at least
+            // crash-consistent).
+            let point = match app {
+                Some(app::AppOutcome::Point) => None,
+                _ => self.precopy(&mut link, &disks, &sizes, chunk_size, &mut sent, &|| false).await?,
+            };
             match point {
                 Some(time) => {
                     let id = generate_point_id(time, PointKind::Crash);
@@ -385,6 +411,7 @@ impl Agent {
                         s.last_point = Some(id);
                     });
                 }
+                None if app == Some(app::AppOutcome::Point) => {}
                 None => {
                     tracing::warn!(
                         passes = self.config.max_passes,
@@ -397,7 +424,7 @@ impl Agent {
             self.update(|s| s.bytes_sent = bytes);
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = shutdown.changed() => {
+                _ = stopping(&mut shutdown) => {
                     let r = tokio::time::timeout(Duration::from_secs(10), link.drain()).await;
                     self.believed = Some(sent);
                     link.close().await;
@@ -410,6 +437,45 @@ impl Agent {
             }
             self.believed = Some(sent.clone());
         }
+    }
+
+    /// Pre-copy: sends what changed until a look finds nothing written since the previous
+    /// one, and returns that look's time (everything sent reflects that instant); `None`
+    /// after `maxPasses` passes without such a look, or once `stop` holds.
+    async fn precopy<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<W>,
+        disks: &[Disk],
+        sizes: &[u64],
+        chunk_size: u32,
+        sent: &mut Vec<Vec<Slot>>,
+        stop: &(impl Fn() -> bool + Sync),
+    ) -> Result<Option<jiff::Timestamp>, SessionError> {
+        for _ in 0..self.config.max_passes.max(1) {
+            if stop() {
+                return Ok(None);
+            }
+            let now_sizes: Vec<u64> = disks.iter().map(Disk::size).collect::<Result<_, _>>().map_err(err)?;
+            if now_sizes != sizes {
+                let changed: Vec<String> = disks
+                    .iter()
+                    .zip(sizes.iter().zip(&now_sizes))
+                    .filter(|(_, (a, b))| a != b)
+                    .map(|(d, (a, b))| format!("disk {} changed size from {a} to {b} bytes", d.id))
+                    .collect();
+                self.resized = Some(changed.join("; "));
+                self.believed = Some(std::mem::take(sent));
+                link.drain().await.map_err(err)?;
+                return Err(err("a disk changed size; reconnecting to send the new layout"));
+            }
+            let at = jiff::Timestamp::now();
+            let dirty = self.tracker.take(disks, chunk_size).map_err(err)?;
+            if dirty.is_quiet() && self.tracker.proves_quiet() {
+                return Ok(Some(at));
+            }
+            self.send_pass(link, disks, sizes, chunk_size, sent, &dirty, false).await?;
+        }
+        Ok(None)
     }
 
     /// Starts reporting a comparison pass over the chunks `which` names.
@@ -555,6 +621,12 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Returns once `shutdown` is true (at once if it already is).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // The borrow `wait_for` returns must not live across an await (it is not Send).
+    let _ = shutdown.wait_for(|v| *v).await;
 }
 
 /// The `[offset, length]` ranges of a chunk of `len` bytes whose delta blocks differ,

@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
+use siterecovery_api::common::{RecoveryPointKind, RecoveryPointRef};
+use siterecovery_api::server::LatestRecoveryPoints;
 use siterecovery_api::{ProtectedServer, ReplicationPolicy};
 use siterecovery_store::{AzureBlobBackend, Keyring, Store, StoreOptions};
 
@@ -94,6 +96,7 @@ impl KubeTargets {
             chunk_size: siterecovery_store::DEFAULT_CHUNK_SIZE,
             bandwidth_bytes_per_second: bandwidth,
             crash_interval: policy.spec.crash_consistent_interval.to_std(),
+            app_interval: policy.spec.app_consistent_interval.to_std(),
         });
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), t.clone()));
         Ok(t)
@@ -205,31 +208,49 @@ pub async fn report_status(client: Client, shared: Arc<Shared>) {
             let Some((id, time, kind)) = state.latest_written() else { continue };
             let key = state.server.to_string();
             let received = state.progress.bytes_received.load(std::sync::atomic::Ordering::Relaxed);
-            let r = last.entry(key).or_insert_with(|| Reported::new(received));
+            let api = Api::<ProtectedServer>::namespaced(client.clone(), state.server.namespace());
+            if !last.contains_key(&key) {
+                // An apply that leaves out a field this manager set removes it: start from
+                // what an earlier run reported.
+                let status = match api.get_opt(state.server.name()).await {
+                    Ok(p) => p.and_then(|p| p.status).and_then(|s| s.latest_recovery_points).unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(server = %state.server, error = %e, "status not read; retrying");
+                        continue;
+                    }
+                };
+                let mut r = Reported::new(received);
+                r.app = status.app_consistent;
+                r.group = status.group_consistent;
+                last.insert(key.clone(), r);
+            }
+            let r = last.get_mut(&key).expect("inserted");
             r.sample(received);
             if r.point.as_deref() == Some(id.as_str()) && r.at.elapsed() < Duration::from_secs(30) {
                 continue;
             }
             let (rate, day) = r.churn(received);
-            let kind = match kind {
-                siterecovery_store::PointKind::Crash => "CrashConsistent",
-                siterecovery_store::PointKind::App => "AppConsistent",
-                siterecovery_store::PointKind::Group => "GroupConsistent",
-            };
-            let field = match kind {
-                "AppConsistent" => "appConsistent",
-                "GroupConsistent" => "groupConsistent",
-                _ => "crashConsistent",
+            let newest = point_ref(id.clone(), time, kind);
+            match kind {
+                siterecovery_store::PointKind::App => r.app = Some(newest.clone()),
+                siterecovery_store::PointKind::Group => r.group = Some(newest.clone()),
+                siterecovery_store::PointKind::Crash => {}
+            }
+            let points = LatestRecoveryPoints {
+                // Every point is at least crash-consistent (the RPO is measured from it).
+                crash_consistent: Some(newest),
+                app_consistent: r.app.clone(),
+                group_consistent: r.group.clone(),
+                count: None,
             };
             let patch = serde_json::json!({
                 "apiVersion": "siterecovery.io/v1alpha1",
                 "kind": "ProtectedServer",
                 "status": {
-                    "latestRecoveryPoints": { field: {"id": id, "time": Time(time), "kind": kind} },
+                    "latestRecoveryPoints": points,
                     "churn": {"bytesPerSecond": rate, "bytesLast24h": day},
                 }
             });
-            let api = Api::<ProtectedServer>::namespaced(client.clone(), state.server.namespace());
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             match api.patch_status(state.server.name(), &pp, &Patch::Apply(&patch)).await {
                 Ok(_) => {
@@ -243,8 +264,21 @@ pub async fn report_status(client: Client, shared: Arc<Shared>) {
     }
 }
 
+/// A point as the status shows it.
+fn point_ref(id: String, time: jiff::Timestamp, kind: siterecovery_store::PointKind) -> RecoveryPointRef {
+    let kind = match kind {
+        siterecovery_store::PointKind::Crash => RecoveryPointKind::CrashConsistent,
+        siterecovery_store::PointKind::App => RecoveryPointKind::AppConsistent,
+        siterecovery_store::PointKind::Group => RecoveryPointKind::GroupConsistent,
+    };
+    RecoveryPointRef { id, time: Time(time), kind }
+}
+
 /// What was last reported for a server, and samples of its received bytes for the churn.
 struct Reported {
+    /// Newest app- and group-consistent points reported (kept in every apply).
+    app: Option<RecoveryPointRef>,
+    group: Option<RecoveryPointRef>,
     point: Option<String>,
     at: Instant,
     bytes_at_report: u64,
@@ -255,6 +289,8 @@ struct Reported {
 impl Reported {
     fn new(received: u64) -> Self {
         Self {
+            app: None,
+            group: None,
             point: None,
             at: Instant::now(),
             bytes_at_report: received,

@@ -149,6 +149,7 @@ where
         latest_point,
         bandwidth_bytes_per_second: state.target.bandwidth_bytes_per_second,
         crash_interval_ms: state.target.crash_interval.map(|d| d.as_millis() as u64),
+        app_interval_ms: state.target.app_interval.map(|d| d.as_millis() as u64),
     };
     write_message(wr, &Message::Welcome(welcome, head)).await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
     wr.flush().await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;

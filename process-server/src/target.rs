@@ -22,6 +22,8 @@ pub struct Target {
     pub bandwidth_bytes_per_second: u64,
     /// Crash-consistent interval of the policy, handed to agents.
     pub crash_interval: Option<std::time::Duration>,
+    /// App-consistent interval of the policy (zero: off), handed to agents.
+    pub app_interval: Option<std::time::Duration>,
 }
 
 /// Decides, for an authenticated agent, where its data goes, or why it may not connect.
@@ -118,6 +120,7 @@ impl StaticTargets {
             chunk_size,
             bandwidth_bytes_per_second: file.bandwidth_bytes_per_second,
             crash_interval: None,
+            app_interval: None,
         })))
     }
 }

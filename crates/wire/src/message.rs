@@ -56,6 +56,11 @@ pub struct Welcome {
     /// it; it takes precedence over the agent's own setting.
     #[serde(default)]
     pub crash_interval_ms: Option<u64>,
+    /// The policy's app-consistent interval in milliseconds (0: off), when the process
+    /// server knows it; it takes precedence over the agent's own setting. Omitted when
+    /// unknown, so agents that predate it still read the welcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_interval_ms: Option<u64>,
 }
 
 /// How a chunk body is encoded.
