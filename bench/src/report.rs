@@ -13,20 +13,26 @@ pub enum Goal {
     AtMost(f64),
     /// The value must stay strictly below this.
     Below(f64),
+    /// The value must reach at least this.
+    AtLeast(f64),
 }
 
 impl Goal {
-    fn met_by(self, value: f64) -> bool {
+    /// Whether `value` meets the goal.
+    pub fn met_by(self, value: f64) -> bool {
         match self {
             Goal::AtMost(limit) => value <= limit,
             Goal::Below(limit) => value < limit,
+            Goal::AtLeast(limit) => value >= limit,
         }
     }
 
-    fn text(self) -> String {
+    /// The goal as text, e.g. `<= 60`.
+    pub fn text(self) -> String {
         match self {
             Goal::AtMost(limit) => format!("<= {}", number(limit)),
             Goal::Below(limit) => format!("< {}", number(limit)),
+            Goal::AtLeast(limit) => format!(">= {}", number(limit)),
         }
     }
 }
@@ -128,7 +134,7 @@ pub fn write_json(path: &Path, doc: &Value) -> anyhow::Result<()> {
 }
 
 /// A figure with at most three decimals and no trailing zeros.
-fn number(v: f64) -> String {
+pub fn number(v: f64) -> String {
     let text = format!("{v:.3}");
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
@@ -151,6 +157,7 @@ mod tests {
         let met: Vec<_> = rows().iter().map(Row::met).collect();
         assert_eq!(met, vec![Some(true), Some(false), Some(false), None], "1.0 is not below 1; unmeasured misses");
         assert!(Goal::AtMost(60.0).met_by(60.0));
+        assert!(Goal::AtLeast(2.0).met_by(2.0) && !Goal::AtLeast(2.0).met_by(1.99));
     }
 
     #[test]

@@ -1,0 +1,9 @@
+//! The data-plane benchmark (`dataplane` binary): our agent and process server against
+//! restic and rsync on the same ext4 image, in the same run (docs/benchmarks.md).
+
+pub mod compare;
+pub mod peers;
+pub mod phases;
+pub mod procs;
+pub mod rig;
+pub mod workload;

@@ -1,0 +1,363 @@
+//! The benchmark's phases, each doing the same work with our data plane and with the
+//! peers, one after the other on the same image: initial replication, an incremental
+//! after churn, restore, and RPO under sustained writes.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+
+use super::peers::{Backup, Restic, Timed, rsync};
+use super::procs::{Proc, Usage, cpu_seconds, tcp_bytes_acked_to};
+use super::rig::{Rig, acknowledged_points, point_time};
+use super::workload::{Churn, PacedWriter, churn, hash_file};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Our side of a replication phase.
+#[derive(Debug, Clone, Default)]
+pub struct Ours {
+    /// From the start of the phase (agent start; end of the churn) until the process
+    /// server wrote the first point taken after it to the store.
+    pub seconds: f64,
+    /// Agent CPU during the phase, and its peak RSS so far.
+    pub agent: Usage,
+    /// Process-server CPU seconds during the phase.
+    pub ps_cpu_s: f64,
+    /// Azurite CPU seconds during the phase.
+    pub azurite_cpu_s: Option<f64>,
+    /// Bytes on the agent's TCP connection (TLS included), MiB.
+    pub wire_mib: Option<f64>,
+    /// Plaintext chunk bytes the process server received, MiB.
+    pub received_mib: f64,
+    /// Bytes the process server uploaded, MiB.
+    pub uploaded_mib: f64,
+    /// Replication sessions that ended in an error (the agent reconnected).
+    pub sessions_failed: usize,
+}
+
+/// A peer run with the Azurite CPU it caused.
+#[derive(Debug, Clone, Default)]
+pub struct PeerRun {
+    /// The run.
+    pub timed: Timed,
+    /// Azurite CPU seconds during it.
+    pub azurite_cpu_s: Option<f64>,
+}
+
+/// Azurite's CPU seconds so far (its pid, when known).
+pub fn azurite_cpu(pid: Option<u32>) -> Option<f64> {
+    cpu_seconds(pid?).ok()
+}
+
+/// Starts the agent, waits until the process server has written its first point to the
+/// store, and leaves it running (its in-memory state, such as the block hashes deltas are
+/// computed from, is part of what later phases measure).
+pub async fn initial(rig: &mut Rig, azurite: Option<u32>, timeout: Duration) -> (Option<Ours>, Option<Proc>) {
+    let started = Instant::now();
+    let since = Timestamp::now();
+    let mut agent = match rig.start_agent("run") {
+        Ok(a) => a,
+        Err(e) => return (report("ours, initial", Err(e)), None),
+    };
+    let baseline = Baseline { cpu_s: 0.0, wire: 0, ..Baseline::take(rig, None, azurite).await };
+    let ours = follow(rig, &mut agent, since, started, baseline, azurite, timeout).await;
+    (report("ours, initial", ours), Some(agent))
+}
+
+/// Figures read before a phase, to subtract.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Baseline {
+    cpu_s: f64,
+    ps_cpu_s: f64,
+    azurite_cpu_s: Option<f64>,
+    wire: u64,
+    received: f64,
+    uploaded: f64,
+}
+
+impl Baseline {
+    /// Reads the counters now.
+    pub async fn take(rig: &Rig, agent: Option<&Proc>, azurite: Option<u32>) -> Self {
+        let c = rig.counters().await.unwrap_or_default();
+        Self {
+            cpu_s: agent.and_then(|a| cpu_seconds(a.pid()).ok()).unwrap_or(0.0),
+            ps_cpu_s: rig.ps_usage().cpu_s,
+            azurite_cpu_s: azurite_cpu(azurite),
+            wire: tcp_bytes_acked_to(rig.ps_port).unwrap_or(0),
+            received: c.received,
+            uploaded: c.uploaded,
+        }
+    }
+}
+
+/// Waits until the running agent has acknowledged a point taken at or after `since` and
+/// the process server has written it to the store; the phase's figures are the
+/// differences from `base`, its duration counted from `started`.
+pub async fn follow(
+    rig: &mut Rig,
+    agent: &mut Proc,
+    since: Timestamp,
+    started: Instant,
+    base: Baseline,
+    azurite: Option<u32>,
+    timeout: Duration,
+) -> anyhow::Result<Ours> {
+    let deadline = started + timeout;
+    let failed_before = failed_sessions(&agent.log);
+    let id = loop {
+        let newer = acknowledged_points(&agent.log).into_iter().find(|id| point_time(id).is_some_and(|t| t >= since));
+        if let Some(id) = newer {
+            break id;
+        }
+        agent.check_alive()?;
+        rig.ps.check_alive()?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no recovery point after {timeout:?} ({} replication sessions ended in an error); agent log tail:\n{}",
+            failed_sessions(&agent.log) - failed_before,
+            super::procs::tail(&agent.log, 15)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    while rig.store.load_point(&rig.server, &id).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "point {id} acknowledged but not in the store after {timeout:?}");
+        rig.ps.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let now = Baseline::take(rig, Some(agent), azurite).await;
+    Ok(Ours {
+        seconds,
+        agent: Usage {
+            cpu_s: now.cpu_s - base.cpu_s,
+            peak_rss_mib: agent.usage().map(|u| u.peak_rss_mib).unwrap_or(0.0),
+        },
+        ps_cpu_s: now.ps_cpu_s - base.ps_cpu_s,
+        azurite_cpu_s: base.azurite_cpu_s.zip(now.azurite_cpu_s).map(|(a, b)| b - a),
+        wire_mib: Some(now.wire.saturating_sub(base.wire) as f64 / MIB),
+        received_mib: (now.received - base.received) / MIB,
+        uploaded_mib: (now.uploaded - base.uploaded) / MIB,
+        sessions_failed: failed_sessions(&agent.log) - failed_before,
+    })
+}
+
+/// Sessions an agent log reports as ended in an error.
+pub fn failed_sessions(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains("replication session ended")).count()
+}
+
+/// A restic backup of the image, with Azurite's CPU.
+pub fn restic_backup(restic: &Restic, disk: &Path, azurite: Option<u32>) -> anyhow::Result<(PeerRun, Backup)> {
+    let az = azurite_cpu(azurite);
+    let b = restic.backup(disk)?;
+    let run = PeerRun { timed: b.timed.clone(), azurite_cpu_s: az.zip(azurite_cpu(azurite)).map(|(a, b)| b - a) };
+    Ok((run, b))
+}
+
+/// The incremental phase's peer figures and workload.
+#[derive(Debug, Clone, Default)]
+pub struct Incremental {
+    /// What the churn wrote.
+    pub churn: Churn,
+    /// Ours.
+    pub ours: Option<Ours>,
+    /// restic's second backup.
+    pub restic: Option<(PeerRun, Backup)>,
+    /// rsync of the image onto its pre-churn copy, and rsync's bytes sent.
+    pub rsync: Option<(Timed, Option<f64>)>,
+}
+
+/// Copies the image for rsync, churns `fraction` of it, then replicates the change with
+/// our agent, restic and rsync in turn.
+pub async fn incremental(
+    rig: &mut Rig,
+    restic: &Restic,
+    fraction: f64,
+    azurite: Option<u32>,
+    agent: Option<&mut Proc>,
+    timeout: Duration,
+) -> anyhow::Result<Incremental> {
+    let disk = rig.disk();
+    let copy = rig.paths.work.join("rsync-copy.img");
+    std::fs::copy(&disk, &copy)?;
+    // As `cp -p` would: rsync's quick check then sees the churn as a newer file.
+    std::fs::File::options().write(true).open(&copy)?.set_modified(std::fs::metadata(&disk)?.modified()?)?;
+    let base = Baseline::take(rig, agent.as_deref(), azurite).await;
+    let mut out = Incremental { churn: churn(&disk, fraction, 0x5eed)?, ..Default::default() };
+    let (since, started) = (Timestamp::now(), Instant::now());
+    eprintln!(
+        "[dataplane] churn: {} blocks of 64 KiB ({:.1} MiB, {:.1} MiB zstd -3) in {} of the image's 4 MiB regions",
+        out.churn.blocks,
+        out.churn.bytes as f64 / MIB,
+        out.churn.zstd_bytes as f64 / MIB,
+        out.churn.regions_4mib
+    );
+    if let Some(agent) = agent {
+        out.ours = report("ours, incremental", follow(rig, agent, since, started, base, azurite, timeout).await);
+    }
+    out.restic = report("restic, incremental", restic_backup(restic, &disk, azurite));
+    out.rsync = report("rsync, incremental", rsync(&disk, &copy, &rig.paths.work));
+    let _ = std::fs::remove_file(&copy);
+    Ok(out)
+}
+
+/// A restore: rate and whether the bytes match.
+#[derive(Debug, Clone, Default)]
+pub struct Restore {
+    /// MiB of the image per second.
+    pub mib_per_s: f64,
+    /// The restored image hashes like the source.
+    pub exact: bool,
+    /// Wall seconds.
+    pub seconds: f64,
+}
+
+/// Restores the latest point (ours) and the latest snapshot (restic) and compares each
+/// with the file holding the content it was taken from (`None` for ours: no point to
+/// restore).
+pub async fn restore(
+    rig: &Rig,
+    restic: &Restic,
+    ours_source: Option<&Path>,
+    restic_source: &Path,
+) -> anyhow::Result<(Option<Restore>, Option<(Restore, Timed)>)> {
+    let disk = rig.disk();
+    let size = std::fs::metadata(&disk)?.len() as f64 / MIB;
+    let ours = async {
+        let source = ours_source.ok_or_else(|| anyhow::anyhow!("skipped: no complete replication to restore"))?;
+        let expected = hash_file(source)?;
+        let id = rig
+            .store
+            .list_point_ids(&rig.server)
+            .await?
+            .into_iter()
+            .max()
+            .ok_or_else(|| anyhow::anyhow!("no point"))?;
+        let manifest = rig.store.load_point(&rig.server, &id).await?;
+        let target = rig.paths.work.join("restored.img");
+        let started = Instant::now();
+        rig.store.restore_point(&rig.server, &manifest, &[("disk0".into(), target.clone())]).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let exact = hash_file(&target)? == expected;
+        std::fs::remove_file(&target)?;
+        anyhow::Ok(Restore { mib_per_s: size / seconds, exact, seconds })
+    };
+    let ours = report("ours, restore", ours.await);
+    let peer = (|| {
+        let expected = hash_file(restic_source)?;
+        let dir = rig.paths.work.join("restic-restore");
+        let timed = restic.restore_latest(&dir)?;
+        let restored: PathBuf = dir.join(disk.strip_prefix("/")?);
+        let exact = hash_file(&restored)? == expected;
+        std::fs::remove_dir_all(&dir)?;
+        anyhow::Ok((Restore { mib_per_s: size / timed.wall_s, exact, seconds: timed.wall_s }, timed))
+    })();
+    Ok((ours, report("restic, restore", peer)))
+}
+
+/// RPO under sustained writes.
+#[derive(Debug, Clone, Default)]
+pub struct Rpo {
+    /// `now − time of the latest acknowledged point`, sampled every second.
+    pub acked: Vec<f64>,
+    /// The same against the latest point in the store.
+    pub stored: Vec<f64>,
+    /// Points acknowledged while the writes ran.
+    pub points: usize,
+    /// MiB/s actually written.
+    pub written_mib_s: f64,
+    /// Seconds from the end of the writes until a point taken after it was acknowledged.
+    pub catch_up_s: Option<f64>,
+    /// Agent resources.
+    pub agent: Usage,
+    /// Largest process-server backlog seen, MiB.
+    pub max_backlog_mib: f64,
+    /// Replication sessions that ended in an error.
+    pub sessions_failed: usize,
+}
+
+/// With the agent running, writes `rate` bytes/s at random for `seconds` while sampling
+/// the RPO every second.
+pub async fn rpo(rig: &mut Rig, agent: &mut Proc, seconds: u64, rate: f64) -> anyhow::Result<Rpo> {
+    let mut out = Rpo::default();
+    let log = agent.log.clone();
+    let cpu_before = cpu_seconds(agent.pid())?;
+    let failed_before = failed_sessions(&log);
+    let before = acknowledged_points(&log).len();
+    let writer = PacedWriter::start(&rig.disk(), rate, 0xfeed)?;
+    let writes_started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    for _ in 0..seconds {
+        tick.tick().await;
+        let now = Timestamp::now();
+        let age = |id: Option<&String>| id.and_then(|id| point_time(id)).map(|t| now.duration_since(t).as_secs_f64());
+        if let Some(a) = age(acknowledged_points(&log).last()) {
+            out.acked.push(a);
+        }
+        let stored = rig.store.list_point_ids(&rig.server).await.unwrap_or_default();
+        if let Some(a) = age(stored.iter().max()) {
+            out.stored.push(a);
+        }
+        if let Ok(c) = rig.counters().await {
+            out.max_backlog_mib = out.max_backlog_mib.max(c.backlog / MIB);
+        }
+        agent.check_alive()?;
+    }
+    let written = writer.stop()?;
+    let writes_ended = Timestamp::now();
+    out.written_mib_s = written as f64 / MIB / writes_started.elapsed().as_secs_f64();
+    out.points = acknowledged_points(&log).len() - before;
+    let wait_from = Instant::now();
+    while wait_from.elapsed() < Duration::from_secs(300) {
+        let latest = acknowledged_points(&log).last().and_then(|id| point_time(id));
+        if latest.is_some_and(|t| t >= writes_ended) {
+            out.catch_up_s = Some(wait_from.elapsed().as_secs_f64());
+            break;
+        }
+        agent.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    out.agent = Usage { cpu_s: cpu_seconds(agent.pid())? - cpu_before, ..agent.usage()? };
+    out.sessions_failed = failed_sessions(&log) - failed_before;
+    Ok(out)
+}
+
+/// Prints a failed step's error and turns it into `None`: one broken step must not hide
+/// the figures of the others.
+pub fn report<T>(what: &str, r: anyhow::Result<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("[dataplane] {what} FAILED: {e:#}");
+            None
+        }
+    }
+}
+
+/// Nearest-rank percentile `p` (0–100) of `samples`.
+pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    Some(s[rank.min(s.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s: Vec<f64> = (1..=120).map(f64::from).collect();
+        assert_eq!(percentile(&s, 99.0), Some(119.0));
+        assert_eq!(percentile(&s, 50.0), Some(60.0));
+        assert_eq!(percentile(&s, 100.0), Some(120.0));
+        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
+        assert_eq!(percentile(&[], 99.0), None);
+    }
+}

