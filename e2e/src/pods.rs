@@ -366,7 +366,17 @@ fn unmount_claims(dir: &Path) {
     }
 }
 
-/// Where `cargo build` put the workspace's binaries (`target/debug`).
+/// Where `cargo build` put the workspace's binaries: the directory of the running
+/// executable (a test binary sits one level deeper, in `deps/`), so a custom
+/// `CARGO_TARGET_DIR` works too.
 pub fn bin_dir() -> PathBuf {
-    crate::repo_root().join("target").join(if cfg!(debug_assertions) { "debug" } else { "release" })
+    let fallback = || crate::repo_root().join("target").join(if cfg!(debug_assertions) { "debug" } else { "release" });
+    let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) else {
+        return fallback();
+    };
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_else(fallback)
+    } else {
+        dir
+    }
 }

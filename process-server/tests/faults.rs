@@ -815,7 +815,8 @@ async fn a_damaged_chunk_fails_the_restore_by_name_and_is_never_written() {
 // ---------------------------------------------------------------------------------------
 
 fn agent_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/siterecovery-agent");
+    // Beside this package's own binary: the same target directory, whatever it is.
+    let path = Path::new(env!("CARGO_BIN_EXE_siterecovery-process-server")).with_file_name("siterecovery-agent");
     assert!(path.exists(), "{} is missing: run `cargo build -p siterecovery-agent` before this test", path.display());
     path
 }

@@ -12,7 +12,6 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// One disk as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DiskInfo {
     /// Disk id, unique within the server.
     pub id: String,
@@ -22,7 +21,6 @@ pub struct DiskInfo {
 
 /// Agent → process server, first frame of a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Hello {
     /// [`PROTOCOL_VERSION`] of the agent.
     pub protocol: u32,
@@ -41,7 +39,6 @@ pub struct Hello {
 /// the process server holds durably for each disk of the hello, so the agent sends
 /// only chunks that differ (initial copy resumes, resync sends differences).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Welcome {
     /// [`PROTOCOL_VERSION`] of the process server.
     pub protocol: u32,
@@ -75,7 +72,6 @@ pub enum Encoding {
 
 /// Agent → process server: the content of one chunk at the instant it was read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChunkData {
     /// Sequence number within the connection (acknowledged by [`Ack`]).
     pub seq: u64,
@@ -96,7 +92,6 @@ pub struct ChunkData {
 /// base and checks the result against `hash`: a few changed blocks of a large chunk
 /// cross the wire instead of the whole chunk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChunkDelta {
     /// Sequence number within the connection.
     pub seq: u64,
@@ -146,7 +141,6 @@ impl ChunkDelta {
 
 /// Agent → process server: every chunk sent before this marker reflects one instant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PointMarker {
     /// Sequence number within the connection.
     pub seq: u64,
@@ -163,7 +157,6 @@ pub struct PointMarker {
 
 /// Agent → process server: the disk layout changed (a disk grew, was added or removed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Layout {
     /// Sequence number within the connection.
     pub seq: u64,
@@ -173,7 +166,6 @@ pub struct Layout {
 
 /// Agent → process server: the agent is resending by checksum comparison, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Resync {
     /// Sequence number within the connection.
     pub seq: u64,
@@ -183,7 +175,6 @@ pub struct Resync {
 
 /// Process server → agent: every message up to `seq` is durable in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Ack {
     /// Highest durable sequence number.
     pub seq: u64,
@@ -191,7 +182,6 @@ pub struct Ack {
 
 /// Either side: the session ends, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Refusal {
     /// A CamelCase reason, e.g. `IdentityMismatch`.
     pub reason: String,
@@ -479,5 +469,74 @@ impl Head {
             return Err(WireError::Malformed(format!("{} bytes after the head", b.remaining())));
         }
         Ok(Self { disks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(b: u8) -> ChunkHash {
+        ChunkHash([b; 32])
+    }
+
+    #[test]
+    fn a_head_round_trips_and_truncation_is_refused() {
+        let head = Head {
+            disks: vec![
+                DiskHead { id: "os".into(), size: 10, slots: vec![Slot::Data(hash(1)), Slot::Zero, Slot::Missing] },
+                DiskHead { id: "data".into(), size: 0, slots: vec![] },
+            ],
+        };
+        let bytes = head.encode();
+        assert_eq!(Head::decode(bytes.clone()).unwrap(), head);
+        for cut in [0, 3, 10, bytes.len() - 1] {
+            assert!(Head::decode(bytes.slice(..cut)).is_err(), "a head cut at {cut} bytes must be refused");
+        }
+    }
+
+    #[test]
+    fn resizing_keeps_whole_chunks_and_forgets_the_changed_last_one() {
+        let mut d = DiskHead { id: "os".into(), size: 10, slots: vec![Slot::Zero, Slot::Data(hash(2)), Slot::Zero] };
+        d.resize(14, 4); // chunks of 4 bytes: 0-3, 4-7 kept; 8-9 (partial) becomes 8-11, plus 12-13
+        assert_eq!(d.slots, vec![Slot::Zero, Slot::Data(hash(2)), Slot::Missing, Slot::Missing]);
+        d.resize(6, 4);
+        assert_eq!(d.slots, vec![Slot::Zero, Slot::Missing]);
+        assert!(!d.complete());
+    }
+
+    #[test]
+    fn messages_round_trip_and_bad_frames_name_the_problem() {
+        let m = Message::Point(PointMarker {
+            seq: 7,
+            id: "20261127T101500123Z-crash".into(),
+            kind: PointKind::Crash,
+            time: "2026-11-27T10:15:00.123Z".parse().unwrap(),
+            group: None,
+        });
+        let f = m.to_frame();
+        assert_eq!(Message::from_frame(&Frame::decode_payload(f.encode().slice(4..)).unwrap()).unwrap(), m);
+        let unknown = Frame { kind: 99, header: Bytes::from_static(b"{}"), body: Bytes::new() };
+        assert!(Message::from_frame(&unknown).unwrap_err().to_string().contains("unknown frame kind 99"));
+        let zero_with_body = Frame {
+            kind: 3,
+            header: Bytes::from_static(br#"{"seq":1,"disk":"os","index":0,"len":4,"hash":null,"encoding":"raw"}"#),
+            body: Bytes::from_static(b"abcd"),
+        };
+        assert!(Message::from_frame(&zero_with_body).unwrap_err().to_string().contains("zero chunk carries a body"));
+        let overlapping = ChunkDelta {
+            seq: 1,
+            disk: "os".into(),
+            index: 0,
+            len: 100,
+            base: None,
+            hash: hash(3).to_hex(),
+            ranges: vec![[0, 10], [5, 10]],
+            encoding: Encoding::Raw,
+        };
+        assert!(overlapping.check().is_err());
+        // Headers may grow within a protocol version: unknown fields are ignored.
+        let newer = Frame { kind: 5, header: Bytes::from_static(br#"{"seq":3,"future":true}"#), body: Bytes::new() };
+        assert_eq!(Message::from_frame(&newer).unwrap(), Message::Ack(Ack { seq: 3 }));
     }
 }
