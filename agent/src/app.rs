@@ -275,3 +275,49 @@ impl Agent {
         self.update(|s| s.last_app_failure = Some(failure));
     }
 }
+
+/// Longest a convergence freeze of a crash-consistent point may last.
+const CONVERGENCE_FREEZE: Duration = Duration::from_secs(2);
+
+impl Agent {
+    /// When writes never paused for a crash-consistent point: freezes the configured
+    /// filesystems briefly (no hooks), sends what changed until a quiet look inside the
+    /// freeze, and thaws. Returns that look's time, or `None` (no filesystems configured,
+    /// the freeze failed, or the changes did not fit in the freeze).
+    pub(crate) async fn converge_frozen<W: AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<W>,
+        disks: &[Disk],
+        sizes: &[u64],
+        chunk_size: u32,
+        sent: &mut Vec<Vec<Slot>>,
+    ) -> Result<Option<jiff::Timestamp>, SessionError> {
+        let mounts = match &self.config.app_consistency {
+            Some(a) if !a.mount_points.is_empty() => a.mount_points.clone(),
+            _ => return Ok(None),
+        };
+        if let Some(bad) = mounts.iter().find_map(|m| check_mount_point(m).err()) {
+            tracing::warn!(problem = %bad, "cannot freeze to converge a crash-consistent point");
+            return Ok(None);
+        }
+        let limit = CONVERGENCE_FREEZE
+            .min(self.config.app_consistency.as_ref().map_or(CONVERGENCE_FREEZE, |a| a.freeze_limit()));
+        let mut freeze = Freeze::start(mounts, limit);
+        let holding = freeze.holding();
+        let result = match freeze.frozen().await {
+            Ok(()) => {
+                let stop = || !holding.load(Ordering::SeqCst);
+                let at = self.precopy(link, disks, sizes, chunk_size, sent, &stop).await;
+                // Still held after the quiet look: the look saw the filesystems frozen.
+                at.map(|t| t.filter(|_| !stop()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "convergence freeze failed");
+                Ok(None)
+            }
+        };
+        let thaw = freeze.thaw(limit).await;
+        tracing::info!(held = ?thaw.as_ref().map(|t| t.held), converged = matches!(result, Ok(Some(_))), "convergence freeze released");
+        result
+    }
+}

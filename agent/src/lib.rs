@@ -394,10 +394,15 @@ impl Agent {
             }
             // An app-consistent point is this cycle's point (every point is at least
             // crash-consistent).
-            let point = match app {
+            let mut point = match app {
                 Some(app::AppOutcome::Point) => None,
                 _ => self.precopy(&mut link, &disks, &sizes, chunk_size, &mut sent, &|| false).await?,
             };
+            // Writes never paused: a short freeze of the configured filesystems forces
+            // convergence (docs/replication-protocol.md).
+            if point.is_none() && app != Some(app::AppOutcome::Point) {
+                point = self.converge_frozen(&mut link, &disks, &sizes, chunk_size, &mut sent).await?;
+            }
             match point {
                 Some(time) => {
                     let id = generate_point_id(time, PointKind::Crash);

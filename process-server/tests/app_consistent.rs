@@ -306,3 +306,48 @@ async fn a_freeze_never_outlasts_its_limit() {
     drop(freeze);
     assert!(writable_within(&fs, Duration::from_secs(1)), "dropping the freeze did not thaw");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_points_converge_with_a_short_freeze_when_writes_never_pause() {
+    let _serial = SERIAL.lock().await;
+    if !root_with_ebpf(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fs = Fs::new(dir, 64 * MIB);
+    // Mount points configured, app-consistent points off: only the convergence freeze.
+    let app = AppConsistency { interval_seconds: None, pre_hook: vec![], post_hook: vec![], ..hooks(&fs, "true") };
+    let setup = protect(dir, &fs, app).await;
+    // A writer that never pauses: random 64 KiB writes into a file, synced each time.
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, done) = (fs.path("data"), done.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path).unwrap();
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                n += 1;
+                let block = vec![(n % 251) as u8; 65536];
+                f.write_all_at(&block, (n * 7919 % 256) * 65536).unwrap();
+                f.sync_data().unwrap();
+            }
+        })
+    };
+    let s = setup.agent.wait("three crash-consistent points under constant writes", 120, |s| s.points >= 3).await;
+    assert!(writable_within(&fs, Duration::from_secs(1)), "the filesystem is still frozen");
+    done.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    setup.agent.stop().await;
+    let id = s.last_point.clone().unwrap();
+    let manifest = wait_point(&setup.store, &setup.server, &id, 30).await;
+    let restored = dir.join("restored.img");
+    setup.store.restore_point(&setup.server, &manifest, &[("fs".to_string(), restored.clone())]).await.unwrap();
+    let check = Command::new("fsck.ext4").args(["-f", "-n", restored.to_str().unwrap()]).output().unwrap();
+    assert!(
+        check.status.success(),
+        "fsck.ext4 -f -n on the converged point: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
