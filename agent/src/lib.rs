@@ -8,6 +8,7 @@ pub mod changes;
 pub mod disk;
 pub mod freeze;
 pub mod link;
+pub mod metrics;
 mod pass;
 pub mod register;
 pub mod report;
@@ -77,6 +78,9 @@ pub struct AgentConfig {
     /// How changes are tracked.
     #[serde(default)]
     pub tracking: changes::Tracking,
+    /// Where to serve `/metrics` and `/healthz` (e.g. `127.0.0.1:9101`); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Hooks and filesystems of app-consistent points; without it the policy's
     /// app-consistent points are reported as not configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -120,6 +120,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = tx.send(true);
     });
     let mut agent = Agent::new(config.clone(), tracker);
+    if let Some(addr) = config.metrics_addr {
+        let bound = siterecovery_agent::metrics::serve(addr, agent.status()).await?;
+        tracing::info!(addr = %bound, "serving /metrics and /healthz");
+    }
     match Reporter::new(&config, agent.status(), agent.pass_requests()) {
         Some(reporter) => {
             tracing::info!(server = %config.server, "reporting status to the Kubernetes API");

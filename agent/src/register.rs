@@ -289,6 +289,7 @@ pub fn write_bundle(out: &Path, bundle: &Bundle, disks: &[DiskConfig]) -> Result
             max_passes: crate::default_passes(),
             compression_level: crate::default_level(),
             tracking: Default::default(),
+            metrics_addr: None,
             app_consistency: None,
             kube: Some(kube),
         },

@@ -103,6 +103,7 @@ async fn passes_are_counted_for_the_status_report() {
         max_passes: 8,
         compression_level: 1,
         tracking: Default::default(),
+        metrics_addr: None,
         app_consistency: None,
         // An API server that is not there: reporting fails, replication must not mind.
         kube: Some(KubeConfig {

@@ -179,6 +179,7 @@ pub fn agent_config(
         max_passes: 8,
         compression_level: 1,
         tracking: Default::default(),
+        metrics_addr: None,
         app_consistency: None,
         kube: None,
     }
