@@ -49,6 +49,9 @@ impl Block {
     }
 }
 
+/// The (server, block) requests being served now.
+type Busy = Mutex<HashSet<(String, Block)>>;
+
 /// Picks the recovery point a choice names among `points` (oldest first). Pure.
 pub fn choose<'a>(points: &'a [Manifest], choice: Option<&RecoveryPointChoice>) -> Result<&'a Manifest, String> {
     let selector = choice.map(|c| c.selector).unwrap_or_default();
@@ -83,7 +86,7 @@ pub async fn run(
     shared: Arc<Shared>,
 ) {
     let servers: Api<ProtectedServer> = Api::namespaced(client, &namespace);
-    let busy: Arc<Mutex<HashSet<(String, Block)>>> = Arc::default();
+    let busy: Arc<Busy> = Arc::default();
     loop {
         match servers.list(&ListParams::default()).await {
             Ok(list) => {
@@ -92,39 +95,36 @@ pub async fn run(
                     if pod.is_some() && status.process_server != pod {
                         continue;
                     }
+                    // One task per pending block; a block already being served is skipped.
+                    let claim = |block: Block, pending: bool| {
+                        let key = (s.name_any(), block);
+                        (pending && busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()))
+                            .then(|| (key, busy.clone()))
+                    };
+                    let release = |(key, busy): ((String, Block), Arc<Busy>)| {
+                        busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    };
                     for (block, w) in
                         [(Block::ReverseReplication, &status.reverse_replication), (Block::Failback, &status.failback)]
                     {
                         let Some(w) = w.clone() else { continue };
-                        if w.state != RunState::Pending {
-                            continue;
-                        }
-                        let key = (s.name_any(), block);
-                        if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
-                            continue;
-                        }
-                        let (api, busy, server) = (servers.clone(), busy.clone(), s.clone());
+                        let Some(claimed) = claim(block, w.state == RunState::Pending) else { continue };
+                        let (api, server) = (servers.clone(), s.clone());
                         tokio::spawn(async move {
                             serve_failback(&api, &server, block, w).await;
-                            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                            release(claimed);
                         });
                     }
                     for (block, b) in
                         [(Block::Failover, &status.failover), (Block::TestFailover, &status.test_failover)]
                     {
                         let Some(b) = b.clone() else { continue };
-                        if b.state != RunState::Pending {
-                            continue;
-                        }
-                        let key = (s.name_any(), block);
-                        if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
-                            continue;
-                        }
-                        let (api, targets, shared, busy, server) =
-                            (servers.clone(), targets.clone(), shared.clone(), busy.clone(), s.clone());
+                        let Some(claimed) = claim(block, b.state == RunState::Pending) else { continue };
+                        let (api, targets, shared, server) =
+                            (servers.clone(), targets.clone(), shared.clone(), s.clone());
                         tokio::spawn(async move {
                             serve(&api, &targets, &shared, &server, block, b).await;
-                            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                            release(claimed);
                         });
                     }
                 }
