@@ -83,6 +83,8 @@ pub struct Shared {
     budget: Arc<CacheBudget>,
     metrics: Arc<Metrics>,
     recent: recent::RecentChunks,
+    /// The uploaders, stopped with the process server.
+    uploaders: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -91,7 +93,8 @@ impl Shared {
         let (state, new) = self.registry.get_or_open(&self.cache_dir, server, target).await?;
         if new {
             self.budget.add(state.backlog.load(std::sync::atomic::Ordering::Relaxed));
-            tokio::spawn(upload::run(state.clone(), self.budget.clone(), self.metrics.clone()));
+            let task = tokio::spawn(upload::run(state.clone(), self.budget.clone(), self.metrics.clone()));
+            self.uploaders.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         }
         Ok(state)
     }
@@ -119,8 +122,13 @@ pub struct ProcessServer {
 }
 
 impl Drop for ProcessServer {
+    /// Stops accepting, and stops every uploader: an embedded process server that is
+    /// dropped must not go on writing to the store (one writer per server).
     fn drop(&mut self) {
         for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.shared.uploaders.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }
     }
@@ -150,6 +158,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         budget: Arc::new(CacheBudget::new(config.cache_limit)),
         metrics: metrics.clone(),
         recent: recent::RecentChunks::new(config.recent_chunk_bytes),
+        uploaders: Default::default(),
     });
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
