@@ -135,6 +135,10 @@ pub struct AgentStatus {
     pub chunks_compared: u64,
     /// Why the last resync ran.
     pub last_resync_reason: Option<String>,
+    /// The process server (pod) the operator assigned this server to, as last read from
+    /// its status; `None` without a `kube` section.
+    #[serde(skip)]
+    pub assigned_process_server: Option<String>,
     /// Last connection error.
     pub last_error: Option<String>,
     /// Change tracker in use (`ebpf`, `checksum-scan`).
@@ -247,13 +251,15 @@ impl Agent {
         let disks: Vec<Disk> =
             c.disks.iter().map(|d| Disk::open(&d.id, &d.path)).collect::<Result<_, _>>().map_err(err)?;
         let sizes: Vec<u64> = disks.iter().map(Disk::size).collect::<Result<_, _>>().map_err(err)?;
-        let host = c.process_server.rsplit_once(':').map_or(c.process_server.as_str(), |(h, _)| h);
+        let assigned = self.status.lock().unwrap_or_else(|p| p.into_inner()).assigned_process_server.clone();
+        let address = process_server_address(&c.process_server, assigned.as_deref());
+        let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
         let name = c.tls_server_name.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
         let name = ServerName::try_from(name).map_err(|e| err(format!("process server name: {e}")))?;
-        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&c.process_server))
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&address))
             .await
-            .map_err(|_| err(format!("connecting to {} timed out", c.process_server)))?
-            .map_err(|e| err(format!("connecting to {}: {e}", c.process_server)))?;
+            .map_err(|_| err(format!("connecting to {address} timed out")))?
+            .map_err(|e| err(format!("connecting to {address}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let stream = tls.connect(name, tcp).await.map_err(|e| err(format!("TLS with {}: {e}", c.process_server)))?;
         let (mut rd, wr) = tokio::io::split(stream);
@@ -638,6 +644,23 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|v| *v).await;
 }
 
+/// Where to connect: the configured `host:port`, except that a process-server Service
+/// name (`siterecovery-process-server.<ns>.svc…`, as the registration bundle gives) is
+/// narrowed to the pod the server is assigned to (`<pod>.siterecovery-process-server…`,
+/// a name its serving certificate carries), so the agent follows reassignments.
+pub fn process_server_address(configured: &str, assigned: Option<&str>) -> String {
+    let (host, port) = configured.rsplit_once(':').unwrap_or((configured, "9443"));
+    let valid_pod = |p: &str| {
+        !p.is_empty() && p.len() <= 63 && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    match assigned {
+        Some(pod) if host.starts_with("siterecovery-process-server.") && valid_pod(pod) => {
+            format!("{pod}.{host}:{port}")
+        }
+        _ => configured.to_string(),
+    }
+}
+
 /// The `[offset, length]` ranges of a chunk of `len` bytes whose delta blocks differ,
 /// adjacent blocks merged.
 pub fn changed_ranges(before: &[u64], after: &[u64], len: u32) -> Vec<[u32; 2]> {
@@ -671,4 +694,21 @@ fn pack(bytes: Vec<u8>, level: i32) -> (Encoding, bytes::Bytes) {
 /// Turns a set of dirty byte ranges into chunk indexes (for trackers that report blocks).
 pub fn chunks_of(blocks: impl IntoIterator<Item = u64>, block_size: u64, chunk_size: u32) -> BTreeSet<u64> {
     blocks.into_iter().map(|b| b * block_size / u64::from(chunk_size)).collect()
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::process_server_address as addr;
+
+    #[test]
+    fn a_service_name_narrows_to_the_assigned_pod() {
+        let svc = "siterecovery-process-server.prod.svc:9443";
+        assert_eq!(
+            addr(svc, Some("siterecovery-process-server-1")),
+            "siterecovery-process-server-1.siterecovery-process-server.prod.svc:9443"
+        );
+        assert_eq!(addr(svc, None), svc);
+        assert_eq!(addr("localhost:4000", Some("siterecovery-process-server-1")), "localhost:4000");
+        assert_eq!(addr(svc, Some("Bad.Name")), svc);
+    }
 }

@@ -411,6 +411,9 @@ impl Reporter {
             }
         };
         let server = api.get_status(&self.name).await?;
+        // The process server this server is assigned to: the next connection goes there.
+        let assigned = server.status.as_ref().and_then(|s| s.process_server.clone());
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).assigned_process_server = assigned;
         if let Some((reason, message)) = self.memory.observe(&server.status.unwrap_or_default(), agent) {
             tracing::info!(reason, message, "the status asks for a comparison of every chunk");
             self.requests.request(&reason, &message);
