@@ -92,7 +92,20 @@ wait_port() { # name pod-prefix container-port
   for _ in $(seq 1 120); do port_of "$@" && return 0; sleep 0.5; done
   echo "no pod $2 is running; runner log:" >&2; cat "$demo/$1-runner.log" >&2; return 1
 }
-registration=$(wait_port operator siterecovery-operator 9444)
+# After an upgrade the Deployment replaces its pod: use the one that stays.
+current_pod() { # namespace selector
+  for _ in $(seq 1 120); do
+    pods=$(kubectl get pods -n "$1" -l "$2" -o json | python3 -c '
+import json, sys
+items = [p for p in json.load(sys.stdin)["items"] if not p["metadata"].get("deletionTimestamp")]
+print(items[0]["metadata"]["name"] if len(items) == 1 else "")')
+    [ -n "$pods" ] && { echo "$pods"; return 0; }
+    sleep 0.5
+  done
+  echo "no single running pod for $2 in $1" >&2; return 1
+}
+operator_pod=$(current_pod "$sys" app.kubernetes.io/component=operator)
+registration=$(wait_port operator "$operator_pod" 9444)
 if kubectl get namespace "$ns" >/dev/null 2>&1; then
   step "Removing the previous demo namespace"
   # Servers first, while the storage credential still exists, so their data is deleted
