@@ -196,10 +196,27 @@ impl Memory {
                 }),
             })
             .collect();
+        // Reported once the agent tried an app-consistent point; the last failure only
+        // while no point came after it.
+        let app_consistency =
+            (agent.app_points + agent.app_points_failed > 0).then(|| siterecovery_api::server::AppConsistencyStatus {
+                points: agent.app_points as i64,
+                failures: agent.app_points_failed as i64,
+                last_failure: agent
+                    .last_app_failure
+                    .as_ref()
+                    .filter(|f| agent.last_app_point.as_ref().is_none_or(|p| point_after(p, f.time)))
+                    .map(|f| siterecovery_api::server::AppConsistencyFailure {
+                        time: time(f.time),
+                        reason: f.reason.clone(),
+                        message: f.message.clone(),
+                    }),
+            });
         let agent_status = ApiAgentStatus {
             version: Some(env!("CARGO_PKG_VERSION").to_owned()),
             last_heartbeat_time: Some(time(now)),
             certificate_expiry_time: None,
+            app_consistency,
         };
         let mut status = json!({ "agent": agent_status, "disks": disks });
         if let Some(i) = initial {
@@ -443,3 +460,10 @@ impl Reporter {
 #[cfg(test)]
 #[path = "report_tests.rs"]
 mod tests;
+
+/// Whether the failure at `failed` came after point `point` (point ids start with their
+/// UTC time to the millisecond, `yyyymmddThhmmssmmmZ`).
+fn point_after(point: &str, failed: jiff::Timestamp) -> bool {
+    let stamp = format!("{}{:03}Z", failed.strftime("%Y%m%dT%H%M%S"), failed.subsec_millisecond());
+    stamp.as_str() > point.get(..stamp.len()).unwrap_or(point)
+}

@@ -217,3 +217,30 @@ fn kube_section_is_camel_case_and_optional() {
     assert_eq!(k.api_server_ca.as_deref(), Some(std::path::Path::new("/etc/sr/api-ca.crt")));
     assert!(serde_json::from_value::<KubeConfig>(json!({"apiServer": "x", "token": "t", "tokn": 1})).is_err());
 }
+
+#[test]
+fn app_consistency_reports_the_last_failure_until_a_point_follows_it() {
+    let mut m = Memory::default();
+    let quiet = m.fields(&agent(None), &[], at(0));
+    assert!(quiet["agent"].get("appConsistency").is_none(), "nothing to say before any attempt");
+    let mut a = agent(None);
+    a.app_points_failed = 1;
+    a.last_app_failure = Some(crate::app::AppFailure {
+        time: at(100),
+        reason: "PreHookFailed".into(),
+        message: "db-quiesce exited with 1".into(),
+    });
+    let f = m.fields(&a, &[], at(101));
+    assert_eq!(f["agent"]["appConsistency"]["failures"], 1);
+    assert_eq!(f["agent"]["appConsistency"]["lastFailure"]["reason"], "PreHookFailed");
+    // A point taken after the failure clears it from the status.
+    a.app_points = 1;
+    a.last_app_point = Some(generate_point_id_for_test(at(200)));
+    let f = m.fields(&a, &[], at(201));
+    assert_eq!(f["agent"]["appConsistency"]["points"], 1);
+    assert!(f["agent"]["appConsistency"].get("lastFailure").is_none());
+}
+
+fn generate_point_id_for_test(t: Timestamp) -> String {
+    siterecovery_store::generate_point_id(t, siterecovery_store::PointKind::App)
+}

@@ -459,6 +459,37 @@ pub struct AgentStatus {
     /// When the current client certificate expires (rotated before that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_expiry_time: Option<Time>,
+    /// App-consistent points as the agent sees them: why the last attempt failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_consistency: Option<AppConsistencyStatus>,
+}
+
+/// The agent's app-consistent points (filesystems frozen around the user's hooks).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppConsistencyStatus {
+    /// Attempts that produced a point since the agent started.
+    #[serde(default)]
+    pub points: i64,
+    /// Attempts that produced none since the agent started.
+    #[serde(default)]
+    pub failures: i64,
+    /// The last failure, while it is newer than the last point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<AppConsistencyFailure>,
+}
+
+/// Why an app-consistent attempt produced no point.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppConsistencyFailure {
+    /// When.
+    pub time: Time,
+    /// `PreHookFailed`, `PreHookTimedOut`, `FreezeFailed`, `FreezeTimedOut`, `NotAMountPoint`,
+    /// `NotConfigured`, `WritesNeverPaused`, `SessionEnded`, or a post-hook/thaw problem.
+    pub reason: String,
+    /// What happened, and what to do.
+    pub message: String,
 }
 
 /// A failover or test failover of one server: the request (written by the operator when
