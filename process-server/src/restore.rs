@@ -328,7 +328,7 @@ async fn failback_sync(s: &ProtectedServer, w: &FailbackWork) -> Result<(u64, u6
 
 /// Makes `to` equal `from`, writing only the 64 KiB blocks that differ; returns (bytes
 /// compared, bytes written). A file target grows or shrinks to the source's size; a
-/// block device must be large enough. Synced, then verified by reading both sides back.
+/// block device must be large enough. Written blocks are synced and read back.
 pub fn sync_disk(from: &std::path::Path, to: &std::path::Path) -> Result<(u64, u64), String> {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileExt;
@@ -353,7 +353,9 @@ pub fn sync_disk(from: &std::path::Path, to: &std::path::Path) -> Result<(u64, u
         dst.set_len(size).map_err(|e| io("resizing", to, e))?;
     }
     let (mut a, mut b) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
-    let mut sent = 0u64;
+    // One pass: equal blocks are verified as they are compared; a written block is read
+    // back once it is durable. No second read of the whole disks.
+    let mut written = Vec::new();
     let mut off = 0u64;
     while off < size {
         let n = ((size - off) as usize).min(BLOCK);
@@ -361,24 +363,19 @@ pub fn sync_disk(from: &std::path::Path, to: &std::path::Path) -> Result<(u64, u
         dst.read_exact_at(&mut b[..n], off).map_err(|e| io("reading", to, e))?;
         if a[..n] != b[..n] {
             dst.write_all_at(&a[..n], off).map_err(|e| io("writing", to, e))?;
-            sent += n as u64;
+            written.push((off, blake3::hash(&a[..n])));
         }
         off += n as u64;
     }
     dst.sync_all().map_err(|e| io("syncing", to, e))?;
-    let mut off = 0u64;
-    while off < size {
+    let mut sent = 0u64;
+    for (off, hash) in written {
         let n = ((size - off) as usize).min(BLOCK);
-        src.read_exact_at(&mut a[..n], off).map_err(|e| io("reading", from, e))?;
         dst.read_exact_at(&mut b[..n], off).map_err(|e| io("reading", to, e))?;
-        if a[..n] != b[..n] {
-            return Err(format!(
-                "{} differs from {} at byte {off} after the copy (is something writing to it?)",
-                to.display(),
-                from.display()
-            ));
+        if blake3::hash(&b[..n]) != hash {
+            return Err(format!("{} does not read back what was written at byte {off}", to.display()));
         }
-        off += n as u64;
+        sent += n as u64;
     }
     Ok((size, sent))
 }
