@@ -163,14 +163,11 @@ step "Registering the agent of $server with its single-use bootstrap token"
 for _ in $(seq 1 60); do kubectl get secret "sr-bootstrap-$server-token" -n "$ns" >/dev/null 2>&1 && break; sleep 1; done
 kubectl get secret "sr-bootstrap-$server-token" -n "$ns" -o jsonpath='{.data.ca\.crt}' | base64 -d >"$demo/registration-ca.crt"
 token=$(kubectl get secret "sr-bootstrap-$server-token" -n "$ns" -o jsonpath='{.data.token}' | base64 -d)
-for _ in $(seq 1 30); do
-  rc=0
-  SR_BOOTSTRAP_TOKEN=$token "$bin/siterecovery-agent" register --url "https://localhost:$registration" \
-    --ca "$demo/registration-ca.crt" --namespace "$ns" --server "$server" --hostname "$server.example.com" \
-    --disk "os=$demo/disks/os.img" --disk "data=$demo/disks/data.img" --out "$demo/agent" || rc=$?
-  [ "$rc" = 75 ] || break  # 75: the operator is not ready for this server yet
-  sleep 1
-done
+rc=0
+# `register` waits (up to a minute) while the operator is still creating the identity.
+SR_BOOTSTRAP_TOKEN=$token "$bin/siterecovery-agent" register --url "https://localhost:$registration" \
+  --ca "$demo/registration-ca.crt" --namespace "$ns" --server "$server" --hostname "$server.example.com" \
+  --disk "os=$demo/disks/os.img" --disk "data=$demo/disks/data.img" --out "$demo/agent" || rc=$?
 [ "$rc" = 0 ] || { echo "registration failed ($rc)"; exit 1; }
 ps_port=$(wait_port process-servers siterecovery-process-server 9443)
 # In a cluster the agent reaches the process server by its DNS name; here, by its loopback port.

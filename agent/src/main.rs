@@ -40,7 +40,7 @@ struct RunArgs {
     log_json: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct RegisterArgs {
     /// The operator's registration endpoint, e.g. https://operator.example.com:9444.
     #[arg(long)]
@@ -70,6 +70,10 @@ struct RegisterArgs {
     /// Directory for the credentials and agent.json.
     #[arg(long, default_value = "/etc/siterecovery")]
     out: PathBuf,
+    /// How long to keep retrying while the operator is not ready for this server yet (503,
+    /// e.g. its identity is being created), in seconds; 0 answers at once (exit code 75).
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
 }
 
 fn main() -> ExitCode {
@@ -135,7 +139,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn register(args: RegisterArgs) -> ExitCode {
-    match try_register(args).await {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait);
+    let mut result = try_register(args.clone()).await;
+    // Not ready yet (503; nothing was consumed): retry as the endpoint asks, until --wait
+    // runs out. Connection and TLS failures are reported at once (exit code 75).
+    while let Err(register::RegisterError::Refused { status: 503, retry_after, .. }) = &result {
+        let after = retry_after.unwrap_or(2);
+        let pause = std::time::Duration::from_secs(after.clamp(1, 30));
+        if std::time::Instant::now() + pause > deadline {
+            break;
+        }
+        if let Err(e) = &result {
+            eprintln!("{e}; retrying in {} s", pause.as_secs());
+        }
+        tokio::time::sleep(pause).await;
+        result = try_register(args.clone()).await;
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -197,7 +197,7 @@ async fn refusals_print_reason_and_message_and_fail() {
     // Not ready yet: a distinct exit status, so a wrapper knows to retry.
     let (port, _) =
         endpoint(&cert, &key, "503 Service Unavailable", json!({"reason": "NotReady", "message": "wait"})).await;
-    let run = register(port, &ca_path, &out, &["--disk", "disk-0=/dev/sdb"]).await;
+    let run = register(port, &ca_path, &out, &["--disk", "disk-0=/dev/sdb", "--wait", "0"]).await;
     assert_eq!(run.status.code(), Some(75), "{run:?}");
     assert!(String::from_utf8_lossy(&run.stderr).contains("retry in 5 s"));
 }

@@ -227,16 +227,7 @@ impl World {
         for (id, path) in &s.disks {
             cmd.arg("--disk").arg(format!("{id}={}", path.display()));
         }
-        // 75 (EX_TEMPFAIL): the operator is not ready for this server yet; retry as an
-        // install script would.
-        let mut out = cmd.output()?;
-        for _ in 0..30 {
-            if out.status.code() != Some(75) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            out = cmd.output()?;
-        }
+        let out = cmd.output()?;
         ensure!(
             out.status.success(),
             "siterecovery-agent register failed: {}{}",
