@@ -218,19 +218,17 @@ async fn wait_disconnected(agent: &RunningAgent) -> siterecovery_agent::AgentSta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_server_killed_mid_initial_copy_keeps_what_it_acknowledged() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
     let (port, metrics_port) = (free_port(), free_port());
-    let mut ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-1").await;
+    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-1").await;
 
     const CHUNKS: u64 = 24;
     let a = dir.join("a.img");
     write_random(&a, 0, (CHUNKS * MIB) as usize, 11);
     let disks = [("sda", a.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "pskill", "pskill");
-    let agent = start_agent(agent_config(&pki, files, "prod", "pskill", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "pskill", ps.addr, &disks, 0.2));
 
     // Kill -9 once part of the copy is journaled.
     let journal = journal_dir(dir, "prod", "pskill");
@@ -256,7 +254,7 @@ async fn process_server_killed_mid_initial_copy_keeps_what_it_acknowledged() {
     assert!(!at_kill.initial_copy_done && at_kill.points == 0, "{at_kill:#?}");
 
     // Same cache, same port: the agent reconnects by itself and sends only what is missing.
-    let ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-2").await;
+    let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
     let s = agent.wait("a recovery point after the restart", 60, |s| s.points >= 1).await;
     let resent = s.chunks_sent - at_kill.chunks_sent;
     assert!(
@@ -265,10 +263,9 @@ async fn process_server_killed_mid_initial_copy_keeps_what_it_acknowledged() {
         held.len()
     );
     assert!(s.chunks_sent < 2 * CHUNKS, "{s:#?}");
-    let store = store_of(&targets);
+    let store = store_of(targets);
     let server = ServerRef::new("prod", "pskill").unwrap();
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore")).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
     agent.stop().await;
     drop(ps);
 }
@@ -279,19 +276,17 @@ async fn process_server_killed_mid_initial_copy_keeps_what_it_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_server_killed_mid_delta_then_next_point_has_the_change() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
     let (port, metrics_port) = (free_port(), free_port());
-    let mut ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-1").await;
+    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-1").await;
 
     let a = dir.join("a.img");
     write_random(&a, 0, (16 * MIB) as usize, 21);
     let original = std::fs::read(&a).unwrap();
     let disks = [("sda", a.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "delta", "delta");
-    let agent = start_agent(agent_config(&pki, files, "prod", "delta", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "delta", ps.addr, &disks, 0.2));
     let first = agent.wait("the first point", 60, |s| s.points >= 1).await;
     let first_point = first.last_point.clone().unwrap();
 
@@ -302,13 +297,12 @@ async fn process_server_killed_mid_delta_then_next_point_has_the_change() {
     ps.guard.kill9();
     wait_disconnected(&agent).await;
 
-    let ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-2").await;
+    let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
     let restarted = agent.wait("a reconnection", 60, |s| s.connected).await;
     let s = agent.wait("a point after the restart", 60, |s| s.points > restarted.points).await;
-    let store = store_of(&targets);
+    let store = store_of(targets);
     let server = ServerRef::new("prod", "delta").unwrap();
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore-new")).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-new")).await;
 
     // The point from before the kill still restores the original content.
     let old = wait_point(&store, &server, &first_point, 30).await;
@@ -324,17 +318,15 @@ async fn process_server_killed_mid_delta_then_next_point_has_the_change() {
 /// reconnection delay starts over after a session that worked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reconnects_promptly_after_each_process_server_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
     let (port, metrics_port) = (free_port(), free_port());
-    let mut ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, "ps-0").await;
+    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-0").await;
     let a = dir.join("a.img");
     write_random(&a, 0, (2 * MIB) as usize, 71);
     let disks = [("sda", a.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "flap", "flap");
-    let agent = start_agent(agent_config(&pki, files, "prod", "flap", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "flap", ps.addr, &disks, 0.2));
     agent.wait("a first point", 60, |s| s.points >= 1).await;
     for round in 1..=4 {
         // A healthy session: it made a point since it connected.
@@ -342,7 +334,7 @@ async fn agent_reconnects_promptly_after_each_process_server_restart() {
         agent.wait("a point in this session", 30, |s| s.points > points).await;
         ps.guard.kill9();
         wait_disconnected(&agent).await;
-        ps = PsChild::start(dir, &pki, &targets, port, metrics_port, 1 << 30, &format!("ps-{round}")).await;
+        ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, &format!("ps-{round}")).await;
         let since = Instant::now();
         agent.wait(&format!("reconnection {round} within 5 s"), 5, |s| s.connected).await;
         eprintln!("restart {round}: reconnected after {:?}", since.elapsed());
@@ -609,12 +601,10 @@ fn point(seq: u64) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_truncated_frames_are_refused_and_leave_no_point() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
-    let store = store_of(&targets);
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
+    let store = store_of(targets);
     let server = ServerRef::new("prod", "raw").unwrap();
     let files = pki.agent_files(&pki.ca, "prod", "raw", "raw");
     let a = dir.join("a.img");
@@ -694,11 +684,10 @@ async fn garbage_and_truncated_frames_are_refused_and_leave_no_point() {
     f.write_all_at(&next0, 0).unwrap();
     f.sync_all().unwrap();
     let disks = [("sda", a.as_path())];
-    let agent = start_agent(agent_config(&pki, files, "prod", "raw", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "raw", ps.addr, &disks, 0.2));
     let s = agent.wait("a point from a well-behaved agent", 60, |s| s.points >= 1).await;
     assert_eq!(s.chunks_sent, 1, "only the changed chunk goes: {s:#?}");
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore")).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
     agent.stop().await;
     let ids = store.list_point_ids(&server).await.unwrap();
     for m in [torn, after_bad] {
@@ -711,11 +700,9 @@ async fn garbage_and_truncated_frames_are_refused_and_leave_no_point() {
 /// A frame that arrives in two parts, with an ack due in between, is still read whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_split_around_an_ack_is_read_whole() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
     let files = pki.agent_files(&pki.ca, "prod", "split", "split");
     let a = dir.join("a.img");
     write_random(&a, 0, (2 * MIB) as usize, 45);
@@ -758,7 +745,7 @@ async fn a_frame_split_around_an_ack_is_read_whole() {
     let server = ServerRef::new("prod", "split").unwrap();
     let state = ps.shared.servers().await.into_iter().find(|s| s.server == server).expect("server state");
     assert_eq!(state.received().latest_point.as_deref(), Some(p.id.as_str()));
-    let store = store_of(&targets);
+    let store = store_of(targets);
     let point = wait_point(&store, &server, &p.id, 30).await;
     assert_restores_equal(&store, &server, &point, &[("sda", a.as_path())], &dir.join("restore")).await;
     drop(ps);
@@ -824,17 +811,15 @@ fn agent_binary() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_mid_initial_copy_resumes_without_resending_everything() {
     let bin = agent_binary();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
     const SIZE: u64 = 24 * MIB;
     let a = dir.join("a.img");
     write_random(&a, 0, SIZE as usize, 61);
     let disks = [("sda", a.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "akill", "akill");
-    let config = agent_config(&pki, files, "prod", "akill", ps.addr, &disks, 0.2);
+    let config = agent_config(pki, files, "prod", "akill", ps.addr, &disks, 0.2);
     let config_path = dir.join("agent.json");
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
     let run = |tag: &str| {
@@ -861,7 +846,7 @@ async fn agent_killed_mid_initial_copy_resumes_without_resending_everything() {
     assert!(kept < SIZE, "the kill must land inside the copy ({kept} bytes received)");
 
     let mut second = run("agent-2");
-    let store = store_of(&targets);
+    let store = store_of(targets);
     let server = ServerRef::new("prod", "akill").unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let id = loop {

@@ -12,12 +12,10 @@ const MIB: u64 = 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_copy_then_changes_restore_bit_exact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
-    let store = store_of(&targets);
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
+    let store = store_of(targets);
 
     // An odd-sized disk full of data, and a sparse one with a little data.
     let (a, b) = (dir.join("a.img"), dir.join("b.img"));
@@ -26,7 +24,7 @@ async fn initial_copy_then_changes_restore_bit_exact() {
     write_pattern(&b, 20 * MIB + 100, 70_000, 2);
     let disks = [("sda", a.as_path()), ("sdb", b.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "db-01", "db-01");
-    let agent = start_agent(agent_config(&pki, files, "prod", "db-01", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "db-01", ps.addr, &disks, 0.2));
 
     let s = agent.wait("the first recovery point", 60, |s| s.points >= 1).await;
     assert!(s.initial_copy_done);
@@ -46,8 +44,7 @@ async fn initial_copy_then_changes_restore_bit_exact() {
     let s = agent.wait("a point after the change", 60, |s| s.points > points_before).await;
     assert_eq!(s.chunks_sent - sent_before, 1, "only the changed chunk is resent: {s:#?}");
     assert_eq!(s.deltas_sent, 1, "as a delta: {s:#?}");
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore-2")).await;
+    let _point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-2")).await;
 
     // Writes into a zero chunk of the sparse disk and across two delta blocks of sda:
     // deltas again, carrying only the 64 KiB blocks written.
@@ -59,24 +56,21 @@ async fn initial_copy_then_changes_restore_bit_exact() {
     let s = agent.wait("a point after them", 60, |s| s.points > points_before).await;
     assert_eq!(s.deltas_sent, 3, "{s:#?}");
     assert_eq!(s.payload_bytes - payload_before, 3 * 64 * 1024, "one block of sdb, two of sda: {s:#?}");
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore-3")).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-3")).await;
     agent.stop().await;
     drop(ps);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_resumes_without_resending() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
     let a = dir.join("a.img");
     write_pattern(&a, 0, (24 * MIB) as usize, 7);
     let disks = [("sda", a.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "app", "app");
-    let config = agent_config(&pki, files, "prod", "app", ps.addr, &disks, 0.2);
+    let config = agent_config(pki, files, "prod", "app", ps.addr, &disks, 0.2);
 
     // Stop the first agent in the middle of its initial copy, once the process server
     // has journaled some of it (all of which it makes durable and keeps).
@@ -101,30 +95,27 @@ async fn agent_restart_resumes_without_resending() {
         "the restart resends only what the process server lacks: it had {kept} chunks, the agent sent {}",
         s.chunks_sent
     );
-    let store = store_of(&targets);
+    let store = store_of(targets);
     let server = ServerRef::new("prod", "app").unwrap();
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore")).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
     second.stop().await;
     drop(ps);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_grows_is_replicated_at_its_new_size() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
     let a = dir.join("a.img");
     write_pattern(&a, 0, (3 * MIB + 500) as usize, 9);
     let disks = [("sda", a.as_path())];
     let files = pki.agent_files(&pki.ca, "prod", "grow", "grow");
-    let agent = start_agent(agent_config(&pki, files, "prod", "grow", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "grow", ps.addr, &disks, 0.2));
     agent.wait("a first point", 60, |s| s.points >= 1).await;
 
     write_pattern(&a, 5 * MIB, 4096, 10);
-    let store = store_of(&targets);
+    let store = store_of(targets);
     let server = ServerRef::new("prod", "grow").unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let point = loop {
@@ -145,11 +136,9 @@ async fn a_disk_that_grows_is_replicated_at_its_new_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_certificates_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), MIB as u32);
-    let ps = start_ps(dir, &pki, &targets, 1 << 30).await;
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
     let a = dir.join("a.img");
     write_pattern(&a, 0, MIB as usize, 1);
     let disks = [("sda", a.as_path())];
@@ -157,14 +146,14 @@ async fn wrong_certificates_are_refused() {
     // A certificate from another CA fails the handshake.
     let other = siterecovery_operator::registration::certs::Ca::generate(jiff::Timestamp::now(), DAY).unwrap();
     let files = pki.agent_files(&other, "prod", "db", "foreign");
-    let agent = start_agent(agent_config(&pki, files, "prod", "db", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "db", ps.addr, &disks, 0.2));
     let s = agent.wait("a refusal", 30, |s| s.last_error.is_some()).await;
     assert!(!s.initial_copy_done && s.chunks_sent == 0, "{s:#?}");
     agent.stop().await;
 
     // A valid certificate for another server: the session is refused by name.
     let files = pki.agent_files(&pki.ca, "prod", "web", "other-server");
-    let agent = start_agent(agent_config(&pki, files, "prod", "db", ps.addr, &disks, 0.2));
+    let agent = start_agent(agent_config(pki, files, "prod", "db", ps.addr, &disks, 0.2));
     let s = agent.wait("a refusal", 30, |s| s.last_error.is_some()).await;
     let e = s.last_error.clone().unwrap();
     assert!(e.contains("IdentityMismatch") && e.contains("prod/web"), "{e}");
@@ -203,8 +192,7 @@ async fn a_server_recreated_with_a_new_key_never_reuses_chunks_it_cannot_read() 
     let agent = start_agent(agent_config(&pki, files, "prod", "again", ps.addr, &disks, 0.2));
     let s = agent.wait("a point in the second life", 60, |s| s.points >= 1).await;
     let store = store_of(&new_targets);
-    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
-    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore")).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
     agent.stop().await;
     drop(ps);
 }

@@ -228,3 +228,43 @@ pub async fn assert_restores_equal(
         }
     }
 }
+
+/// A test's scratch directory, certificates and a targets file for a local store with
+/// 1 MiB chunks: what most replication tests start from.
+pub struct Bed {
+    tmp: tempfile::TempDir,
+    /// The CA and the process server's certificate.
+    pub pki: Pki,
+    /// The targets file.
+    pub targets: PathBuf,
+}
+
+impl Bed {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new(tmp.path());
+        let targets = local_targets(tmp.path(), &tmp.path().join("store"), MIB as u32);
+        Self { tmp, pki, targets }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// Waits for the point the agent last acknowledged (`last_point` of its status) to reach
+/// the store, and asserts it restores equal to the sources; returns its manifest.
+pub async fn assert_last_point_restores(
+    store: &Store,
+    server: &ServerRef,
+    status: &AgentStatus,
+    disks: &[(&str, &Path)],
+    out: &Path,
+) -> Manifest {
+    let id = status.last_point.as_deref().expect("the agent acknowledged a point");
+    let point = wait_point(store, server, id, 30).await;
+    assert_restores_equal(store, server, &point, disks, out).await;
+    point
+}
