@@ -86,14 +86,13 @@ async fn round(
     let server = &state.server;
     let uploaded: Vec<(String, ChunkHash, u64)> = futures::stream::iter(todo)
         .map(|(disk, hash, encoding, body)| async move {
-            let plain = match encoding {
-                Encoding::Raw => body.to_vec(),
-                Encoding::Zstd => tokio::task::spawn_blocking(move || zstd::decode_all(&body[..]))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("cached chunk of {disk} does not decompress: {e}"))?,
-            };
-            let n = store.put_chunk(server, &disk, &hash, plain).await.map_err(|e| e.to_string())?;
+            // The session checked the body decodes to the chunk: a zstd frame is sealed as
+            // it came, without decompressing and compressing it again.
+            let n = match encoding {
+                Encoding::Raw => store.put_chunk(server, &disk, &hash, body.to_vec()).await,
+                Encoding::Zstd => store.put_compressed_chunk(server, &disk, &hash, body).await,
+            }
+            .map_err(|e| e.to_string())?;
             Ok::<_, String>((disk, hash, n))
         })
         .buffer_unordered(store.options().parallelism)

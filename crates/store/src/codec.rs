@@ -46,6 +46,12 @@ impl Codec {
     pub fn seal(&self, object: &str, plain: &[u8]) -> Result<Vec<u8>> {
         let compressed = zstd::bulk::compress(plain, self.level)
             .map_err(|e| StoreError::Task(format!("zstd compression of {object} failed: {e}")))?;
+        self.seal_compressed(object, &compressed)
+    }
+
+    /// Encrypts `compressed`, one zstd frame the caller has already checked decompresses
+    /// to the object's plaintext, under the active key for storage at `object`.
+    pub fn seal_compressed(&self, object: &str, compressed: &[u8]) -> Result<Vec<u8>> {
         let (key_id, key) = self.keyring.active();
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let mut out = Vec::with_capacity(6 + key_id.len() + NONCE_LEN + compressed.len() + TAG_LEN);
@@ -58,7 +64,7 @@ impl Codec {
         let aad = [out.as_slice(), object.as_bytes()].concat();
         let cipher = Aes256Gcm::new((&key.0).into());
         let sealed = cipher
-            .encrypt(&nonce, Payload { msg: &compressed, aad: &aad })
+            .encrypt(&nonce, Payload { msg: compressed, aad: &aad })
             .map_err(|_| StoreError::Task(format!("encryption of {object} failed")))?;
         out.extend_from_slice(&sealed);
         Ok(out)
@@ -133,6 +139,14 @@ mod tests {
         assert_ne!(s1, s2, "nonce must differ per object");
         assert!(s1.len() < 1000, "compressible data is compressed: {}", s1.len());
         assert_eq!(c.open("o", &s1).unwrap(), data);
+    }
+
+    #[test]
+    fn a_frame_compressed_elsewhere_opens_like_a_sealed_plaintext() {
+        let c = codec("a");
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 7) as u8).collect();
+        let frame = zstd::bulk::compress(&data, 1).unwrap();
+        assert_eq!(c.open("o", &c.seal_compressed("o", &frame).unwrap()).unwrap(), data);
     }
 
     #[test]

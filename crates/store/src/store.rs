@@ -222,6 +222,28 @@ impl Store {
         Ok(n)
     }
 
+    /// Uploads one chunk given as a zstd frame of its plaintext (as an agent sent it),
+    /// encrypting it without decompressing and compressing again. The caller must have
+    /// checked that the frame decompresses to plaintext hashing to `hash`.
+    pub async fn put_compressed_chunk(
+        &self,
+        server: &ServerRef,
+        disk: &str,
+        hash: &ChunkHash,
+        frame: Bytes,
+    ) -> Result<u64> {
+        validate_segment("disk id", disk)?;
+        let key = server.chunk_key(disk, hash);
+        let codec = self.codec.clone();
+        let k = key.clone();
+        let sealed = tokio::task::spawn_blocking(move || codec.seal_compressed(&k, &frame).map(Bytes::from))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let n = sealed.len() as u64;
+        self.backend.put(&key, sealed).await?;
+        Ok(n)
+    }
+
     /// Seals and uploads a manifest after checking it adds up; returns the bytes
     /// uploaded. The caller uploads every chunk it names first. Manifests are never
     /// overwritten: writing an existing point id fails.
