@@ -8,8 +8,8 @@ use std::sync::Arc;
 use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::{StatusCode, Url};
-use azure_storage_blob::BlobContainerClient;
 use azure_storage_blob::models::{BlobContainerClientListBlobsOptions, StorageErrorCode};
+use azure_storage_blob::{BlobClient, BlobContainerClient};
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 
@@ -66,6 +66,12 @@ impl AzureBlobBackend {
         }
     }
 
+    /// The blob `name` in this container, of any type (`crate::page_blob` makes page
+    /// blobs of it).
+    pub fn blob_client(&self, name: &str) -> BlobClient {
+        self.client.blob_client(name)
+    }
+
     /// Deletes the container and everything in it (test cleanup, decommissioning).
     pub async fn delete_container(&self) -> Result<(), BackendError> {
         match self.client.delete(None).await {
@@ -83,7 +89,7 @@ fn error_code(e: &azure_core::Error) -> Option<String> {
     }
 }
 
-fn failed(op: &'static str, key: &str, e: &azure_core::Error) -> BackendError {
+pub(crate) fn failed(op: &'static str, key: &str, e: &azure_core::Error) -> BackendError {
     let retryable = match e.kind() {
         ErrorKind::Connection | ErrorKind::Io => true,
         ErrorKind::HttpResponse { status, .. } => {
@@ -98,7 +104,7 @@ fn failed(op: &'static str, key: &str, e: &azure_core::Error) -> BackendError {
     BackendError::Failed { op, key: key.to_string(), message, retryable }
 }
 
-fn is_not_found(e: &azure_core::Error) -> bool {
+pub(crate) fn is_not_found(e: &azure_core::Error) -> bool {
     e.http_status() == Some(StatusCode::NotFound)
 }
 
@@ -144,5 +150,9 @@ impl BlobBackend for AzureBlobBackend {
 
     async fn exists(&self, key: &str) -> Result<bool, BackendError> {
         self.client.blob_client(key).exists().await.map_err(|e| failed("exists", key, &e))
+    }
+
+    fn as_azure(&self) -> Option<&AzureBlobBackend> {
+        Some(self)
     }
 }

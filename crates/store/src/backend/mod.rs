@@ -25,6 +25,11 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<(), BackendError>;
     /// Whether an object exists.
     async fn exists(&self, key: &str) -> Result<bool, BackendError>;
+    /// The Azure Blob container behind this backend, for what only Azure has (page blobs:
+    /// restore to a fixed VHD, `crate::page_blob`); `None` for other backends.
+    fn as_azure(&self) -> Option<&AzureBlobBackend> {
+        None
+    }
 }
 
 /// A backend failure, naming the operation and the object.
