@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
-use azure_core::http::{StatusCode, Url};
+use azure_core::http::{ClientOptions, StatusCode, Url};
 use azure_storage_blob::models::{BlobContainerClientListBlobsOptions, StorageErrorCode};
-use azure_storage_blob::{BlobClient, BlobContainerClient};
+use azure_storage_blob::{BlobClient, BlobContainerClient, BlobContainerClientOptions};
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 
@@ -33,10 +33,21 @@ impl AzureBlobBackend {
     /// Azurite, `http://127.0.0.1:10000/devstoreaccount1/replica`, with a SAS as its query
     /// when no credential is given.
     pub fn new(container_url: Url, credential: Option<Arc<dyn TokenCredential>>) -> Result<Self, BackendError> {
+        Self::with_options(container_url, credential, ClientOptions::default())
+    }
+
+    /// As [`Self::new`], with the SDK's client options (an HTTP client that trusts an
+    /// extra root, see [`super::AzureConnector`]).
+    pub fn with_options(
+        container_url: Url,
+        credential: Option<Arc<dyn TokenCredential>>,
+        client_options: ClientOptions,
+    ) -> Result<Self, BackendError> {
         let mut display = container_url.clone();
         display.set_query(None);
         let display_url = display.to_string();
-        let client = BlobContainerClient::new(container_url, credential, None)
+        let options = BlobContainerClientOptions { client_options, ..Default::default() };
+        let client = BlobContainerClient::new(container_url, credential, Some(options))
             .map_err(|e| failed("connect", &display_url, &e))?;
         Ok(Self { client, display_url })
     }
@@ -90,18 +101,35 @@ fn error_code(e: &azure_core::Error) -> Option<String> {
 }
 
 pub(crate) fn failed(op: &'static str, key: &str, e: &azure_core::Error) -> BackendError {
-    let retryable = match e.kind() {
+    let message = match (e.http_status(), error_code(e)) {
+        // Authentication failures carry the reason (expired token, wrong audience) only
+        // in the service's message; other codes speak for themselves.
+        (Some(StatusCode::Unauthorized | StatusCode::Forbidden), Some(code)) => {
+            format!("HTTP {} {code}: {}", u16::from(e.http_status().unwrap_or(StatusCode::Forbidden)), first_line(e))
+        }
+        (Some(status), Some(code)) => format!("HTTP {} {code}", u16::from(status)),
+        _ => e.to_string(),
+    };
+    BackendError::Failed { op, key: key.to_string(), message, retryable: is_retryable(e) }
+}
+
+/// Timeouts, throttling, 5xx and connection errors; also when getting a token failed for
+/// one of those reasons (Entra unreachable), which the credential wraps in its own error.
+fn is_retryable(e: &azure_core::Error) -> bool {
+    match e.kind() {
         ErrorKind::Connection | ErrorKind::Io => true,
         ErrorKind::HttpResponse { status, .. } => {
             *status == StatusCode::RequestTimeout || *status == StatusCode::TooManyRequests || u16::from(*status) >= 500
         }
+        ErrorKind::Credential => {
+            std::error::Error::source(e).and_then(|s| s.downcast_ref::<azure_core::Error>()).is_some_and(is_retryable)
+        }
         _ => false,
-    };
-    let message = match (e.http_status(), error_code(e)) {
-        (Some(status), Some(code)) => format!("HTTP {} {code}", u16::from(status)),
-        _ => e.to_string(),
-    };
-    BackendError::Failed { op, key: key.to_string(), message, retryable }
+    }
+}
+
+fn first_line(e: &azure_core::Error) -> String {
+    e.to_string().lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().to_owned()
 }
 
 pub(crate) fn is_not_found(e: &azure_core::Error) -> bool {

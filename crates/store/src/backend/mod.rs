@@ -2,10 +2,15 @@
 //! a local directory (tests, on-prem) and on Azure Blob Storage.
 
 mod azure;
+mod credential;
 mod local;
 mod sas;
 
 pub use azure::AzureBlobBackend;
+pub use credential::{
+    AzureConnector, AzureEnvironment, BlobAuth, ENV_AUTHORITY_HOST, ENV_EXTRA_CA_FILE, ENV_FEDERATED_TOKEN_FILE,
+    PUBLIC_AUTHORITY_HOST, SECRET_CLIENT_ID, SECRET_CLIENT_SECRET, SECRET_TENANT_ID,
+};
 pub use local::LocalBackend;
 pub use sas::{AccountSas, DEVSTORE_ACCOUNT, DEVSTORE_KEY, SECRET_SAS_TOKEN, sas_token};
 
