@@ -18,6 +18,8 @@ command -v clang >/dev/null || missing+=(clang)
 for pkg in libelf-dev zlib1g-dev pkg-config make; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+# crates/store's VHD tests check our fixed-VHD footers with qemu-img (format `vpc`).
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
 if ((${#missing[@]})); then
   echo "[tools] installing ${missing[*]}" >&2
   command -v apt-get >/dev/null || { echo "[tools] apt-get not found: install ${missing[*]} by hand" >&2; exit 1; }

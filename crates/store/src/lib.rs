@@ -24,8 +24,10 @@ mod gc;
 mod keys;
 mod layout;
 mod manifest;
+mod page_blob;
 mod restore;
 mod store;
+pub mod vhd;
 
 pub use backend::{AccountSas, AzureBlobBackend, BackendError, BlobBackend, LocalBackend, SECRET_SAS_TOKEN, sas_token};
 pub use codec::Codec;
@@ -34,5 +36,6 @@ pub use gc::{GcReport, delete_server_data};
 pub use keys::{Keyring, SECRET_ACTIVE, SECRET_KEY_PREFIX};
 pub use layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef, validate_segment};
 pub use manifest::{ChunkRef, DiskManifest, Manifest, PointKind};
+pub use page_blob::{VhdPurpose, VhdReport, recovered_prefix, recovered_vhd_name};
 pub use restore::RestoreReport;
 pub use store::{DiskSource, NewPoint, Store, StoreOptions, WriteReport, generate_point_id};

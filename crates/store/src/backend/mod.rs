@@ -1,7 +1,7 @@
 //! Where objects are kept. The store needs only five operations, so the same code runs on
 //! a local directory (tests, on-prem) and on Azure Blob Storage.
 
-mod azure;
+pub(crate) mod azure;
 mod credential;
 mod local;
 mod sas;
