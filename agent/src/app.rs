@@ -193,7 +193,7 @@ impl Agent {
             };
             let id = generate_point_id(time, PointKind::App);
             let seq = link.next_seq();
-            let marker = PointMarker { seq, id: id.clone(), kind: PointKind::App, time, group: None };
+            let marker = PointMarker { seq, id: id.clone(), kind: PointKind::App, time, group: None, members: vec![] };
             link.send(seq, &Message::Point(marker)).await.map_err(|e| Fail::Session(err(e)))?;
             Ok(id)
         };
@@ -292,13 +292,31 @@ impl Agent {
         chunk_size: u32,
         sent: &mut Vec<Vec<Slot>>,
     ) -> Result<Option<jiff::Timestamp>, SessionError> {
+        let (at, held) = self.converge_holding(link, disks, sizes, chunk_size, sent).await?;
+        if let Some(held) = held {
+            held.release().await;
+        }
+        Ok(at)
+    }
+
+    /// [`Self::converge_frozen`], leaving the filesystems frozen (until the returned
+    /// freeze is released, or its 2 s limit) when the look succeeded: a group round holds
+    /// the instant while the other members get ready.
+    pub(crate) async fn converge_holding<W: AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<W>,
+        disks: &[Disk],
+        sizes: &[u64],
+        chunk_size: u32,
+        sent: &mut Vec<Vec<Slot>>,
+    ) -> Result<(Option<jiff::Timestamp>, Option<HeldFreeze>), SessionError> {
         let mounts = match &self.config.app_consistency {
             Some(a) if !a.mount_points.is_empty() => a.mount_points.clone(),
-            _ => return Ok(None),
+            _ => return Ok((None, None)),
         };
         if let Some(bad) = mounts.iter().find_map(|m| check_mount_point(m).err()) {
             tracing::warn!(problem = %bad, "cannot freeze to converge a crash-consistent point");
-            return Ok(None);
+            return Ok((None, None));
         }
         let limit = CONVERGENCE_FREEZE
             .min(self.config.app_consistency.as_ref().map_or(CONVERGENCE_FREEZE, |a| a.freeze_limit()));
@@ -316,8 +334,30 @@ impl Agent {
                 Ok(None)
             }
         };
-        let thaw = freeze.thaw(limit).await;
-        tracing::info!(held = ?thaw.as_ref().map(|t| t.held), converged = matches!(result, Ok(Some(_))), "convergence freeze released");
-        result
+        let held = HeldFreeze { freeze, limit };
+        match result {
+            Ok(Some(at)) => Ok((Some(at), Some(held))),
+            other => {
+                held.release().await;
+                other.map(|at| (at, None))
+            }
+        }
+    }
+}
+
+/// Filesystems frozen to converge, until released.
+pub(crate) struct HeldFreeze {
+    freeze: Freeze,
+    limit: Duration,
+}
+
+impl HeldFreeze {
+    /// Thaws, logging how long the freeze lasted.
+    pub(crate) async fn release(self) {
+        let thaw = self.freeze.thaw(self.limit).await;
+        tracing::info!(
+            held = ?thaw.as_ref().map(|t| t.held), by_limit = thaw.as_ref().is_some_and(|t| t.by_limit),
+            "convergence freeze released"
+        );
     }
 }

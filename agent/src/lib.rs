@@ -7,6 +7,7 @@ pub mod app;
 pub mod changes;
 pub mod disk;
 pub mod freeze;
+mod group;
 pub mod link;
 pub mod metrics;
 mod pass;
@@ -121,6 +122,8 @@ pub struct AgentStatus {
     pub last_app_point: Option<String>,
     /// App-consistent attempts that produced no point.
     pub app_points_failed: u64,
+    /// Consistency-group points acknowledged (also counted in `points`).
+    pub group_points: u64,
     /// The last app-consistent attempt that failed, or whose hooks or thaw did.
     pub last_app_failure: Option<app::AppFailure>,
     /// Chunks sent (whole or as deltas).
@@ -271,6 +274,7 @@ impl Agent {
             disks: disks.iter().zip(&sizes).map(|(d, &size)| DiskInfo { id: d.id.clone(), size }).collect(),
             agent: env!("CARGO_PKG_VERSION").to_string(),
         };
+            features: vec![siterecovery_wire::FEATURE_GROUP_POINTS.to_string()],
         let mut link_wr = Some(wr);
         {
             use tokio::io::AsyncWriteExt as _;
@@ -300,7 +304,8 @@ impl Agent {
             s.last_error = None;
             s.disks = disks.iter().zip(&sizes).map(|(d, &size)| DiskSize { id: d.id.clone(), size }).collect();
         });
-        let acks = spawn_ack_reader(rd);
+        let (acks, mut control) = spawn_ack_reader(rd);
+        let mut control_closed = false;
         let mut link = Link::new(link_wr.take().expect("set"), acks, welcome.bandwidth_bytes_per_second);
 
         // What to compare first: everything on a first look (initial copy, agent restart,
@@ -417,7 +422,8 @@ impl Agent {
                 Some(time) => {
                     let id = generate_point_id(time, PointKind::Crash);
                     let seq = link.next_seq();
-                    let marker = PointMarker { seq, id: id.clone(), kind: PointKind::Crash, time, group: None };
+                    let marker =
+                        PointMarker { seq, id: id.clone(), kind: PointKind::Crash, time, group: None, members: vec![] };
                     link.send(seq, &Message::Point(marker)).await.map_err(err)?;
                     link.drain().await.map_err(err)?;
                     tracing::info!(point = %id, "crash-consistent recovery point acknowledged");
@@ -437,20 +443,47 @@ impl Agent {
             }
             let bytes = link.bytes_sent;
             self.update(|s| s.bytes_sent = bytes);
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = stopping(&mut shutdown) => {
-                    let r = tokio::time::timeout(Duration::from_secs(10), link.drain()).await;
-                    self.believed = Some(sent);
-                    link.close().await;
-                    return match r {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(err(e)),
-                        Err(_) => Err(err("shutting down with unacknowledged data (it is resent on restart)")),
-                    };
+            self.believed = Some(sent.clone());
+            // Until the next point is due, take part in the group rounds the process
+            // server starts; a group point counts as this interval's point.
+            let mut due = tokio::time::Instant::now() + interval;
+            loop {
+                let prepare = tokio::select! {
+                    _ = tokio::time::sleep_until(due) => break,
+                    m = control.recv(), if !control_closed => match m {
+                        Some(Message::GroupPrepare(p)) => p,
+                        Some(_) => continue, // the decision of a round given up on
+                        None => { control_closed = true; continue }
+                    },
+                    _ = stopping(&mut shutdown) => {
+                        let r = tokio::time::timeout(Duration::from_secs(10), link.drain()).await;
+                        link.close().await;
+                        return match r {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(err(e)),
+                            Err(_) => Err(err("shutting down with unacknowledged data (it is resent on restart)")),
+                        };
+                    }
+                };
+                self.believed = None;
+                let outcome =
+                    self.group_round(&mut link, &mut control, &disks, &sizes, chunk_size, &mut sent, prepare).await?;
+                self.believed = Some(sent.clone());
+                let (id, grouped) = match outcome {
+                    group::GroupOutcome::Point(id) => (id, true),
+                    group::GroupOutcome::CrashPoint(id) => (id, false),
+                    group::GroupOutcome::Nothing => continue,
+                };
+                if grouped {
+                    tracing::info!(point = %id, "group recovery point acknowledged");
+                    due = tokio::time::Instant::now() + interval;
                 }
             }
-            self.believed = Some(sent.clone());
+                self.update(|s| {
+                    s.points += 1;
+                    s.group_points += u64::from(grouped);
+                    s.last_point = Some(id);
+                });
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use siterecovery_wire::{Message, WireError, read_message, write_message};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Bytes in flight before the agent waits for acks.
 pub const WINDOW_BYTES: usize = 64 * 1024 * 1024;
@@ -63,13 +63,21 @@ pub struct Link<W> {
     pub bytes_sent: u64,
 }
 
-/// Follows the acks of `rd` until the connection ends.
-pub fn spawn_ack_reader<R: AsyncRead + Unpin + Send + 'static>(mut rd: R) -> watch::Receiver<AckState> {
+/// Follows the acks of `rd` until the connection ends; consistency-group messages
+/// (prepare, commit, abort) go to the returned channel, in order.
+pub fn spawn_ack_reader<R: AsyncRead + Unpin + Send + 'static>(
+    mut rd: R,
+) -> (watch::Receiver<AckState>, mpsc::UnboundedReceiver<Message>) {
     let (tx, rx) = watch::channel(AckState::Acked(0));
+    let (control_tx, control) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let state = match read_message(&mut rd).await {
                 Ok(Some(Message::Ack(a))) => AckState::Acked(a.seq),
+                Ok(Some(m @ (Message::GroupPrepare(_) | Message::GroupCommit(_) | Message::GroupAbort(_)))) => {
+                    let _ = control_tx.send(m);
+                    continue;
+                }
                 Ok(Some(other)) => AckState::Failed(format!("unexpected message from the process server: {other:?}")),
                 Ok(None) => AckState::Failed("the process server closed the connection".into()),
                 Err(WireError::Refused { reason, message }) => AckState::Failed(format!("{reason}: {message}")),
@@ -81,7 +89,7 @@ pub fn spawn_ack_reader<R: AsyncRead + Unpin + Send + 'static>(mut rd: R) -> wat
             }
         }
     });
-    rx
+    (rx, control)
 }
 
 impl<W: AsyncWrite + Unpin> Link<W> {

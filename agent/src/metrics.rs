@@ -29,6 +29,7 @@ pub fn render(s: &AgentStatus) -> String {
     metric("app_points_failed_total", "counter", "App-consistent attempts without a point", s.app_points_failed);
     metric("chunks_sent_total", "counter", "Chunks sent, whole or as deltas", s.chunks_sent);
     metric("deltas_sent_total", "counter", "Chunks sent as deltas", s.deltas_sent);
+    metric("group_points_total", "counter", "Consistency-group points acknowledged", s.group_points);
     metric("payload_bytes_total", "counter", "Plaintext bytes sent (before compression)", s.payload_bytes);
     metric("sent_bytes_total", "counter", "Bytes written to the connection", s.bytes_sent);
     metric("chunks_compared_total", "counter", "Chunks read and compared", s.chunks_compared);

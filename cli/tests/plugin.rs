@@ -494,7 +494,7 @@ async fn points_lists_the_recovery_points_in_the_blob_store() -> anyhow::Result<
     let written = store
         .write_point(
             &ServerRef::new(ns.as_str(), "db-01")?,
-            NewPoint { kind: PointKind::App, group: None, time: jiff::Timestamp::now(), id: None },
+            NewPoint { kind: PointKind::App, group: None, members: vec![], time: jiff::Timestamp::now(), id: None },
             &[DiskSource { id: "os".into(), path: image }],
         )
         .await?;

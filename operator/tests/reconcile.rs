@@ -231,6 +231,7 @@ async fn write_point(store: &siterecovery_store::Store, ns: &str, name: &str) ->
     let point = siterecovery_store::NewPoint {
         kind: siterecovery_store::PointKind::Crash,
         group: None,
+        members: vec![],
         time: jiff::Timestamp::now(),
         id: None,
     };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use siterecovery_api::common::{RecoveryPointKind, RecoveryPointRef};
 use siterecovery_api::server::LatestRecoveryPoints;
@@ -19,6 +19,7 @@ use siterecovery_api::{ProtectedServer, ReplicationPolicy};
 use siterecovery_store::{AzureBlobBackend, Keyring, Store, StoreOptions};
 
 use crate::Shared;
+use crate::group::GroupSpec;
 use crate::target::{Target, Targets};
 
 /// Field manager of everything the process server writes.
@@ -132,7 +133,40 @@ impl Targets for KubeTargets {
         }
         self.target_of(namespace, &psrv.spec.policy_ref.name).await
     }
+
+    async fn group(&self, namespace: &str, server: &str) -> Result<Option<GroupSpec>, String> {
+        let api = Api::<ProtectedServer>::namespaced(self.client.clone(), namespace);
+        let psrv = api
+            .get_opt(server)
+            .await
+            .map_err(|e| format!("reading ProtectedServer {namespace}/{server}: {e}"))?
+            .ok_or_else(|| format!("ProtectedServer {namespace}/{server} does not exist"))?;
+        let Some(name) = psrv.spec.consistency_group.clone() else { return Ok(None) };
+        let selector = format!("spec.consistencyGroup={name}");
+        let listed = api
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(|e| format!("listing the members of consistency group {namespace}/{name}: {e}"))?;
+        let mut policies: Vec<&str> = listed.items.iter().map(|p| p.spec.policy_ref.name.as_str()).collect();
+        policies.sort();
+        policies.dedup();
+        if policies.len() > 1 {
+            return Err(format!(
+                "the members of consistency group {namespace}/{name} use different policies ({}); a group needs one policy",
+                policies.join(", ")
+            ));
+        }
+        let mut members: Vec<String> =
+            listed.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).map(|p| p.name_any()).collect();
+        members.sort();
+        let target = self.target_of(namespace, &psrv.spec.policy_ref.name).await.map_err(|(_, m)| m)?;
+        let interval = target.crash_interval.unwrap_or(DEFAULT_GROUP_INTERVAL);
+        Ok(Some(GroupSpec { name, members, interval }))
+    }
 }
+
+/// Rounds of a group whose policy's interval is unknown.
+const DEFAULT_GROUP_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Free space of the cache volume, in percent.
 pub fn cache_free_percent(dir: &std::path::Path) -> Option<f64> {
@@ -233,8 +267,11 @@ pub async fn report_status(client: Client, shared: Arc<Shared>) {
             let newest = point_ref(id.clone(), time, kind);
             match kind {
                 siterecovery_store::PointKind::App => r.app = Some(newest.clone()),
-                siterecovery_store::PointKind::Group => r.group = Some(newest.clone()),
-                siterecovery_store::PointKind::Crash => {}
+                // Only a whole group point (every member has it) is the group's point.
+                siterecovery_store::PointKind::Group if shared.groups().is_whole(state.server.namespace(), &id) => {
+                    r.group = Some(newest.clone())
+                }
+                siterecovery_store::PointKind::Group | siterecovery_store::PointKind::Crash => {}
             }
             let points = LatestRecoveryPoints {
                 // Every point is at least crash-consistent (the RPO is measured from it).

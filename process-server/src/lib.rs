@@ -2,6 +2,7 @@
 //! journals what they send durably before acknowledging it, and uploads recovery points
 //! to Blob storage through `siterecovery-store`. Protocol: docs/replication-protocol.md.
 
+pub mod group;
 pub mod journal;
 pub mod kube;
 pub mod metrics;
@@ -85,6 +86,8 @@ pub struct Shared {
     recent: recent::RecentChunks,
     /// The uploaders, stopped with the process server.
     uploaders: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Consistency groups with a member connected here.
+    groups: Arc<group::Groups>,
 }
 
 impl Shared {
@@ -107,6 +110,11 @@ impl Shared {
     /// Bytes acknowledged and not yet uploaded, over all servers.
     pub fn backlog(&self) -> u64 {
         self.budget.used()
+    }
+
+    /// The consistency groups with a member connected here.
+    pub fn groups(&self) -> &group::Groups {
+        &self.groups
     }
 }
 
@@ -159,6 +167,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         metrics: metrics.clone(),
         recent: recent::RecentChunks::new(config.recent_chunk_bytes),
         uploaders: Default::default(),
+        groups: Default::default(),
     });
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -31,6 +33,15 @@ pub struct Metrics {
     pub backlog_bytes: Gauge,
     /// Times a session waited for cache room.
     pub backpressure_waits: Counter,
+    /// Consistency-group rounds, by result (`Committed`, `MemberNotConnected`, …).
+    pub group_rounds: Family<GroupRoundLabels, Counter>,
+}
+
+/// Labels of [`Metrics::group_rounds`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupRoundLabels {
+    /// How the round ended.
+    pub result: String,
 }
 
 impl Metrics {
@@ -46,6 +57,7 @@ impl Metrics {
         r.register("upload_errors", "Failed upload attempts (retried)", self.upload_errors.clone());
         r.register("backlog_bytes", "Bytes acknowledged to agents and not yet uploaded", self.backlog_bytes.clone());
         r.register("backpressure_waits", "Times a session paused for cache room", self.backpressure_waits.clone());
+        r.register("group_rounds", "Consistency-group rounds, by result", self.group_rounds.clone());
     }
 }
 

@@ -229,6 +229,9 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
         }
     }
     points.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+    if b.recovery_point_choice.as_ref().is_some_and(|c| c.selector == RecoveryPointSelector::LatestGroupConsistent) {
+        crate::group::drop_partial_group_points(&target.store, &server, &mut points).await?;
+    }
     let point = choose(&points, b.recovery_point_choice.as_ref()).map_err(|e| {
         if skipped.is_empty() {
             e
@@ -390,6 +393,7 @@ mod tests {
             id: id.into(),
             kind,
             group: None,
+            members: vec![],
             time: time.parse().unwrap(),
             key_id: "k".into(),
             chunk_size: 4096,

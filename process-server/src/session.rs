@@ -11,13 +11,14 @@ use std::time::Duration;
 use siterecovery_store::{ChunkHash, ServerRef};
 use siterecovery_wire::tls::agent_from_certificate;
 use siterecovery_wire::{
-    Ack, ChunkData, ChunkDelta, Encoding, Frame, Hello, Message, PROTOCOL_VERSION, Refusal, Slot, Welcome, WireError,
-    read_frame, write_message,
+    Ack, ChunkData, ChunkDelta, Encoding, FEATURE_GROUP_POINTS, Frame, Hello, Message, PROTOCOL_VERSION, Refusal, Slot,
+    Welcome, WireError, read_frame, write_message,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Shared;
+use crate::group::Member;
 use crate::state::{ServerState, apply};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -153,6 +154,7 @@ where
     };
     write_message(wr, &Message::Welcome(welcome, head)).await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
     wr.flush().await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
+    let mut member = join_group(shared, &state, &hello).await;
 
     // Group commit: the syncer fsyncs whatever was appended since its last round and
     // acknowledges the highest sequence number covered.
@@ -187,6 +189,17 @@ where
                 Some(Err(e)) => break Err(refuse("CacheUnavailable", e)),
                 None => break Err(refuse("CacheUnavailable", "the journal syncer stopped")),
             },
+            Some(m) = async {
+                match member.as_mut() {
+                    Some(mb) => mb.outbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Err(e) = write_message(wr, &m).await {
+                    break Err(refuse("ConnectionLost", e.to_string()));
+                }
+                let _ = wr.flush().await;
+            },
             frame = frames.recv() => {
                 let frame = match frame {
                     Some(Ok(Some(f))) => f,
@@ -194,7 +207,7 @@ where
                     Some(Err(WireError::Truncated)) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
                     Some(Err(e)) => break Err(refuse("ProtocolError", e.to_string())),
                 };
-                match receive(shared, &state, &frame, &mut last_seq).await {
+                match receive(shared, &state, member.as_ref(), &frame, &mut last_seq).await {
                     Ok(()) => { let _ = appended_tx.send(last_seq); }
                     Err(r) => break Err(r),
                 }
@@ -211,6 +224,28 @@ where
     let _ = wr.flush().await;
     tracing::info!(server = %state.server, ?outcome, "agent session closed");
     outcome
+}
+
+/// Joins the agent's consistency group, if it has one and the agent can take part.
+async fn join_group(shared: &Arc<Shared>, state: &ServerState, hello: &Hello) -> Option<Member> {
+    let (ns, name) = (state.server.namespace(), state.server.name());
+    let spec = match shared.targets.group(ns, name).await {
+        Ok(Some(spec)) => spec,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(server = %state.server, error = %e, "consistency group not read; no group points this session");
+            return None;
+        }
+    };
+    if !hello.features.iter().any(|f| f == FEATURE_GROUP_POINTS) {
+        tracing::warn!(
+            server = %state.server, group = %spec.name, agent = %hello.agent,
+            "the agent predates consistency groups: upgrade it, the group gets no points until then"
+        );
+        return None;
+    }
+    tracing::info!(server = %state.server, group = %spec.name, members = spec.members.len(), "joined consistency group");
+    Some(shared.groups.join(ns, spec, name, shared.targets.clone(), shared.metrics.clone()))
 }
 
 async fn sync_loop(
@@ -237,8 +272,21 @@ async fn sync_loop(
 
 /// Validates one agent frame and journals it (not yet durable). A delta is journaled as
 /// the whole chunk it makes.
-async fn receive(shared: &Shared, state: &Arc<ServerState>, frame: &Frame, last_seq: &mut u64) -> Result<(), Refuse> {
+async fn receive(
+    shared: &Shared,
+    state: &Arc<ServerState>,
+    member: Option<&Member>,
+    frame: &Frame,
+    last_seq: &mut u64,
+) -> Result<(), Refuse> {
     let mut m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    if let Message::GroupReady(r) = m {
+        let Some(member) = member else {
+            return Err(refuse("ProtocolError", "a consistency-group answer from a server in no group"));
+        };
+        member.ready(r);
+        return Ok(());
+    }
     let seq = m.seq().ok_or_else(|| refuse("ProtocolError", "agents send chunks, points, layouts and resyncs only"))?;
     if seq <= *last_seq {
         return Err(refuse("ProtocolError", format!("sequence number {seq} after {}", *last_seq)));
@@ -287,6 +335,11 @@ async fn receive(shared: &Shared, state: &Arc<ServerState>, frame: &Frame, last_
     }
     let frame = rebuilt.as_ref().unwrap_or(frame);
     journal(state, frame, &m).await?;
+    if let (Message::Point(p), Some(member)) = (&m, member)
+        && p.kind == siterecovery_store::PointKind::Group
+    {
+        member.journaled(&p.id, &p.members);
+    }
     if let Message::Chunk(c, _) = &m {
         let n = u64::from(c.len);
         state.progress.bytes_received.fetch_add(n, Ordering::Relaxed);

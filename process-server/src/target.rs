@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::Deserialize;
+
+use crate::group::GroupSpec;
 use siterecovery_store::{
     AzureBlobBackend, BlobBackend, DEFAULT_CHUNK_SIZE, Keyring, LocalBackend, Store, StoreOptions,
 };
@@ -31,6 +33,11 @@ pub struct Target {
 pub trait Targets: Send + Sync + 'static {
     /// The target of `namespace/server`, or a refusal `(reason, message)`.
     async fn resolve(&self, namespace: &str, server: &str) -> Result<Arc<Target>, (String, String)>;
+
+    /// The consistency group of `namespace/server`, with every member, if it has one.
+    async fn group(&self, _namespace: &str, _server: &str) -> Result<Option<GroupSpec>, String> {
+        Ok(None)
+    }
 }
 
 /// Targets from a file (standalone process servers, tests): one store for every server.
@@ -57,6 +64,23 @@ pub struct TargetsFile {
     /// Uploads in flight per server.
     #[serde(default)]
     pub parallelism: Option<usize>,
+    /// Consistency groups (the API's `spec.consistencyGroup` of standalone servers).
+    #[serde(default)]
+    pub consistency_groups: Vec<GroupEntry>,
+}
+
+/// A consistency group of a [`TargetsFile`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupEntry {
+    /// Namespace of the members.
+    pub namespace: String,
+    /// Group name.
+    pub name: String,
+    /// Server names.
+    pub members: Vec<String>,
+    /// Seconds between rounds.
+    pub interval_seconds: f64,
 }
 
 /// A storage backend.
@@ -78,7 +102,7 @@ pub enum BackendSpec {
 
 /// A [`TargetsFile`] loaded: the same target for every server.
 #[derive(Debug)]
-pub struct StaticTargets(Arc<Target>);
+pub struct StaticTargets(Arc<Target>, Vec<GroupEntry>);
 
 impl StaticTargets {
     /// Reads and checks `path`.
@@ -115,13 +139,25 @@ impl StaticTargets {
         let chunk_size = file.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
         options.chunk_size = chunk_size;
         let store = Store::new(backend, keyring, options)?;
-        Ok(Self(Arc::new(Target {
-            store,
-            chunk_size,
-            bandwidth_bytes_per_second: file.bandwidth_bytes_per_second,
-            crash_interval: None,
-            app_interval: None,
-        })))
+        let groups = file.consistency_groups;
+        for g in &groups {
+            siterecovery_store::validate_segment("consistency group", &g.name)?;
+            anyhow::ensure!(
+                g.interval_seconds.is_finite() && g.interval_seconds > 0.0,
+                "consistency group {}: intervalSeconds must be positive",
+                g.name
+            );
+        }
+        Ok(Self(
+            Arc::new(Target {
+                store,
+                chunk_size,
+                bandwidth_bytes_per_second: file.bandwidth_bytes_per_second,
+                crash_interval: None,
+                app_interval: None,
+            }),
+            groups,
+        ))
     }
 }
 
@@ -129,5 +165,19 @@ impl StaticTargets {
 impl Targets for StaticTargets {
     async fn resolve(&self, _namespace: &str, _server: &str) -> Result<Arc<Target>, (String, String)> {
         Ok(self.0.clone())
+    }
+
+    async fn group(&self, namespace: &str, server: &str) -> Result<Option<GroupSpec>, String> {
+        let entry = self.1.iter().find(|g| g.namespace == namespace && g.members.iter().any(|m| m == server));
+        Ok(entry.map(|g| {
+            let mut members = g.members.clone();
+            members.sort();
+            members.dedup();
+            GroupSpec {
+                name: g.name.clone(),
+                members,
+                interval: std::time::Duration::from_secs_f64(g.interval_seconds),
+            }
+        }))
     }
 }

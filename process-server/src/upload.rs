@@ -170,6 +170,7 @@ pub(crate) fn manifest_of(
         id: p.id.clone(),
         kind: p.kind,
         group: p.group.clone(),
+        members: p.members.clone(),
         time: p.time,
         key_id: key_id.to_string(),
         chunk_size: cp.chunk_size,

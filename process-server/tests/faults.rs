@@ -558,6 +558,7 @@ async fn hello(s: &mut Raw, server: &str, size: u64) {
         server: server.into(),
         disks: vec![DiskInfo { id: "sda".into(), size }],
         agent: "fault-test".into(),
+        features: vec![],
     };
     write_message(s, &Message::Hello(h)).await.unwrap();
     s.flush().await.unwrap();
@@ -596,7 +597,7 @@ fn chunk(seq: u64, index: u64, hash_of: &[u8], body: Vec<u8>) -> Message {
 fn point(seq: u64) -> Message {
     let time = jiff::Timestamp::now();
     let id = siterecovery_store::generate_point_id(time, PointKind::Crash);
-    Message::Point(PointMarker { seq, id, kind: PointKind::Crash, time, group: None })
+    Message::Point(PointMarker { seq, id, kind: PointKind::Crash, time, group: None, members: vec![] })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

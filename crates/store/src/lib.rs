@@ -11,7 +11,7 @@
 //! let keys = Keyring::new("k1", [("k1".to_string(), [7u8; 32])])?;
 //! let store = Store::new(backend, keys, StoreOptions::default())?;
 //! let server = ServerRef::new("prod", "db-1")?;
-//! let point = NewPoint { kind: PointKind::Crash, group: None, time: jiff::Timestamp::now(), id: None };
+//! let point = NewPoint { kind: PointKind::Crash, group: None, members: vec![], time: jiff::Timestamp::now(), id: None };
 //! let written = store.write_point(&server, point, &[DiskSource { id: "sda".into(), path: "/dev/sda".into() }]).await?;
 //! store.restore_disk(&server, &written.manifest, "sda", "/tmp/sda.img".as_ref()).await?;
 //! # Ok(()) }

@@ -88,6 +88,10 @@ pub struct Manifest {
     /// Consistency-group name for `group` points.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// For `group` points: every server of the group when the point was taken. The group
+    /// point is whole when each of them has a point with this id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
     /// The instant the point represents (RFC 3339, UTC).
     pub time: jiff::Timestamp,
     /// Id of the key the chunks written for this point were encrypted with.
@@ -139,6 +143,7 @@ mod tests {
             id: "p".into(),
             kind: PointKind::App,
             group: None,
+            members: vec![],
             time: "2026-11-27T10:00:00Z".parse().unwrap(),
             key_id: "k1".into(),
             chunk_size: 4,

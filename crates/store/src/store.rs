@@ -49,6 +49,8 @@ pub struct NewPoint {
     pub kind: PointKind,
     /// Consistency-group name for group points.
     pub group: Option<String>,
+    /// Every server of the group, for group points.
+    pub members: Vec<String>,
     /// The instant the point represents.
     pub time: jiff::Timestamp,
     /// Point id; generated from the time and kind when `None`.
@@ -108,6 +110,9 @@ impl Store {
         if let Some(group) = &point.group {
             validate_segment("group", group)?;
         }
+        for m in &point.members {
+            validate_segment("group member", m)?;
+        }
         let mut seen = HashSet::new();
         for d in disks {
             validate_segment("disk id", &d.id)?;
@@ -124,6 +129,7 @@ impl Store {
                 id,
                 kind: point.kind,
                 group: point.group,
+                members: point.members,
                 time: point.time,
                 key_id: self.codec.keyring().active_id().to_string(),
                 chunk_size: self.options.chunk_size,

@@ -33,7 +33,14 @@ pub struct Hello {
     pub disks: Vec<DiskInfo>,
     /// Agent version, for logs.
     pub agent: String,
+    /// Optional protocol features the agent implements (e.g. [`FEATURE_GROUP_POINTS`]);
+    /// the process server uses no other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// Feature: the agent takes part in consistency-group rounds ([`GroupPrepare`]).
+pub const FEATURE_GROUP_POINTS: &str = "group-points";
 
 /// Process server → agent: the session is open. The body carries the [`Head`]: what
 /// the process server holds durably for each disk of the hello, so the agent sends
@@ -153,6 +160,56 @@ pub struct PointMarker {
     /// Consistency group, for group points.
     #[serde(default)]
     pub group: Option<String>,
+    /// Every server of the group when the point was taken (group points only): a group
+    /// point is whole when each of them has a point with this id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+}
+
+/// Process server → agent: take part in group round `round`: bring the copy at the process
+/// server to one instant and hold it (no write since), then answer [`GroupReady`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPrepare {
+    /// Consistency group.
+    pub group: String,
+    /// Round number, increasing per group.
+    pub round: u64,
+}
+
+/// Agent → process server: the answer to a [`GroupPrepare`]. Sent after every chunk of
+/// the instant was acknowledged; not numbered (nothing is journaled for it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReady {
+    /// The round answered.
+    pub round: u64,
+    /// Whether the agent reached and holds an instant.
+    pub ready: bool,
+    /// Why not, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Process server → agent: every member was ready; record the group point `id` if
+/// nothing was written since the instant the agent holds, else a crash point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCommit {
+    /// The round.
+    pub round: u64,
+    /// Point id, the same for every member.
+    pub id: String,
+    /// The instant: when the last member became ready (every member held its copy then).
+    pub time: jiff::Timestamp,
+    /// Every server of the group.
+    pub members: Vec<String>,
+}
+
+/// Process server → agent: round `round` ends without a group point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupAbort {
+    /// The round.
+    pub round: u64,
+    /// Why (a member not connected, not ready in time, …).
+    pub reason: String,
 }
 
 /// Agent → process server: the disk layout changed (a disk grew, was added or removed).
@@ -210,6 +267,14 @@ pub enum Message {
     Layout(Layout),
     /// A resync starts.
     Resync(Resync),
+    /// A consistency-group round starts.
+    GroupPrepare(GroupPrepare),
+    /// An agent's answer to a group round.
+    GroupReady(GroupReady),
+    /// A group round succeeded.
+    GroupCommit(GroupCommit),
+    /// A group round failed.
+    GroupAbort(GroupAbort),
 }
 
 mod kind {
@@ -222,6 +287,10 @@ mod kind {
     pub const LAYOUT: u8 = 7;
     pub const RESYNC: u8 = 8;
     pub const DELTA: u8 = 9;
+    pub const GROUP_PREPARE: u8 = 10;
+    pub const GROUP_READY: u8 = 11;
+    pub const GROUP_COMMIT: u8 = 12;
+    pub const GROUP_ABORT: u8 = 13;
 }
 
 fn frame<T: Serialize>(kind: u8, header: &T, body: Bytes) -> Frame {
@@ -254,6 +323,10 @@ impl Message {
             Message::Refused(r) => frame(kind::REFUSED, r, Bytes::new()),
             Message::Layout(l) => frame(kind::LAYOUT, l, Bytes::new()),
             Message::Resync(r) => frame(kind::RESYNC, r, Bytes::new()),
+            Message::GroupPrepare(g) => frame(kind::GROUP_PREPARE, g, Bytes::new()),
+            Message::GroupReady(g) => frame(kind::GROUP_READY, g, Bytes::new()),
+            Message::GroupCommit(g) => frame(kind::GROUP_COMMIT, g, Bytes::new()),
+            Message::GroupAbort(g) => frame(kind::GROUP_ABORT, g, Bytes::new()),
         }
     }
 
@@ -298,6 +371,22 @@ impl Message {
             kind::RESYNC => {
                 no_body(f, "resync")?;
                 Message::Resync(header(f, "resync")?)
+            }
+            kind::GROUP_PREPARE => {
+                no_body(f, "group prepare")?;
+                Message::GroupPrepare(header(f, "group prepare")?)
+            }
+            kind::GROUP_READY => {
+                no_body(f, "group ready")?;
+                Message::GroupReady(header(f, "group ready")?)
+            }
+            kind::GROUP_COMMIT => {
+                no_body(f, "group commit")?;
+                Message::GroupCommit(header(f, "group commit")?)
+            }
+            kind::GROUP_ABORT => {
+                no_body(f, "group abort")?;
+                Message::GroupAbort(header(f, "group abort")?)
             }
             other => return Err(WireError::Malformed(format!("unknown frame kind {other}"))),
         })
@@ -513,9 +602,24 @@ mod tests {
             kind: PointKind::Crash,
             time: "2026-11-27T10:15:00.123Z".parse().unwrap(),
             group: None,
+            members: vec![],
         });
-        let f = m.to_frame();
-        assert_eq!(Message::from_frame(&Frame::decode_payload(f.encode().slice(4..)).unwrap()).unwrap(), m);
+        let group = [
+            Message::GroupPrepare(GroupPrepare { group: "erp".into(), round: 3 }),
+            Message::GroupReady(GroupReady { round: 3, ready: false, reason: Some("writes never paused".into()) }),
+            Message::GroupCommit(GroupCommit {
+                round: 3,
+                id: "20261127T101500123Z-group".into(),
+                time: "2026-11-27T10:15:00.123Z".parse().unwrap(),
+                members: vec!["db".into(), "web".into()],
+            }),
+            Message::GroupAbort(GroupAbort { round: 3, reason: "web is not connected".into() }),
+        ];
+        for m in std::iter::once(&m).chain(&group) {
+            let f = m.to_frame();
+            assert_eq!(&Message::from_frame(&Frame::decode_payload(f.encode().slice(4..)).unwrap()).unwrap(), m);
+            assert_eq!(m.seq().is_some(), matches!(m, Message::Point(_)), "group messages are not journaled");
+        }
         let unknown = Frame { kind: 99, header: Bytes::from_static(b"{}"), body: Bytes::new() };
         assert!(Message::from_frame(&unknown).unwrap_err().to_string().contains("unknown frame kind 99"));
         let zero_with_body = Frame {

@@ -62,7 +62,13 @@ pub fn store(backend: Arc<dyn BlobBackend>, keys: Keyring, chunk_size: u32) -> S
 /// A crash point at `secs` after the epoch of 2026-11-27.
 pub fn crash_point(secs: i64) -> NewPoint {
     let base: jiff::Timestamp = "2026-11-27T00:00:00Z".parse().unwrap();
-    NewPoint { kind: PointKind::Crash, group: None, time: base + jiff::SignedDuration::from_secs(secs), id: None }
+    NewPoint {
+        kind: PointKind::Crash,
+        group: None,
+        members: vec![],
+        time: base + jiff::SignedDuration::from_secs(secs),
+        id: None,
+    }
 }
 
 /// One disk source.

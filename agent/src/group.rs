@@ -1,0 +1,148 @@
+//! The agent's part of a consistency-group round (docs/replication-protocol.md
+//! "Consistency groups"): bring the process server's copy to one instant, hold it while
+//! the other members get ready, and record the group point only if nothing was written
+//! since that instant when the commit arrives.
+
+use std::time::Duration;
+
+use siterecovery_store::{PointKind, generate_point_id};
+use siterecovery_wire::{GroupPrepare, GroupReady, Message, PointMarker, Slot};
+use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
+
+use crate::disk::Disk;
+use crate::link::Link;
+use crate::{Agent, SessionError, err};
+
+/// Longest the agent waits for the process server's decision once ready.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a round left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GroupOutcome {
+    /// The group point `id` was recorded for this server.
+    Point(String),
+    /// No group point; a crash-consistent point of this server alone was recorded instead.
+    CrashPoint(String),
+    /// No point at all (no instant reached).
+    Nothing,
+}
+
+impl Agent {
+    /// Takes part in the round `prepare`. Every chunk sent before the marker reflects the
+    /// instant held; chunks written meanwhile follow the marker.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn group_round<W: AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<W>,
+        control: &mut mpsc::UnboundedReceiver<Message>,
+        disks: &[Disk],
+        sizes: &[u64],
+        chunk_size: u32,
+        sent: &mut Vec<Vec<Slot>>,
+        prepare: GroupPrepare,
+    ) -> Result<GroupOutcome, SessionError> {
+        let round = prepare.round;
+        let mut held = None;
+        let mut at = self.precopy(link, disks, sizes, chunk_size, sent, &|| false).await?;
+        if at.is_none() {
+            (at, held) = self.converge_holding(link, disks, sizes, chunk_size, sent).await?;
+        }
+        // Ready only once the process server holds the instant durably.
+        let drained = link.drain().await.map_err(err);
+        let reason = match (&at, &drained) {
+            (_, Err(e)) => Some(e.to_string()),
+            (None, _) => Some(format!("writes never paused in {} passes", self.config.max_passes)),
+            _ => None,
+        };
+        let ready = GroupReady { round, ready: reason.is_none(), reason: reason.clone() };
+        let answered = match drained {
+            Ok(()) => link.send_unnumbered(&Message::GroupReady(ready)).await.map_err(err),
+            Err(e) => Err(e),
+        };
+        let decision = match (&answered, at) {
+            (Ok(()), Some(_)) => wait_decision(control, round).await,
+            _ => None,
+        };
+        let outcome = self.conclude(link, disks, sizes, chunk_size, sent, &prepare.group, at, decision).await;
+        if let Some(h) = held {
+            h.release().await;
+        }
+        answered?;
+        if let Some(r) = reason {
+            tracing::info!(group = %prepare.group, round, reason = %r, "not ready for the group point");
+        }
+        outcome
+    }
+
+    /// Records the group point if the commit came and nothing was written since the
+    /// instant `at`; else a crash point at `at` (what was sent still reflects it), and
+    /// then sends what was written meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn conclude<W: AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<W>,
+        disks: &[Disk],
+        sizes: &[u64],
+        chunk_size: u32,
+        sent: &mut Vec<Vec<Slot>>,
+        group: &str,
+        at: Option<jiff::Timestamp>,
+        decision: Option<Message>,
+    ) -> Result<GroupOutcome, SessionError> {
+        let Some(at) = at else { return Ok(GroupOutcome::Nothing) };
+        let since = self.tracker.take(disks, chunk_size).map_err(err)?;
+        let still = since.is_quiet() && self.tracker.proves_quiet();
+        let seq = link.next_seq();
+        let (marker, outcome) = match decision {
+            Some(Message::GroupCommit(c)) if still => {
+                let marker = PointMarker {
+                    seq,
+                    id: c.id.clone(),
+                    kind: PointKind::Group,
+                    time: c.time,
+                    group: Some(group.to_string()),
+                    members: c.members,
+                };
+                (marker, GroupOutcome::Point(c.id))
+            }
+            other => {
+                match other {
+                    Some(Message::GroupCommit(_)) => {
+                        tracing::warn!(group, "written to while the group got ready; recording a crash point instead")
+                    }
+                    Some(Message::GroupAbort(a)) => tracing::info!(group, reason = %a.reason, "group round aborted"),
+                    _ => tracing::warn!(group, "no decision on the group round; recording a crash point instead"),
+                }
+                let id = generate_point_id(at, PointKind::Crash);
+                let marker =
+                    PointMarker { seq, id: id.clone(), kind: PointKind::Crash, time: at, group: None, members: vec![] };
+                (marker, GroupOutcome::CrashPoint(id))
+            }
+        };
+        link.send(seq, &Message::Point(marker)).await.map_err(err)?;
+        if !since.is_quiet() {
+            self.send_pass(link, disks, sizes, chunk_size, sent, &since, false).await?;
+        }
+        link.drain().await.map_err(err)?;
+        Ok(outcome)
+    }
+}
+
+/// The commit or abort of `round` (older rounds' messages are skipped), or `None` after
+/// [`DECISION_TIMEOUT`] or when the connection ended.
+async fn wait_decision(control: &mut mpsc::UnboundedReceiver<Message>, round: u64) -> Option<Message> {
+    tokio::time::timeout(DECISION_TIMEOUT, async {
+        while let Some(m) = control.recv().await {
+            match &m {
+                Message::GroupCommit(c) if c.round == round => return Some(m),
+                Message::GroupAbort(a) if a.round == round => return Some(m),
+                _ => {}
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
