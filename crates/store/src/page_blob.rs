@@ -136,7 +136,7 @@ impl Store {
         if disk.size == 0 {
             return Err(StoreError::InvalidArgument(format!("disk {disk_id} is empty; a VHD needs at least 1 MiB")));
         }
-        if point.chunk_size as usize % PAGE != 0 {
+        if !(point.chunk_size as usize).is_multiple_of(PAGE) {
             return Err(StoreError::InvalidArgument(format!(
                 "recovery point {} has {}-byte chunks; page blobs take whole 512-byte pages",
                 point.id, point.chunk_size
@@ -310,9 +310,14 @@ fn is_zero(buf: &[u8]) -> bool {
     buf.iter().all(|&b| b == 0)
 }
 
+/// The URL without its query (no SAS), with the blob name's `/` as written: the SDK
+/// sends them as `%2F`, which the service reads the same, but people and ARM's
+/// `sourceUri` expect the plain form.
 fn display_url(url: &Url) -> String {
     let mut u = url.clone();
     u.set_query(None);
+    let path = u.path().replace("%2F", "/");
+    u.set_path(&path);
     u.to_string()
 }
 

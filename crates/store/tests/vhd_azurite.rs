@@ -1,0 +1,271 @@
+//! Restore to a fixed-VHD page blob, against Azurite: the blob is a valid fixed VHD whose
+//! data equals the source bit for bit, zero regions are never written, and a corrupt
+//! chunk stops the restore with the object named and nothing left behind.
+//!
+//! Needs `SR_AZURITE_ENDPOINT`, like `azurite.rs` (`hack/azurite.sh up`, then
+//! `eval "$(hack/azurite.sh env)"`).
+
+mod common;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use common::*;
+use siterecovery_store::backend::{DEVSTORE_ACCOUNT, DEVSTORE_KEY};
+use siterecovery_store::vhd::{DISK_TYPE_FIXED, FOOTER_LEN, parse_footer, vhd_data_size};
+use siterecovery_store::{
+    AccountSas, AzureBlobBackend, BlobBackend, ChunkRef, LocalBackend, Manifest, ServerRef, Store, StoreError,
+    StoreOptions, VhdPurpose, recovered_vhd_name,
+};
+
+const MIB: u64 = 1024 * 1024;
+
+fn endpoint() -> String {
+    std::env::var("SR_AZURITE_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "SR_AZURITE_ENDPOINT is not set: start Azurite with `hack/azurite.sh up` and \
+             `eval \"$(hack/azurite.sh env)\"` (make test does both)"
+        )
+    })
+}
+
+/// A fresh container per test, so parallel tests and earlier runs never interfere.
+async fn container(test: &str) -> Arc<AzureBlobBackend> {
+    let expiry = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(2);
+    let sas = AccountSas::full_access(DEVSTORE_ACCOUNT, expiry).sign(DEVSTORE_KEY).unwrap();
+    let name = format!("sr-vhd-{test}-{}", std::process::id());
+    let backend = Arc::new(AzureBlobBackend::with_sas(&endpoint(), &name, &sas).unwrap());
+    backend.ensure_container().await.unwrap_or_else(|e| panic!("cannot create container at {}: {e}", endpoint()));
+    backend
+}
+
+async fn download(backend: &AzureBlobBackend, blob: &str) -> Vec<u8> {
+    let r = backend.blob_client(blob).download(None).await.unwrap();
+    r.body.collect().await.unwrap().to_vec()
+}
+
+/// The pages a sparse restore must write: each data chunk rounded up to whole pages, in
+/// Put Pages of at most 4 MiB of which the all-zero ones are skipped, merged; then the
+/// footer.
+fn expected_ranges(m: &Manifest, source: &[u8]) -> Vec<Range<u64>> {
+    let d = &m.disks[0];
+    let cs = u64::from(m.chunk_size);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut push = |r: Range<u64>| match out.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ => out.push(r),
+    };
+    for (i, c) in d.chunks.iter().enumerate() {
+        if let ChunkRef::Data(_) = c {
+            let (start, len) = (i as u64 * cs, d.chunk_len(i, m.chunk_size) as u64);
+            let mut at = start;
+            while at < start + len {
+                let end = (at + 4 * MIB).min(start + len);
+                if source[at as usize..end as usize].iter().any(|&b| b != 0) {
+                    push(at..end.next_multiple_of(512));
+                }
+                at = end;
+            }
+        }
+    }
+    let data = vhd_data_size(d.size);
+    push(data..data + FOOTER_LEN as u64);
+    out
+}
+
+/// An odd-sized disk with holes, restored with 1 MiB chunks (one Put Page per chunk) and
+/// with 8 MiB chunks (split into 4 MiB Put Pages, all-zero halves skipped).
+#[tokio::test]
+async fn vhd_page_blob_is_sparse_and_bit_exact() {
+    let backend = container("exact").await;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("sda.img");
+    // 21 MiB + 1234 bytes: data at the start, a hole of several chunks, data across a
+    // chunk boundary, a lone 4 KiB write deep in an 8 MiB chunk, and data up to the
+    // odd last byte.
+    let size = 21 * MIB + 1234;
+    make_image(
+        &image,
+        size,
+        &[(0, 300_000, 1), (7 * MIB - 5000, 10_000, 2), (12 * MIB + 4096, 4096, 3), (size - 70_000, 70_000, 4)],
+    );
+    let source = std::fs::read(&image).unwrap();
+    for (chunk_size, server) in [(MIB as u32, "web-1"), (8 * MIB as u32, "web-2")] {
+        let store = store(backend.clone(), keyring("k1", &["k1"]), chunk_size);
+        let server = ServerRef::new("prod", server).unwrap();
+        let m = store.write_point(&server, crash_point(1), &[disk("sda", &image)]).await.unwrap().manifest;
+        if chunk_size == MIB as u32 {
+            assert!(m.disks[0].chunks.contains(&ChunkRef::Zero), "the image has zero chunks");
+        }
+        let blob = recovered_vhd_name(&server, VhdPurpose::Failover, &m.id, "sda").unwrap();
+        let report = store.restore_disk_to_vhd(&server, &m, "sda", &blob).await.unwrap();
+
+        let data_size = vhd_data_size(size);
+        assert_eq!(data_size, 22 * MIB, "rounded up to a whole MiB");
+        assert_eq!(report.vhd_size, data_size);
+        assert!(report.url.ends_with(&blob) && !report.url.contains('?'), "URL without SAS: {}", report.url);
+        let vhd = download(&backend, &blob).await;
+        assert_eq!(vhd.len() as u64, data_size + FOOTER_LEN as u64);
+        assert!(vhd[..size as usize] == source[..], "data equals the source bit for bit ({chunk_size}-byte chunks)");
+        assert!(vhd[size as usize..data_size as usize].iter().all(|&b| b == 0), "zeros up to the MiB");
+        let footer = parse_footer(&vhd[data_size as usize..]).unwrap();
+        assert_eq!(footer.disk_type, DISK_TYPE_FIXED);
+        assert_eq!(footer.current_size, data_size);
+
+        let ranges = store.page_ranges(&blob).await.unwrap();
+        assert_eq!(ranges, expected_ranges(&m, &source), "only data and the footer were written");
+        if chunk_size == MIB as u32 {
+            let written: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+            assert!(written < data_size / 2, "zero regions stay unwritten: {written} of {data_size} bytes");
+        }
+        if chunk_size == 8 * MIB as u32 {
+            // The chunk at 8..16 MiB holds only 4 KiB at 12 MiB + 4 KiB: its first 4 MiB
+            // half is zero and must not have been written.
+            assert!(!ranges.iter().any(|r| r.start < 12 * MIB && r.end > 8 * MIB), "{ranges:?}");
+        }
+
+        // qemu reads the downloaded blob as a fixed VHD holding the same bytes.
+        let file = dir.path().join(format!("{chunk_size}.vhd"));
+        std::fs::write(&file, &vhd).unwrap();
+        let raw = dir.path().join(format!("{chunk_size}.raw"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw"])
+            .arg(&file)
+            .arg(&raw)
+            .output()
+            .expect("qemu-img (qemu-utils) is needed; hack/tools.sh installs it");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let raw = std::fs::read(&raw).unwrap();
+        assert_eq!(raw.len() as u64, data_size);
+        assert!(raw[..size as usize] == source[..], "qemu-img reads the source back");
+
+        // A retry replaces the blob with identical bytes.
+        store.restore_disk_to_vhd(&server, &m, "sda", &blob).await.unwrap();
+        assert!(download(&backend, &blob).await == vhd, "a second restore writes the same image");
+    }
+    backend.delete_container().await.unwrap();
+}
+
+/// A flipped byte in one stored chunk: the restore fails naming that object, and no
+/// page blob is left (so nothing of it, nor an incomplete image, can be imported).
+#[tokio::test]
+async fn corrupt_chunk_is_named_and_nothing_is_written() {
+    let backend = container("corrupt").await;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("sda.img");
+    make_image(&image, 6 * MIB + 512, &[(0, 6 * MIB as usize + 512, 9)]);
+    let store = store(backend.clone(), keyring("k1", &["k1"]), MIB as u32);
+    let server = ServerRef::new("prod", "db-1").unwrap();
+    let m = store.write_point(&server, crash_point(1), &[disk("sda", &image)]).await.unwrap().manifest;
+    let ChunkRef::Data(hash) = m.disks[0].chunks[3] else { panic!("chunk 3 holds data") };
+    let key = format!("servers/prod/db-1/disks/sda/chunks/{hash}");
+    let mut sealed = backend.get(&key).await.unwrap().to_vec();
+    let mid = sealed.len() / 2;
+    sealed[mid] ^= 0x01;
+    backend.put(&key, Bytes::from(sealed)).await.unwrap();
+
+    let blob = recovered_vhd_name(&server, VhdPurpose::Failover, &m.id, "sda").unwrap();
+    let err = store.restore_disk_to_vhd(&server, &m, "sda", &blob).await.unwrap_err();
+    match &err {
+        StoreError::Corrupt { object, .. } => assert_eq!(object, &key),
+        other => panic!("expected a corrupt-object error, got {other}"),
+    }
+    assert!(err.to_string().contains(&key), "the message names the object: {err}");
+    assert!(!err.is_retryable());
+    assert!(!store.blob_exists(&blob).await.unwrap(), "no partial VHD is left behind");
+    backend.delete_container().await.unwrap();
+}
+
+/// Every disk of a point goes to its own blob; test-failover cleanup removes only the
+/// test blobs, and a failover removes the disks of points it superseded.
+#[tokio::test]
+async fn recovered_vhds_are_named_per_purpose_and_cleaned_up() {
+    let backend = container("cleanup").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    make_image(&a, 3 * MIB, &[(0, 1000, 1)]);
+    make_image(&b, MIB + 512, &[(MIB, 512, 2)]);
+    let store = store(backend.clone(), keyring("k1", &["k1"]), MIB as u32);
+    let server = ServerRef::new("prod", "app-1").unwrap();
+    let disks = [disk("sda", &a), disk("sdb", &b)];
+    let p1 = store.write_point(&server, crash_point(1), &disks).await.unwrap().manifest;
+    let p2 = store.write_point(&server, crash_point(2), &disks).await.unwrap().manifest;
+
+    let test = store.restore_point_to_vhds(&server, &p2, VhdPurpose::TestFailover).await.unwrap();
+    assert_eq!(test.iter().map(|r| r.disk.as_str()).collect::<Vec<_>>(), ["sda", "sdb"]);
+    store.restore_point_to_vhds(&server, &p1, VhdPurpose::Failover).await.unwrap();
+    let current = store.restore_point_to_vhds(&server, &p2, VhdPurpose::Failover).await.unwrap();
+
+    let superseded = store.delete_recovered_vhds(&server, VhdPurpose::Failover, Some(&p2.id)).await.unwrap();
+    assert_eq!(superseded.len(), 2, "{superseded:?}");
+    assert!(superseded.iter().all(|n| n.contains(&p1.id)));
+    let cleaned = store.delete_recovered_vhds(&server, VhdPurpose::TestFailover, None).await.unwrap();
+    assert_eq!(cleaned, test.iter().map(|r| r.blob.clone()).collect::<Vec<_>>());
+    for r in &current {
+        assert!(store.blob_exists(&r.blob).await.unwrap(), "the failover's disks stay: {}", r.blob);
+    }
+    for r in &test {
+        assert!(!store.blob_exists(&r.blob).await.unwrap());
+    }
+    backend.delete_container().await.unwrap();
+}
+
+/// A store outside Azure cannot make page blobs; the error says why.
+#[tokio::test]
+async fn local_store_refuses_page_blob_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("sda.img");
+    make_image(&image, MIB, &[(0, 100, 1)]);
+    let store =
+        store(Arc::new(LocalBackend::new(dir.path().join("store")).unwrap()), keyring("k1", &["k1"]), MIB as u32);
+    let server = ServerRef::new("prod", "db-1").unwrap();
+    let m = store.write_point(&server, crash_point(1), &[disk("sda", &image)]).await.unwrap().manifest;
+    let err = store.restore_disk_to_vhd(&server, &m, "sda", "x.vhd").await.unwrap_err();
+    assert!(err.to_string().contains("needs a store in Azure Blob Storage"), "{err}");
+}
+
+/// Throughput of a restore to a page blob against a restore to a local image file, same
+/// point, same run (docs/benchmarks.md). `SR_VHD_BENCH_MIB` sets the disk size (default
+/// 256 MiB, ~60% data). Prints figures; asserts only that both copies are equal.
+#[tokio::test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+async fn bench_restore_to_page_blob() {
+    let mib: u64 = std::env::var("SR_VHD_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let backend = container("bench").await;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("sda.img");
+    // Data in 3 of every 5 MiB; the rest holes.
+    let extents: Vec<(u64, usize, u64)> =
+        (0..mib).filter(|i| i % 5 < 3).map(|i| (i * MIB, MIB as usize, i + 1)).collect();
+    make_image(&image, mib * MIB, &extents);
+    let store = Store::new(backend.clone(), keyring("k1", &["k1"]), StoreOptions::default()).unwrap();
+    let server = ServerRef::new("bench", "vhd").unwrap();
+    let m = store.write_point(&server, crash_point(1), &[disk("sda", &image)]).await.unwrap().manifest;
+    let data = extents.len() as u64 * MIB;
+
+    let t = Instant::now();
+    let local = store.restore_disk(&server, &m, "sda", &dir.path().join("restored.img")).await.unwrap();
+    let local_s = t.elapsed().as_secs_f64();
+    let blob = recovered_vhd_name(&server, VhdPurpose::Failover, &m.id, "sda").unwrap();
+    let t = Instant::now();
+    let vhd = store.restore_disk_to_vhd(&server, &m, "sda", &blob).await.unwrap();
+    let vhd_s = t.elapsed().as_secs_f64();
+    assert_eq!(file_hash(&dir.path().join("restored.img")), file_hash(&image));
+    let mb = |s: f64| data as f64 / MIB as f64 / s;
+    println!(
+        "restore of a {mib} MiB disk ({} MiB data, {} data chunks, parallelism {}): \
+         local file {local_s:.2} s ({:.0} MiB/s), fixed-VHD page blob {vhd_s:.2} s ({:.0} MiB/s), ratio {:.2}; \
+         {} bytes downloaded, {} bytes of pages written",
+        data / MIB,
+        vhd.chunks_written,
+        store.options().parallelism,
+        mb(local_s),
+        mb(vhd_s),
+        vhd_s / local_s,
+        local.bytes_downloaded,
+        vhd.bytes_uploaded,
+    );
+    backend.delete_container().await.unwrap();
+}
