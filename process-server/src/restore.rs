@@ -4,8 +4,11 @@
 //! of the block it serves.
 //!
 //! Targets: `local` (each disk becomes `<directory>/<server>/<disk>.img`; a test failover
-//! goes to `<directory>/test-failover/<server>/`). `kubevirt` and `azure` are refused with
-//! a message until they exist.
+//! goes to `<directory>/test-failover/<server>/`) and `azure` (each disk becomes a
+//! fixed-VHD page blob in the policy's container, [`azure`]; the managed disks and the VM
+//! are not created). `kubevirt` is refused with a message until it exists.
+
+mod azure;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -182,6 +185,11 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
     let name = s.name_any();
     let ns = s.namespace().unwrap_or_default();
     if b.operation == Op::TestFailoverCleanup {
+        if s.spec.failover_target.azure.is_some() || b.recovered_disks.iter().any(|d| azure::is_blob_url(d)) {
+            let target = targets.resolve(&ns, &name).await.map_err(|(r, m)| format!("{r}: {m}"))?;
+            let server = ServerRef::new(&ns, &name).map_err(|e| e.to_string())?;
+            return azure::cleanup_test(&target.store, &server).await.map(Done);
+        }
         let mut removed = 0;
         for path in &b.recovered_disks {
             match std::fs::remove_file(path) {
@@ -195,14 +203,19 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
         }
         return Ok(Done(json!({"message": format!("removed {removed} test disk(s)"), "recoveredDisks": []})));
     }
-    let Some(local) = s.spec.failover_target.local.as_ref() else {
-        return Err("only the local failover target is implemented; kubevirt and azure targets are not yet".into());
+    // `None`: the azure target (page blobs in the policy's container).
+    let dir = match (&s.spec.failover_target.local, s.spec.failover_target.azure.is_some()) {
+        (Some(local), _) => {
+            let mut dir = PathBuf::from(&local.directory);
+            if b.operation == Op::TestFailover {
+                dir.push("test-failover");
+            }
+            dir.push(&name);
+            Some(dir)
+        }
+        (None, true) => None,
+        (None, false) => return Err("the kubevirt failover target is not implemented yet; use local or azure".into()),
     };
-    let mut dir = PathBuf::from(&local.directory);
-    if b.operation == Op::TestFailover {
-        dir.push("test-failover");
-    }
-    dir.push(&name);
     let target = targets.resolve(&ns, &name).await.map_err(|(r, m)| format!("{r}: {m}"))?;
     let server = ServerRef::new(&ns, &name).map_err(|e| e.to_string())?;
     // `Latest` processes what is still in the cache first: wait for the upload backlog.
@@ -239,6 +252,16 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
             format!("{e} ({} unreadable point(s) skipped: {})", skipped.len(), skipped.join(", "))
         }
     })?;
+    let kind = match point.kind {
+        PointKind::Crash => "CrashConsistent",
+        PointKind::App => "AppConsistent",
+        PointKind::Group => "GroupConsistent",
+    };
+    let recovery_point = json!({"recoveryPoint": {"id": point.id, "time": Time(point.time), "kind": kind}});
+    let Some(dir) = dir else {
+        let done = azure::materialise(&target.store, &server, point, b.operation, &skipped).await?;
+        return Ok(Done(Done(done).merge(recovery_point)));
+    };
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let disks: Vec<(String, PathBuf)> =
         point.disks.iter().map(|d| (d.id.clone(), dir.join(format!("{}.img", d.id)))).collect();
@@ -247,18 +270,13 @@ async fn work(targets: &KubeTargets, shared: &Shared, s: &ProtectedServer, b: &F
     let total: u64 = point.total_size();
     tracing::info!(server = %server, point = %point.id, disks = disks.len(), bytes = total, seconds = started.elapsed().as_secs_f64(), "recovery point restored");
     let downloaded: u64 = reports.iter().map(|r| r.bytes_downloaded).sum();
-    let kind = match point.kind {
-        PointKind::Crash => "CrashConsistent",
-        PointKind::App => "AppConsistent",
-        PointKind::Group => "GroupConsistent",
-    };
     Ok(Done(json!({
         "message": if skipped.is_empty() {
             format!("restored {} to {} ({} downloaded)", point.id, dir.display(), downloaded)
         } else {
             format!("restored {} to {} ({} downloaded); skipped {} unreadable point(s): {}", point.id, dir.display(), downloaded, skipped.len(), skipped.join(", "))
         },
-        "recoveryPoint": {"id": point.id, "time": Time(point.time), "kind": kind},
+        "recoveryPoint": recovery_point["recoveryPoint"],
         "recoveredDisks": disks.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>(),
         "progress": {"bytesTotal": total, "bytesDone": total, "percent": "100%"},
     })))
@@ -298,6 +316,11 @@ async fn serve_failback(api: &Api<ProtectedServer>, s: &ProtectedServer, block: 
 }
 
 async fn failback_sync(s: &ProtectedServer, w: &FailbackWork) -> Result<(u64, u64), String> {
+    if s.spec.failover_target.azure.is_some() {
+        return Err("failback from the azure target is not implemented: the failed-over disks are VHD page blobs \
+                    and no Azure VM runs from them (status.failover.message)"
+            .into());
+    }
     let status = s.status.clone().unwrap_or_default();
     let recovered = status
         .failover
