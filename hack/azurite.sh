@@ -8,6 +8,9 @@
 #
 # Installs npm `azurite@3.35.0` (runs on Node 20) into $SR_CACHE/azurite. State, log and
 # pid live in $SR_AZURITE_DIR (default target/azurite-<port>). Port: SR_AZURITE_PORT.
+# HTTPS: SR_AZURITE_CERT and SR_AZURITE_KEY (PEM files) serve https, and the readiness
+# check trusts SR_AZURITE_CA only; SR_AZURITE_OAUTH=basic then accepts Entra bearer tokens
+# (Azurite checks their claims, not their signature).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -18,14 +21,25 @@ PORT=${SR_AZURITE_PORT:-10000}
 d=${SR_AZURITE_DIR:-$repo/target/azurite-$PORT}
 prefix="$SR_CACHE/azurite"
 bin="$prefix/node_modules/.bin/azurite-blob"
-endpoint="http://127.0.0.1:$PORT/devstoreaccount1"
+scheme=http
+tls_args=()
+if [ -n "${SR_AZURITE_CERT:-}" ]; then
+  scheme=https
+  tls_args=(--cert "$SR_AZURITE_CERT" --key "${SR_AZURITE_KEY:?SR_AZURITE_KEY must name the key of SR_AZURITE_CERT}")
+  if [ -n "${SR_AZURITE_OAUTH:-}" ]; then tls_args+=(--oauth "$SR_AZURITE_OAUTH"); fi
+fi
+endpoint="$scheme://127.0.0.1:$PORT/devstoreaccount1"
 
 log() { printf '[azurite] %s\n' "$*" >&2; }
 
 pid_alive() { [ -f "$d/azurite.pid" ] && kill -0 "$(cat "$d/azurite.pid")" 2>/dev/null; }
 
 # Any HTTP answer means it is serving; an anonymous request gets an error status back.
-answers() { curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$PORT/devstoreaccount1?comp=list"; }
+answers() {
+  local ca=()
+  if [ "$scheme" = https ]; then ca=(--cacert "${SR_AZURITE_CA:?SR_AZURITE_CA must name the CA of SR_AZURITE_CERT}"); fi
+  curl -s -o /dev/null --max-time 2 "${ca[@]}" "$endpoint?comp=list"
+}
 
 install() {
   if [ -x "$bin" ] && [ "$(cat "$prefix/.version" 2>/dev/null)" = "$AZURITE_VERSION" ]; then
@@ -48,7 +62,7 @@ up() {
   mkdir -p "$d/data"
   # setsid: its own process group, so `down` stops node and nothing else.
   setsid "$bin" --blobHost 127.0.0.1 --blobPort "$PORT" --location "$d/data" \
-    --disableTelemetry --skipApiVersionCheck --loose >"$d/azurite.log" 2>&1 </dev/null &
+    --disableTelemetry --skipApiVersionCheck --loose "${tls_args[@]}" >"$d/azurite.log" 2>&1 </dev/null &
   echo $! >"$d/azurite.pid"
   for _ in $(seq 1 100); do
     if answers; then

@@ -12,6 +12,7 @@ pub mod link;
 pub mod metrics;
 mod pass;
 pub mod register;
+pub mod renew;
 pub mod report;
 
 use std::collections::BTreeSet;
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use siterecovery_store::{PointKind, generate_point_id};
-use siterecovery_wire::tls::agent_config;
 use siterecovery_wire::{
     ChunkData, DiskInfo, Encoding, Hello, Message, PROTOCOL_VERSION, PointMarker, Resync, Slot, read_message,
 };
@@ -90,6 +90,10 @@ pub struct AgentConfig {
     /// standalone (replication only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kube: Option<report::KubeConfig>,
+    /// The operator's registration endpoint (`https://…`), where the agent renews its
+    /// credentials (`POST /renew`); written by `register`, absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_url: Option<String>,
 }
 
 fn default_interval() -> f64 {
@@ -118,12 +122,12 @@ pub struct AgentStatus {
     pub points_skipped: u64,
     /// App-consistent points acknowledged (also counted in `points`).
     pub app_points: u64,
+    /// Consistency-group points acknowledged (also counted in `points`).
+    pub group_points: u64,
     /// Latest app-consistent point acknowledged.
     pub last_app_point: Option<String>,
     /// App-consistent attempts that produced no point.
     pub app_points_failed: u64,
-    /// Consistency-group points acknowledged (also counted in `points`).
-    pub group_points: u64,
     /// The last app-consistent attempt that failed, or whose hooks or thaw did.
     pub last_app_failure: Option<app::AppFailure>,
     /// Chunks sent (whole or as deltas).
@@ -212,11 +216,8 @@ impl Agent {
 
     /// Replicates until `shutdown` turns true, reconnecting after failures.
     pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let tls = {
-            let r =
-                |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()));
-            agent_config(&r(&self.config.ca_bundle)?, &r(&self.config.client_cert)?, &r(&self.config.client_key)?)?
-        };
+        // Re-read at every connection: a renewed certificate is used without a restart.
+        let mut tls = renew::ClientTls::load(&self.config)?;
         if let Some(a) = &self.config.app_consistency {
             let mounts = a.mount_points.clone();
             let thawed = tokio::task::spawn_blocking(move || freeze::thaw_leftovers(&mounts)).await.unwrap_or_default();
@@ -226,7 +227,7 @@ impl Agent {
         }
         let mut backoff = Duration::from_millis(250);
         while !*shutdown.borrow() {
-            let result = self.session(TlsConnector::from(tls.clone()), shutdown.clone()).await;
+            let result = self.session(TlsConnector::from(tls.current()), shutdown.clone()).await;
             // A session that got as far as the welcome was a success until it broke:
             // reconnect promptly, as after the first failure.
             if self.status.lock().unwrap_or_else(|p| p.into_inner()).connected {
@@ -273,8 +274,8 @@ impl Agent {
             server: c.server.clone(),
             disks: disks.iter().zip(&sizes).map(|(d, &size)| DiskInfo { id: d.id.clone(), size }).collect(),
             agent: env!("CARGO_PKG_VERSION").to_string(),
-        };
             features: vec![siterecovery_wire::FEATURE_GROUP_POINTS.to_string()],
+        };
         let mut link_wr = Some(wr);
         {
             use tokio::io::AsyncWriteExt as _;
@@ -478,12 +479,12 @@ impl Agent {
                     tracing::info!(point = %id, "group recovery point acknowledged");
                     due = tokio::time::Instant::now() + interval;
                 }
-            }
                 self.update(|s| {
                     s.points += 1;
                     s.group_points += u64::from(grouped);
                     s.last_point = Some(id);
                 });
+            }
         }
     }
 

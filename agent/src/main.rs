@@ -1,12 +1,14 @@
 //! `siterecovery-agent`: see the library documentation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use clap::{Args, Parser, Subcommand};
 use siterecovery_agent::changes::tracker_for;
 use siterecovery_agent::disk::Disk;
-use siterecovery_agent::register::{self, RegisterRequest};
+use siterecovery_agent::register::{self, RegisterError, RegisterRequest};
+use siterecovery_agent::renew::{self, RenewalStatus, Renewer};
 use siterecovery_agent::report::Reporter;
 use siterecovery_agent::{Agent, AgentConfig, DiskConfig};
 
@@ -28,6 +30,9 @@ enum Command {
     /// Register this server with the operator using its bootstrap token, and write the
     /// credentials and agent.json.
     Register(RegisterArgs),
+    /// Renew the client certificate and token now (`run` renews by itself at half the
+    /// certificate's lifetime), replacing the files agent.json names.
+    Renew(RenewArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +81,21 @@ struct RegisterArgs {
     wait: u64,
 }
 
+#[derive(Debug, Clone, Args)]
+struct RenewArgs {
+    /// Agent configuration (JSON) naming the credentials to renew.
+    #[arg(long, env = "SR_AGENT_CONFIG", default_value = "/etc/siterecovery/agent.json")]
+    config: PathBuf,
+    /// The registration endpoint, for an agent.json without registrationUrl (written by
+    /// an older `register`).
+    #[arg(long)]
+    url: Option<String>,
+    /// How long to keep retrying while the operator answers 503 (not ready), in seconds;
+    /// 0 answers at once (exit code 75).
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -87,6 +107,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Register(args)) => return runtime.block_on(register(args)),
+        Some(Command::Renew(args)) => return runtime.block_on(renew_now(args)),
         Some(Command::Run(args)) => runtime.block_on(run(args)),
         None => runtime.block_on(run(cli.run)),
     };
@@ -106,10 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let text =
-        std::fs::read_to_string(&args.config).map_err(|e| anyhow::anyhow!("reading {}: {e}", args.config.display()))?;
-    let config: AgentConfig =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let config = load_config(&args.config)?;
     let disks: Vec<Disk> = config.disks.iter().map(|d| Disk::open(&d.id, &d.path)).collect::<Result<_, _>>()?;
     let tracker = tracker_for(config.tracking, &disks)?;
     tracing::info!(tracker = tracker.name(), disks = disks.len(), "tracking changes");
@@ -124,10 +142,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = tx.send(true);
     });
     let mut agent = Agent::new(config.clone(), tracker);
+    let renewal = Arc::new(Mutex::new(RenewalStatus::default()));
     if let Some(addr) = config.metrics_addr {
-        let bound = siterecovery_agent::metrics::serve(addr, agent.status()).await?;
+        let bound = siterecovery_agent::metrics::serve(addr, agent.status(), renewal.clone()).await?;
         tracing::info!(addr = %bound, "serving /metrics and /healthz");
     }
+    tokio::spawn(Renewer::new(config.clone(), renewal).run(rx.clone()));
     match Reporter::new(&config, agent.status(), agent.pass_requests()) {
         Some(reporter) => {
             tracing::info!(server = %config.server, "reporting status to the Kubernetes API");
@@ -138,40 +158,81 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     agent.run(rx).await
 }
 
+fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 async fn register(args: RegisterArgs) -> ExitCode {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait);
-    let mut result = try_register(args.clone()).await;
-    // Not ready yet (503; nothing was consumed): retry as the endpoint asks, until --wait
-    // runs out. Connection and TLS failures are reported at once (exit code 75).
-    while let Err(register::RegisterError::Refused { status: 503, retry_after, .. }) = &result {
-        let after = retry_after.unwrap_or(2);
-        let pause = std::time::Duration::from_secs(after.clamp(1, 30));
+    let wait = args.wait;
+    exit_code(retrying(wait, || try_register(args.clone())).await)
+}
+
+async fn renew_now(args: RenewArgs) -> ExitCode {
+    let config = match load_config(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = retrying(args.wait, || async {
+        let bundle = renew::renew(&config, args.url.as_deref()).await?;
+        let expiry = renew::cert_facts(&bundle.client_certificate).map(|c| c.not_after.to_string());
+        println!(
+            "renewed {}/{}; certificate valid until {}, written to {} (with its key, the CA bundle and the token)",
+            config.namespace,
+            config.server,
+            expiry.unwrap_or_else(|e| e),
+            config.client_cert.display(),
+        );
+        Ok(())
+    })
+    .await;
+    exit_code(result)
+}
+
+/// Runs `attempt`, and again while the endpoint is not ready yet (503; nothing was
+/// consumed), as it asks, until `wait` seconds run out. Connection and TLS failures
+/// are reported at once.
+async fn retrying<F, Fut>(wait: u64, mut attempt: F) -> Result<(), RegisterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), RegisterError>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut result = attempt().await;
+    while let Err(e @ RegisterError::Refused { status: 503, retry_after, .. }) = &result {
+        let pause = std::time::Duration::from_secs(retry_after.unwrap_or(2).clamp(1, 30));
         if std::time::Instant::now() + pause > deadline {
             break;
         }
-        if let Err(e) = &result {
-            eprintln!("{e}; retrying in {} s", pause.as_secs());
-        }
+        eprintln!("{e}; retrying in {} s", pause.as_secs());
         tokio::time::sleep(pause).await;
-        result = try_register(args.clone()).await;
+        result = attempt().await;
     }
+    result
+}
+
+/// 0 on success; 75 (EX_TEMPFAIL) when a wrapper (systemd, a script) may retry; 1 when
+/// something needs a fix.
+fn exit_code(result: Result<(), RegisterError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            if let register::RegisterError::Refused { retry_after: Some(s), .. } = &e
+            if let RegisterError::Refused { retry_after: Some(s), .. } = &e
                 && e.retryable()
             {
                 eprintln!("the endpoint asks to retry in {s} s");
             }
-            // EX_TEMPFAIL: a wrapper (systemd, a script) may retry; anything else needs a fix.
             if e.retryable() { ExitCode::from(75) } else { ExitCode::FAILURE }
         }
     }
 }
 
-async fn try_register(args: RegisterArgs) -> Result<(), register::RegisterError> {
-    let local = |e: String| register::RegisterError::Local(e);
+async fn try_register(args: RegisterArgs) -> Result<(), RegisterError> {
+    let local = |e: String| RegisterError::Local(e);
     let ca = std::fs::read_to_string(&args.ca).map_err(|e| local(format!("--ca {}: {e}", args.ca.display())))?;
     let hostname =
         args.hostname.or_else(register::local_hostname).ok_or_else(|| local("no host name: pass --hostname".into()))?;
@@ -183,7 +244,7 @@ async fn try_register(args: RegisterArgs) -> Result<(), register::RegisterError>
         machine_id: args.machine_id.or_else(register::local_machine_id),
     };
     let bundle = register::register(&args.url, &ca, &request).await?;
-    let config = register::write_bundle(&args.out, &bundle, &args.disks)?;
+    let config = register::write_bundle(&args.out, &bundle, &args.disks, Some(&args.url))?;
     println!(
         "registered {}/{}; credentials and agent.json written to {}{}",
         bundle.namespace,

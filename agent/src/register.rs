@@ -1,6 +1,7 @@
 //! `siterecovery-agent register`: trades a bootstrap token for the agent's credentials at
 //! the operator's registration endpoint (`POST /register`, docs/agent-registration.md)
-//! and writes them, with an `agent.json`, into a directory.
+//! and writes them, with an `agent.json`, into a directory. The exchange and the writing
+//! of the credentials are shared with renewal (`crate::renew`, `POST /renew`).
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -16,6 +17,8 @@ use siterecovery_wire::tls::{provider, root_store};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::report::KubeConfig;
 use crate::{AgentConfig, DiskConfig};
@@ -101,8 +104,10 @@ impl std::fmt::Debug for Bundle {
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
     /// The endpoint refused, with its reason and message.
-    #[error("registration refused (HTTP {status} {reason}): {message}")]
+    #[error("{action} refused (HTTP {status} {reason}): {message}")]
     Refused {
+        /// What was refused: `registration` or `renewal`.
+        action: &'static str,
         /// HTTP status.
         status: u16,
         /// The refusal's reason (`TokenAlreadyUsed`, …).
@@ -131,54 +136,112 @@ fn local(what: impl std::fmt::Display) -> RegisterError {
     RegisterError::Local(what.to_string())
 }
 
-fn exchange(what: impl std::fmt::Display) -> RegisterError {
+fn exchange_error(what: impl std::fmt::Display) -> RegisterError {
     RegisterError::Exchange(what.to_string())
+}
+
+/// A client certificate and key (PEM) presented to the endpoint (mutual TLS).
+#[derive(Clone, Copy)]
+pub struct Identity<'a> {
+    /// The certificate (chain).
+    pub cert_pem: &'a str,
+    /// Its private key.
+    pub key_pem: &'a str,
+}
+
+/// One exchange with the registration endpoint.
+struct Call<'a> {
+    url: &'a str,
+    /// `register` or `renew`.
+    path: &'static str,
+    /// `registration` or `renewal`, for messages.
+    action: &'static str,
+    /// Where the trust for the endpoint came from, for the hint on a TLS failure.
+    trust: &'static str,
+    ca_pem: &'a str,
+    identity: Option<Identity<'a>>,
+    body: Vec<u8>,
 }
 
 /// `POST <url>/register` with `request`, verifying the endpoint with `ca_pem` only.
 pub async fn register(url: &str, ca_pem: &str, request: &RegisterRequest) -> Result<Bundle, RegisterError> {
-    tokio::time::timeout(TIMEOUT, post(url, ca_pem, request))
-        .await
-        .map_err(|_| exchange(format!("no answer from {url} within {} s", TIMEOUT.as_secs())))?
+    let body = serde_json::to_vec(request).map_err(local)?;
+    let call = Call { url, path: "register", action: "registration", trust: "--ca", ca_pem, identity: None, body };
+    exchange(call).await
 }
 
-async fn post(url: &str, ca_pem: &str, request: &RegisterRequest) -> Result<Bundle, RegisterError> {
-    let uri: http::Uri = url.parse().map_err(|e| local(format!("--url {url}: {e}")))?;
+/// `POST <url>/renew`, presenting `identity` (the current client certificate) and
+/// verifying the endpoint with `ca_pem` (the operator CA bundle) only.
+pub async fn renew(url: &str, ca_pem: &str, identity: Identity<'_>) -> Result<Bundle, RegisterError> {
+    let call = Call {
+        url,
+        path: "renew",
+        action: "renewal",
+        trust: "the CA bundle",
+        ca_pem,
+        identity: Some(identity),
+        body: b"{}".to_vec(),
+    };
+    exchange(call).await
+}
+
+async fn exchange(call: Call<'_>) -> Result<Bundle, RegisterError> {
+    let url = call.url.to_owned();
+    tokio::time::timeout(TIMEOUT, post(call))
+        .await
+        .map_err(|_| exchange_error(format!("no answer from {url} within {} s", TIMEOUT.as_secs())))?
+}
+
+async fn post(call: Call<'_>) -> Result<Bundle, RegisterError> {
+    let url = call.url;
+    let uri: http::Uri = url.parse().map_err(|e| local(format!("endpoint URL {url}: {e}")))?;
     if uri.scheme_str() != Some("https") {
-        return Err(local(format!("--url {url}: registration needs https://")));
+        return Err(local(format!("endpoint URL {url}: registration needs https://")));
     }
-    let host = uri.host().ok_or_else(|| local(format!("--url {url}: no host")))?;
+    let host = uri.host().ok_or_else(|| local(format!("endpoint URL {url}: no host")))?;
     let port = uri.port_u16().unwrap_or(443);
     let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_else(|| host.to_owned());
-    let path = format!("{}/register", uri.path().trim_end_matches('/'));
+    let path = format!("{}/{}", uri.path().trim_end_matches('/'), call.path);
 
-    let roots = root_store(ca_pem).map_err(|e| local(format!("--ca: {e}")))?;
-    let tls = ClientConfig::builder_with_provider(provider())
+    let roots = root_store(call.ca_pem).map_err(|e| local(format!("{}: {e}", call.trust)))?;
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(exchange)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(exchange_error)?
+        .with_root_certificates(roots);
+    let tls = match call.identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let chain = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| local(format!("client certificate: {e}")))?;
+            let key =
+                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).map_err(|e| local(format!("client key: {e}")))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| local(format!("client certificate: {e}")))?
+        }
+    };
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let name = ServerName::try_from(bare.to_owned()).map_err(|e| local(format!("--url host {host}: {e}")))?;
+    let name = ServerName::try_from(bare.to_owned()).map_err(|e| local(format!("endpoint host {host}: {e}")))?;
     let tcp = tokio::net::TcpStream::connect((bare, port))
         .await
-        .map_err(|e| exchange(format!("connecting to {authority}: {e}")))?;
+        .map_err(|e| exchange_error(format!("connecting to {authority}: {e}")))?;
     let stream = TlsConnector::from(Arc::new(tls))
         .connect(name, tcp)
         .await
-        .map_err(|e| exchange(format!("TLS with {authority} (is --ca the operator CA?): {e}")))?;
+        .map_err(|e| exchange_error(format!("TLS with {authority} (is {} the operator CA?): {e}", call.trust)))?;
     let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(exchange)?;
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(exchange_error)?;
     let driver = tokio::spawn(connection);
 
-    let body = serde_json::to_vec(request).map_err(local)?;
     let req = http::Request::post(path)
         .header(http::header::HOST, authority.as_str())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(call.body)))
         .map_err(local)?;
-    let response = sender.send_request(req).await.map_err(|e| exchange(format!("POST {url}/register: {e}")))?;
+    // With TLS 1.3 the endpoint checks a client certificate after the client's side of
+    // the handshake: a refused certificate surfaces here, as an alert.
+    let response =
+        sender.send_request(req).await.map_err(|e| exchange_error(format!("POST {url}/{}: {e}", call.path)))?;
     let status = response.status();
     let retry_after = response
         .headers()
@@ -188,16 +251,22 @@ async fn post(url: &str, ca_pem: &str, request: &RegisterRequest) -> Result<Bund
     let body = Limited::new(response.into_body(), MAX_RESPONSE)
         .collect()
         .await
-        .map_err(|e| exchange(format!("reading the answer: {e}")))?
+        .map_err(|e| exchange_error(format!("reading the answer: {e}")))?
         .to_bytes();
     driver.abort();
-    interpret(status.as_u16(), retry_after, &body)
+    interpret(call.action, status.as_u16(), retry_after, &body)
 }
 
-/// Turns the endpoint's answer into a bundle or a refusal.
-pub fn interpret(status: u16, retry_after: Option<u64>, body: &[u8]) -> Result<Bundle, RegisterError> {
+/// Turns the endpoint's answer to a `registration` or `renewal` (`action`) into a bundle
+/// or a refusal.
+pub fn interpret(
+    action: &'static str,
+    status: u16,
+    retry_after: Option<u64>,
+    body: &[u8],
+) -> Result<Bundle, RegisterError> {
     if status == 200 {
-        return serde_json::from_slice(body).map_err(|e| exchange(format!("the registration answer: {e}")));
+        return serde_json::from_slice(body).map_err(|e| exchange_error(format!("the {action} answer: {e}")));
     }
     #[derive(Deserialize)]
     struct Refusal {
@@ -205,10 +274,10 @@ pub fn interpret(status: u16, retry_after: Option<u64>, body: &[u8]) -> Result<B
         message: String,
     }
     match serde_json::from_slice::<Refusal>(body) {
-        Ok(r) => Err(RegisterError::Refused { status, reason: r.reason, message: r.message, retry_after }),
+        Ok(r) => Err(RegisterError::Refused { action, status, reason: r.reason, message: r.message, retry_after }),
         Err(_) => {
             let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
-            Err(RegisterError::Refused { status, reason: "Unknown".into(), message: text, retry_after })
+            Err(RegisterError::Refused { action, status, reason: "Unknown".into(), message: text, retry_after })
         }
     }
 }
@@ -229,11 +298,89 @@ pub fn process_server_address(name: &str) -> String {
     }
 }
 
+/// Where the credentials of a bundle are kept: the files `register` writes and
+/// `agent.json` names, which renewal replaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialFiles {
+    /// Client certificate (`tls.crt`).
+    pub cert: PathBuf,
+    /// Its key (`tls.key`, `0600`).
+    pub key: PathBuf,
+    /// Operator CA bundle (`ca.crt`).
+    pub ca: PathBuf,
+    /// ServiceAccount token (`token`, `0600`); not kept without a `kube` section.
+    pub token: Option<PathBuf>,
+    /// API server CA (`api-ca.crt`); written when the bundle carries one.
+    pub api_server_ca: Option<PathBuf>,
+}
+
+impl CredentialFiles {
+    /// The conventional names in a credentials directory.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            ca: dir.join("ca.crt"),
+            token: Some(dir.join("token")),
+            api_server_ca: Some(dir.join("api-ca.crt")),
+        }
+    }
+
+    /// The files an agent configuration names.
+    pub fn of(config: &AgentConfig) -> Self {
+        Self {
+            cert: config.client_cert.clone(),
+            key: config.client_key.clone(),
+            ca: config.ca_bundle.clone(),
+            token: config.kube.as_ref().map(|k| k.token.clone()),
+            api_server_ca: config.kube.as_ref().and_then(|k| k.api_server_ca.clone()),
+        }
+    }
+}
+
+/// Replaces the credential files with the bundle's. Every file is first written and
+/// flushed beside its destination (keys and the token `0600` from their creation), and
+/// only then are they all renamed into place and their directories synced: a crash
+/// leaves either the old files or the new ones, except in the instant between two
+/// renames.
+pub fn write_credentials(files: &CredentialFiles, bundle: &Bundle) -> Result<(), RegisterError> {
+    let mut staged = Vec::new();
+    let mut stage_all = || -> Result<(), RegisterError> {
+        // The trust bundle first (it only grows across a CA rotation), the certificate
+        // last: a reader between two renames sees a pair that does not match and keeps
+        // what it had.
+        staged.push(stage(&files.ca, bundle.ca_bundle.as_bytes(), 0o644)?);
+        if let (Some(path), Some(ca)) = (&files.api_server_ca, &bundle.api_server_ca) {
+            staged.push(stage(path, ca.as_bytes(), 0o644)?);
+        }
+        if let Some(path) = &files.token {
+            staged.push(stage(path, bundle.token.as_bytes(), 0o600)?);
+        }
+        staged.push(stage(&files.key, bundle.client_key.as_bytes(), 0o600)?);
+        staged.push(stage(&files.cert, bundle.client_certificate.as_bytes(), 0o644)?);
+        Ok(())
+    };
+    let result = stage_all();
+    if let Err(e) = result {
+        for s in &staged {
+            let _ = std::fs::remove_file(&s.tmp);
+        }
+        return Err(e);
+    }
+    commit(staged)
+}
+
 /// Writes the credentials into `out` (`tls.crt`, `tls.key`, `ca.crt`, `token`,
 /// `api-ca.crt`) and `agent.json`. Keys and the token are written `0600`. An existing
 /// `agent.json` keeps its local choices (interval, tracking, …); `disks` replaces its
-/// disks unless empty. Returns the configuration written.
-pub fn write_bundle(out: &Path, bundle: &Bundle, disks: &[DiskConfig]) -> Result<AgentConfig, RegisterError> {
+/// disks unless empty. `registration_url` is where the agent renews later. Returns the
+/// configuration written.
+pub fn write_bundle(
+    out: &Path,
+    bundle: &Bundle,
+    disks: &[DiskConfig],
+    registration_url: Option<&str>,
+) -> Result<AgentConfig, RegisterError> {
     if !out.exists() {
         std::fs::create_dir_all(out).map_err(|e| local(format!("creating {}: {e}", out.display())))?;
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
@@ -252,28 +399,29 @@ pub fn write_bundle(out: &Path, bundle: &Bundle, disks: &[DiskConfig]) -> Result
         (_, false) => disks.to_vec(),
     };
 
-    write_file(&out.join("tls.crt"), bundle.client_certificate.as_bytes(), 0o644)?;
-    write_file(&out.join("tls.key"), bundle.client_key.as_bytes(), 0o600)?;
-    write_file(&out.join("ca.crt"), bundle.ca_bundle.as_bytes(), 0o644)?;
-    write_file(&out.join("token"), bundle.token.as_bytes(), 0o600)?;
-    let api_server_ca = match &bundle.api_server_ca {
-        Some(ca) => {
-            write_file(&out.join("api-ca.crt"), ca.as_bytes(), 0o644)?;
-            Some(out.join("api-ca.crt"))
-        }
-        None => None,
+    let files = CredentialFiles {
+        api_server_ca: bundle.api_server_ca.as_ref().map(|_| out.join("api-ca.crt")),
+        ..CredentialFiles::in_dir(&out)
     };
-    let kube = KubeConfig { api_server: bundle.api_server.clone(), token: out.join("token"), api_server_ca };
+    write_credentials(&files, bundle)?;
+    let kube = KubeConfig {
+        api_server: bundle.api_server.clone(),
+        token: out.join("token"),
+        api_server_ca: files.api_server_ca.clone(),
+    };
+    let registration_url =
+        registration_url.map(str::to_owned).or_else(|| previous.as_ref().and_then(|p| p.registration_url.clone()));
     let config = match previous {
         Some(p) => AgentConfig {
             namespace: bundle.namespace.clone(),
             server: bundle.name.clone(),
             disks,
             process_server: process_server_address(&bundle.process_server),
-            client_cert: out.join("tls.crt"),
-            client_key: out.join("tls.key"),
-            ca_bundle: out.join("ca.crt"),
+            client_cert: files.cert,
+            client_key: files.key,
+            ca_bundle: files.ca,
             kube: Some(kube),
+            registration_url,
             ..p
         },
         None => AgentConfig {
@@ -282,9 +430,9 @@ pub fn write_bundle(out: &Path, bundle: &Bundle, disks: &[DiskConfig]) -> Result
             disks,
             process_server: process_server_address(&bundle.process_server),
             tls_server_name: None,
-            client_cert: out.join("tls.crt"),
-            client_key: out.join("tls.key"),
-            ca_bundle: out.join("ca.crt"),
+            client_cert: files.cert,
+            client_key: files.key,
+            ca_bundle: files.ca,
             interval_seconds: crate::default_interval(),
             max_passes: crate::default_passes(),
             compression_level: crate::default_level(),
@@ -292,32 +440,67 @@ pub fn write_bundle(out: &Path, bundle: &Bundle, disks: &[DiskConfig]) -> Result
             metrics_addr: None,
             app_consistency: None,
             kube: Some(kube),
+            registration_url,
         },
     };
     let mut json = serde_json::to_vec_pretty(&config).map_err(local)?;
     json.push(b'\n');
-    write_file(&config_path, &json, 0o644)?;
+    commit(vec![stage(&config_path, &json, 0o644)?])?;
     Ok(config)
 }
 
-/// Writes `data` to `path` through a temporary file with `mode` from its creation (a
-/// key is never readable by others, not even briefly), then renames it into place.
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), RegisterError> {
+/// A file written and flushed beside its destination, not yet renamed into place.
+struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// Writes `data` to a temporary file beside `path`, with `mode` from its creation (a key
+/// is never readable by others, not even briefly), and flushes it to disk.
+fn stage(path: &Path, data: &[u8], mode: u32) -> Result<Staged, RegisterError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        // The umask may have narrowed the mode; the rename keeps this one.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // rename keeps the temporary file's mode; an existing file's mode is replaced too.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        f.sync_all()
     })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        local(format!("writing {}: {e}", path.display()))
-    })
+    match result {
+        Ok(()) => Ok(Staged { tmp, path: path.to_owned() }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(local(format!("writing {}: {e}", path.display())))
+        }
+    }
+}
+
+/// Renames staged files into place, in order, then syncs their directories so the
+/// renames survive a crash.
+fn commit(staged: Vec<Staged>) -> Result<(), RegisterError> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut result = Ok(());
+    for s in &staged {
+        if result.is_ok() {
+            result = std::fs::rename(&s.tmp, &s.path).map_err(|e| local(format!("writing {}: {e}", s.path.display())));
+            let dir = s.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_owned());
+            }
+        }
+        if result.is_err() {
+            let _ = std::fs::remove_file(&s.tmp);
+        }
+    }
+    result?;
+    for dir in dirs {
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| local(format!("syncing {}: {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 /// This machine's host name (`/proc/sys/kernel/hostname`).
@@ -357,17 +540,18 @@ mod tests {
     #[test]
     fn refusals_carry_reason_message_and_retry_hint() {
         let body = br#"{"reason":"TokenAlreadyUsed","message":"used at 10:00 by db-01"}"#;
-        match interpret(409, None, body) {
+        match interpret("registration", 409, None, body) {
             Err(e @ RegisterError::Refused { status: 409, .. }) => {
                 assert_eq!(e.to_string(), "registration refused (HTTP 409 TokenAlreadyUsed): used at 10:00 by db-01");
                 assert!(!e.retryable());
             }
             other => panic!("{other:?}"),
         }
-        let e = interpret(503, Some(5), br#"{"reason":"NotReady","message":"try again"}"#).unwrap_err();
+        let e = interpret("renewal", 503, Some(5), br#"{"reason":"NotReady","message":"try again"}"#).unwrap_err();
         assert!(e.retryable());
         assert!(matches!(e, RegisterError::Refused { retry_after: Some(5), .. }));
-        let e = interpret(502, None, b"<html>bad gateway</html>").unwrap_err();
+        let e = interpret("renewal", 502, None, b"<html>bad gateway</html>").unwrap_err();
+        assert!(e.to_string().starts_with("renewal refused"), "{e}");
         assert!(e.to_string().contains("HTTP 502 Unknown"), "{e}");
     }
 

@@ -115,8 +115,12 @@ async fn a_registered_agent_reports_its_way_to_protected() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("os.img");
     std::fs::File::create(&image)?.set_len(8 * MIB)?;
-    let config =
-        register::write_bundle(&dir.path().join("etc"), &bundle, &[DiskConfig { id: "os".into(), path: image }])?;
+    let config = register::write_bundle(
+        &dir.path().join("etc"),
+        &bundle,
+        &[DiskConfig { id: "os".into(), path: image }],
+        Some(&url),
+    )?;
     let kube = config.kube.clone().expect("a kube section");
     assert!(kube.api_server_ca.as_ref().is_some_and(|p| p.exists()), "the API server's CA was written");
     wait_for(&servers, "db-01", WAIT, "certificate expiry from registration", |s| {

@@ -158,6 +158,7 @@ async fn register_writes_the_credentials_and_agent_json() {
     assert_eq!(config.client_cert, out.join("tls.crt"));
     assert_eq!(config.client_key, out.join("tls.key"));
     assert_eq!(config.ca_bundle, out.join("ca.crt"));
+    assert_eq!(config.registration_url, Some(format!("https://localhost:{port}")), "where to renew");
     let disks: Vec<(&str, &Path)> = config.disks.iter().map(|d| (d.id.as_str(), d.path.as_path())).collect();
     assert_eq!(disks, vec![("disk-0", Path::new("/dev/sdb")), ("disk-1", Path::new("/dev/sdc"))]);
     let kube = config.kube.expect("a kube section");

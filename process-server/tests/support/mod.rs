@@ -182,6 +182,7 @@ pub fn agent_config(
         metrics_addr: None,
         app_consistency: None,
         kube: None,
+        registration_url: None,
     }
 }
 

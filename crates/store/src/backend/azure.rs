@@ -104,11 +104,11 @@ pub(crate) fn failed(op: &'static str, key: &str, e: &azure_core::Error) -> Back
     let message = match (e.http_status(), error_code(e)) {
         // Authentication failures carry the reason (expired token, wrong audience) only
         // in the service's message; other codes speak for themselves.
-        (Some(StatusCode::Unauthorized | StatusCode::Forbidden), Some(code)) => {
-            format!("HTTP {} {code}: {}", u16::from(e.http_status().unwrap_or(StatusCode::Forbidden)), first_line(e))
+        (Some(status @ (StatusCode::Unauthorized | StatusCode::Forbidden)), Some(code)) => {
+            format!("HTTP {} {code}: {}", u16::from(status), service_reason(&describe(e)))
         }
         (Some(status), Some(code)) => format!("HTTP {} {code}", u16::from(status)),
-        _ => e.to_string(),
+        _ => describe(e),
     };
     BackendError::Failed { op, key: key.to_string(), message, retryable: is_retryable(e) }
 }
@@ -121,15 +121,41 @@ fn is_retryable(e: &azure_core::Error) -> bool {
         ErrorKind::HttpResponse { status, .. } => {
             *status == StatusCode::RequestTimeout || *status == StatusCode::TooManyRequests || u16::from(*status) >= 500
         }
-        ErrorKind::Credential => {
-            std::error::Error::source(e).and_then(|s| s.downcast_ref::<azure_core::Error>()).is_some_and(is_retryable)
-        }
-        _ => false,
+        _ => std::error::Error::source(e).and_then(|s| s.downcast_ref::<azure_core::Error>()).is_some_and(is_retryable),
     }
 }
 
-fn first_line(e: &azure_core::Error) -> String {
-    e.to_string().lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().to_owned()
+/// The reason in a storage error body: `AuthenticationErrorDetail` (expired token, wrong
+/// audience), else the first sentence of `Message`; the whole text when neither is there.
+fn service_reason(text: &str) -> String {
+    let between = |open: &str, close: &str| {
+        let start = text.find(open)? + open.len();
+        let len = text[start..].find(close)?;
+        Some(text[start..start + len].trim().to_owned())
+    };
+    if let Some(detail) = between("<AuthenticationErrorDetail>", "</AuthenticationErrorDetail>") {
+        return detail;
+    }
+    match between("<Message>", "</Message>") {
+        Some(message) => message.split(" RequestId:").next().unwrap_or_default().trim().to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+/// The error and its causes on one line: the SDK wraps the reason (Entra's AADSTS code,
+/// a TLS failure) in errors of its own whose text alone says little.
+fn describe(e: &azure_core::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        let generic = text.starts_with("non-transport error occurred") || text.starts_with("retry policy expired");
+        if !text.is_empty() && !generic && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
 }
 
 pub(crate) fn is_not_found(e: &azure_core::Error) -> bool {
