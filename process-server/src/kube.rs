@@ -14,9 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, 
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use siterecovery_api::common::{RecoveryPointKind, RecoveryPointRef};
+use siterecovery_api::policy::StorageCredential;
 use siterecovery_api::server::LatestRecoveryPoints;
 use siterecovery_api::{ProtectedServer, ReplicationPolicy};
-use siterecovery_store::{AzureBlobBackend, Keyring, Store, StoreOptions};
+use siterecovery_store::backend::{AzureConnector, BlobAuth};
+use siterecovery_store::{Keyring, Store, StoreOptions};
 
 use crate::Shared;
 use crate::group::GroupSpec;
@@ -36,13 +38,35 @@ pub struct KubeTargets {
     client: Client,
     /// This pod's name: agents assigned elsewhere are sent away.
     pod: Option<String>,
+    /// Builds the blob clients; keeps one token credential per identity, so tokens
+    /// outlive the per-minute re-read of policies.
+    azure: AzureConnector,
     cache: Mutex<HashMap<PolicyKey, (Instant, Arc<Target>)>>,
 }
 
 impl KubeTargets {
-    /// Targets for the process server `pod` (None: accept every server).
-    pub fn new(client: Client, pod: Option<String>) -> Self {
-        Self { client, pod, cache: Mutex::default() }
+    /// Targets for the process server `pod` (None: accept every server), reaching storage
+    /// through `azure` (see [`AzureConnector::from_env`]).
+    pub fn new(client: Client, pod: Option<String>, azure: AzureConnector) -> Self {
+        Self { client, pod, azure, cache: Mutex::default() }
+    }
+
+    /// How the policy authenticates: its workload identity, or what its Secret holds.
+    async fn auth_of(&self, ns: &str, policy_name: &str, credential: &StorageCredential) -> Result<BlobAuth, String> {
+        if let Some(wi) = &credential.workload_identity {
+            return Ok(BlobAuth::WorkloadIdentity { tenant_id: wi.tenant_id.clone(), client_id: wi.client_id.clone() });
+        }
+        let Some(r) = &credential.secret_ref else {
+            return Err(format!("ReplicationPolicy {policy_name} names no storage credential"));
+        };
+        let secret = Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(&r.name)
+            .await
+            .map_err(|e| format!("reading Secret {ns}/{}: {e}", r.name))?
+            .ok_or_else(|| format!("credential Secret {ns}/{} does not exist", r.name))?;
+        let data: BTreeMap<String, Vec<u8>> =
+            secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        BlobAuth::from_secret_data(&data).map_err(|why| format!("credential Secret {ns}/{} {why}", r.name))
     }
 
     async fn target_of(&self, ns: &str, policy_name: &str) -> Result<Arc<Target>, (String, String)> {
@@ -63,20 +87,11 @@ impl KubeTargets {
             s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()
         };
         let target = &policy.spec.target;
-        let Some(cred) = &target.credential.secret_ref else {
-            return Err(unavailable(
-                "the policy uses workload identity, which this process server does not support yet; use a credential Secret with sasToken".into(),
-            ));
-        };
-        let cred = secrets
-            .get_opt(&cred.name)
-            .await
-            .map_err(|e| unavailable(format!("reading Secret {ns}/{}: {e}", cred.name)))?
-            .ok_or_else(|| unavailable(format!("credential Secret {ns}/{} does not exist", cred.name)))?;
-        let sas = siterecovery_store::sas_token(&data(cred))
-            .ok_or_else(|| unavailable(format!("credential Secret of policy {policy_name} has no sasToken")))?;
-        let backend = AzureBlobBackend::with_sas(&target.endpoint, &target.container, &sas)
-            .map_err(|e| unavailable(format!("spec.target of policy {policy_name}: {e}")))?;
+        let auth = self.auth_of(ns, policy_name, &target.credential).await.map_err(unavailable)?;
+        let backend = self
+            .azure
+            .backend(&target.endpoint, &target.container, &auth)
+            .map_err(|e| unavailable(format!("spec.target of policy {policy_name} ({}): {e}", auth.kind())))?;
         let key_name = policy.key_secret_name();
         let keys = secrets
             .get_opt(&key_name)

@@ -79,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| anyhow::anyhow!("no --targets file and no Kubernetes API to read policies from: {e}"))?;
-            let targets = Arc::new(KubeTargets::new(client.clone(), args.pod_name.clone()));
+            let azure = siterecovery_store::backend::AzureConnector::from_env()
+                .map_err(|e| anyhow::anyhow!("storage client configuration: {e}"))?;
+            let targets = Arc::new(KubeTargets::new(client.clone(), args.pod_name.clone(), azure));
             let ps = start(config, targets.clone()).await?;
             if let (Some(pod), Some(ns)) = (args.pod_name.clone(), args.pod_namespace.clone()) {
                 tokio::spawn(heartbeat(

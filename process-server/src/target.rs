@@ -9,9 +9,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use crate::group::GroupSpec;
-use siterecovery_store::{
-    AzureBlobBackend, BlobBackend, DEFAULT_CHUNK_SIZE, Keyring, LocalBackend, Store, StoreOptions,
-};
+use siterecovery_store::backend::{AzureConnector, BlobAuth};
+use siterecovery_store::{BlobBackend, DEFAULT_CHUNK_SIZE, Keyring, LocalBackend, Store, StoreOptions};
 
 /// The destination of one server's data.
 #[derive(Debug, Clone)]
@@ -47,6 +46,9 @@ pub trait Targets: Send + Sync + 'static {
 ///  "keys": {"active": "k1", "key-k1": "<base64 of 32 bytes>"},
 ///  "chunkSize": 4194304, "bandwidthBytesPerSecond": 0}
 /// ```
+/// Instead of `sas`, an Azure backend may name `"servicePrincipal": {"tenantId", "clientId",
+/// "clientSecret"}` or `"workloadIdentity": {"tenantId", "clientId"}` (the token file and
+/// authority come from `AZURE_FEDERATED_TOKEN_FILE` and `AZURE_AUTHORITY_HOST`).
 /// `{"backend": {"local": "/path"}}` keeps objects in a directory.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -89,15 +91,73 @@ pub struct GroupEntry {
 pub enum BackendSpec {
     /// A local directory.
     Local(PathBuf),
-    /// An Azure Blob container reached with a SAS token.
+    /// An Azure Blob container reached with one of a SAS token, a service principal or
+    /// workload identity.
+    #[serde(rename_all = "camelCase")]
     Azure {
         /// Account endpoint.
         endpoint: String,
         /// Container.
         container: String,
         /// SAS query string, without the leading `?`.
-        sas: String,
+        #[serde(default)]
+        sas: Option<String>,
+        /// A service principal with a client secret.
+        #[serde(default)]
+        service_principal: Option<ServicePrincipal>,
+        /// Workload identity (an Entra application federated with this pod's ServiceAccount).
+        #[serde(default)]
+        workload_identity: Option<Identity>,
     },
+}
+
+/// An Entra application and its directory.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Identity {
+    /// Directory (tenant) id.
+    pub tenant_id: String,
+    /// Application (client) id.
+    pub client_id: String,
+}
+
+/// A service principal with a client secret.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePrincipal {
+    /// Directory (tenant) id.
+    pub tenant_id: String,
+    /// Application (client) id.
+    pub client_id: String,
+    /// The client secret.
+    pub client_secret: String,
+}
+
+impl std::fmt::Debug for ServicePrincipal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicePrincipal")
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .finish()
+    }
+}
+
+/// Exactly one of the three credentials of an Azure backend.
+fn azure_auth(
+    sas: Option<String>,
+    service_principal: Option<ServicePrincipal>,
+    workload_identity: Option<Identity>,
+) -> anyhow::Result<BlobAuth> {
+    match (sas, service_principal, workload_identity) {
+        (Some(sas), None, None) => Ok(BlobAuth::Sas(sas)),
+        (None, Some(sp), None) => Ok(BlobAuth::ServicePrincipal {
+            tenant_id: sp.tenant_id,
+            client_id: sp.client_id,
+            client_secret: sp.client_secret,
+        }),
+        (None, None, Some(wi)) => Ok(BlobAuth::WorkloadIdentity { tenant_id: wi.tenant_id, client_id: wi.client_id }),
+        _ => Err(anyhow::anyhow!("backend.azure needs exactly one of sas, servicePrincipal or workloadIdentity")),
+    }
 }
 
 /// A [`TargetsFile`] loaded: the same target for every server.
@@ -116,8 +176,10 @@ impl StaticTargets {
     pub fn new(file: TargetsFile) -> anyhow::Result<Self> {
         let backend: Arc<dyn BlobBackend> = match file.backend {
             BackendSpec::Local(dir) => Arc::new(LocalBackend::new(dir)?),
-            BackendSpec::Azure { endpoint, container, sas } => {
-                Arc::new(AzureBlobBackend::with_sas(&endpoint, &container, &sas)?)
+            BackendSpec::Azure { endpoint, container, sas, service_principal, workload_identity } => {
+                let auth = azure_auth(sas, service_principal, workload_identity)?;
+                let azure = AzureConnector::from_env().map_err(|e| anyhow::anyhow!(e))?;
+                Arc::new(azure.backend(&endpoint, &container, &auth)?)
             }
         };
         let mut data = BTreeMap::new();
@@ -179,5 +241,36 @@ impl Targets for StaticTargets {
                 interval: std::time::Duration::from_secs_f64(g.interval_seconds),
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(json: serde_json::Value) -> anyhow::Result<BlobAuth> {
+        match serde_json::from_value::<BackendSpec>(json)? {
+            BackendSpec::Azure { sas, service_principal, workload_identity, .. } => {
+                azure_auth(sas, service_principal, workload_identity)
+            }
+            BackendSpec::Local(_) => Err(anyhow::anyhow!("local")),
+        }
+    }
+
+    #[test]
+    fn an_azure_backend_takes_exactly_one_credential() {
+        let at = serde_json::json!({"endpoint": "https://acct.blob.core.windows.net", "container": "dr"});
+        let with = |k: &str, v: serde_json::Value| {
+            let mut a = at.clone();
+            a[k] = v;
+            serde_json::json!({ "azure": a })
+        };
+        let wi = with("workloadIdentity", serde_json::json!({"tenantId": "t", "clientId": "c"}));
+        assert_eq!(backend(wi).unwrap(), BlobAuth::WorkloadIdentity { tenant_id: "t".into(), client_id: "c".into() });
+        let sp = with("servicePrincipal", serde_json::json!({"tenantId": "t", "clientId": "c", "clientSecret": "s"}));
+        assert_eq!(backend(sp).unwrap().kind(), "service principal");
+        assert_eq!(backend(with("sas", "sv=1&sig=x".into())).unwrap(), BlobAuth::Sas("sv=1&sig=x".into()));
+        let err = backend(serde_json::json!({ "azure": at })).unwrap_err().to_string();
+        assert!(err.contains("exactly one of sas, servicePrincipal or workloadIdentity"), "{err}");
     }
 }
