@@ -275,6 +275,16 @@ fn progression(server: &ProtectedServer, state: State) -> String {
             format!("resynchronizing ({reason}): sending only blocks that differ")
         }
         P::Protected => format!("replicating {disks} disk(s)"),
+        // The azure target stops after the data stage (docs/lifecycle.md): say so, so
+        // nobody reads FailedOver as a running VM.
+        P::FailedOver | P::Committed if server.spec.failover_target.azure.is_some() => {
+            let vhds = status.failover.as_ref().map_or(0, |f| f.recovered_disks.len());
+            format!(
+                "{:?}: {vhds} disk(s) ready as VHD page blobs (status.failover.recoveredDisks); no Azure VM was \
+                 created: the Azure Resource Manager stage is not implemented",
+                state.phase
+            )
+        }
         other => format!("{other:?}"),
     }
 }

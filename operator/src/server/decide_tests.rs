@@ -148,6 +148,22 @@ fn a_resync_request_after_failover_is_refused_with_the_reason() {
 }
 
 #[test]
+fn failed_over_to_azure_says_no_vm_was_created() {
+    let mut s = server(json!({"phase": "FailedOver", "failover": {"operation": "UnplannedFailover",
+        "state": "Succeeded", "recoveredDisks": ["https://a.blob.core.windows.net/dr/recovered/dr/db-01/failover/p/os.vhd"]}}));
+    s.spec.failover_target = serde_json::from_value(json!({"azure": {
+        "subscriptionId": "00000000-0000-0000-0000-000000000000", "resourceGroup": "rg", "location": "westeurope",
+        "vmSize": "Standard_D2s_v5", "subnetId": "/subscriptions/x/resourceGroups/n/providers/v/subnets/s"}}))
+    .unwrap();
+    let d = decide(&s, Some(&policy(true)), &at(NOW));
+    assert_eq!(d.phase, P::FailedOver);
+    let expected = "FailedOver: 1 disk(s) ready as VHD page blobs (status.failover.recoveredDisks); no Azure VM \
+                    was created: the Azure Resource Manager stage is not implemented";
+    assert_eq!(d.status["progression"], expected);
+    assert!(matches!(&d.verdict, Verdict::Ready { reason: "FailedOver", message } if message == expected));
+}
+
+#[test]
 fn tracking_lost_reported_by_the_agent_starts_a_resync() {
     let s = server(json!({"phase": "Protected", "agent": {"lastHeartbeatTime": "2026-11-27T09:59:59Z"},
                           "resync": {"reason": "TrackingLost", "requestTime": NOW, "message": "agent restarted after a crash"}}));
