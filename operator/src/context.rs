@@ -7,6 +7,7 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use siterecovery_api::ProtectedServer;
+use siterecovery_store::backend::AzureConnector;
 
 use crate::telemetry::Metrics;
 
@@ -20,13 +21,21 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Cache of every ProtectedServer, kept by the server controller's watch.
     pub servers: Store<ProtectedServer>,
+    /// Blob clients for probing targets and deleting data (one token credential per
+    /// identity, so tokens are reused across reconciles).
+    pub azure: AzureConnector,
 }
 
 impl Context {
     /// Builds the context; `servers` comes from the ProtectedServer controller.
-    pub fn new(client: Client, metrics: Arc<Metrics>, servers: Store<ProtectedServer>) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        servers: Store<ProtectedServer>,
+        azure: AzureConnector,
+    ) -> Arc<Self> {
         let reporter = Reporter { controller: siterecovery_api::field_manager::OPERATOR.into(), instance: None };
         let recorder = Recorder::new(client.clone(), reporter);
-        Arc::new(Self { client, recorder, metrics, servers })
+        Arc::new(Self { client, recorder, metrics, servers, azure })
     }
 }

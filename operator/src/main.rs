@@ -82,6 +82,10 @@ enum LogFormat {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let fleet_config = args.process_servers.config(args.namespace.clone())?;
+    // Blob storage clients (probes, data deletion): workload identity from the pod's
+    // projected token, extra trusted roots from SR_STORAGE_CA_FILE.
+    let azure = siterecovery_store::backend::AzureConnector::from_env()
+        .map_err(|e| anyhow::anyhow!("storage client configuration: {e}"))?;
     init_tracing(args.log_format);
     let (stop_tx, stop_rx) = signal_watch::channel(false);
     tokio::spawn(async move {
@@ -139,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
     info!("leading: starting controllers");
 
     let grace = stopped();
-    let controllers = run_controllers(client, metrics, &args, registration_config, fleet_config, stopped);
+    let controllers = run_controllers(client, metrics, &args, registration_config, fleet_config, azure, stopped);
     // Components finish their in-flight work on shutdown, but never for longer than the
     // grace period (well inside a pod's default 30 s), so the lease is always released.
     let controllers = async move {
@@ -178,6 +182,7 @@ async fn run_controllers<F, Fut>(
     args: &Args,
     registration_config: registration::RegistrationConfig,
     fleet_config: processserver::ProcessServerConfig,
+    azure: siterecovery_store::backend::AzureConnector,
     stopped: F,
 ) where
     F: Fn() -> Fut,
@@ -189,7 +194,7 @@ async fn run_controllers<F, Fut>(
 
     let server_controller = Controller::new(servers.clone(), watcher::Config::default()).with_config(config.clone());
     let store = server_controller.store();
-    let ctx = Context::new(client.clone(), metrics.clone(), store.clone());
+    let ctx = Context::new(client.clone(), metrics.clone(), store.clone(), azure);
 
     // A policy change concerns every server using it.
     let by_policy = store.clone();

@@ -92,7 +92,7 @@ async fn observe(policy: &ReplicationPolicy, ctx: &Context) -> Result<Observed> 
         CredentialCheck::Secret { secret, .. } => secret.as_deref(),
         CredentialCheck::WorkloadIdentity => None,
     };
-    let storage = crate::storage::probe(policy, credential_secret).await;
+    let storage = crate::storage::probe(policy, credential_secret, &ctx.azure).await;
     Ok(Observed { credential, key, servers, storage })
 }
 

@@ -49,19 +49,21 @@ pub async fn delete_blobs(server: &ProtectedServer, ctx: &Context) -> Result<Not
             ),
         });
     }
-    let backend = match crate::storage::backend(&policy, secret.as_ref()) {
+    let backend = match crate::storage::backend(&policy, secret.as_ref(), &ctx.azure) {
         Ok(backend) => backend,
-        Err(crate::storage::Unavailable::WorkloadIdentity) => {
+        Err(crate::storage::Unavailable::NoWorkloadIdentity(why)) => {
+            // The process servers may hold a token the operator lacks; blocking deletion
+            // until someone fixes the operator's identity would hold the namespace.
             return Ok(Notice {
                 type_: EventType::Warning,
                 reason: "DataKept",
                 note: format!(
-                    "the operator cannot yet delete blobs with workload identity: data kept in container {}",
+                    "cannot delete the data with workload identity: {why}; data kept under servers/{ns}/{name}/ in container {}",
                     target.container
                 ),
             });
         }
-        Err(crate::storage::Unavailable::NoSas(why)) => {
+        Err(crate::storage::Unavailable::BadCredential(why)) => {
             return Err(Error::Blocked(format!("cannot delete the server's data: {why}; {keep_hint}")));
         }
     };
