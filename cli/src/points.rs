@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use serde_json::{Value, json};
 use siterecovery_api::{ProtectedServer, ReplicationPolicy};
-use siterecovery_store::{AzureBlobBackend, Keyring, Manifest, ServerRef, Store, StoreOptions};
+use siterecovery_store::backend::{AzureConnector, BlobAuth};
+use siterecovery_store::{Keyring, Manifest, ServerRef, Store, StoreOptions};
 
 use crate::args::{Output, PointsArgs};
 use crate::client::{Kube, explain};
@@ -75,12 +76,13 @@ async fn open_store(kube: &Kube, server: &ProtectedServer) -> anyhow::Result<Sto
         ));
     };
     let cred_data = secret_data(kube, &cred.name, "storage credential").await?;
-    let sas = siterecovery_store::sas_token(&cred_data)
-        .ok_or_else(|| anyhow!("Secret {} has no sasToken (a container or account SAS)", cred.name))?;
+    let auth = BlobAuth::from_secret_data(&cred_data).map_err(|why| anyhow!("Secret {} {why}", cred.name))?;
     let key_name = policy.key_secret_name();
     let keys = Keyring::from_secret_data(&secret_data(kube, &key_name, "encryption keys").await?)
         .with_context(|| format!("reading the keys in Secret {key_name}"))?;
-    let backend = AzureBlobBackend::with_sas(&target.endpoint, &target.container, &sas)
+    let azure = AzureConnector::from_env().map_err(|e| anyhow!("storage client configuration: {e}"))?;
+    let backend = azure
+        .backend(&target.endpoint, &target.container, &auth)
         .with_context(|| format!("ReplicationPolicy {policy_name}: spec.target"))?;
     Ok(Store::new(Arc::new(backend), keys, StoreOptions::default())?)
 }
