@@ -143,7 +143,12 @@ async fn process_server_fleet_with_chart_rbac() -> anyhow::Result<()> {
     // The chart's RBAC, and a client that holds nothing else.
     let operator = operator_client(&admin, &op_ns.name).await?;
     let metrics = Arc::new(Metrics::new());
-    let ctx = Context::new(operator, metrics.clone(), reflector::store().0);
+    let ctx = Context::new(
+        operator,
+        metrics.clone(),
+        reflector::store().0,
+        siterecovery_store::backend::AzureConnector::new(Default::default()).map_err(anyhow::Error::msg)?,
+    );
     let config = ProcessServerConfig {
         port: PORT,
         cache_size: "1Gi".into(),

@@ -108,7 +108,12 @@ async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<Operator
     let stop = StopSignal::new();
     let controller =
         Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());
-    let ctx = Context::new(client.clone(), Arc::new(Metrics::new()), controller.store());
+    let ctx = Context::new(
+        client.clone(),
+        Arc::new(Metrics::new()),
+        controller.store(),
+        siterecovery_store::backend::AzureConnector::new(Default::default()).map_err(anyhow::Error::msg)?,
+    );
     tokio::spawn(
         controller
             .graceful_shutdown_on(stop.signal())
