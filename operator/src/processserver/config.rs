@@ -56,6 +56,20 @@ pub struct ProcessServerArgs {
     /// namespace with servers and binds it to this ClusterRole there.
     #[arg(long = "process-server-cluster-role", env = "SR_PROCESS_SERVER_CLUSTER_ROLE")]
     pub cluster_role: Option<String>,
+    /// Label the process-server pods `azure.workload.identity/use: "true"`, so the AKS
+    /// workload-identity webhook projects a ServiceAccount token into them (policies whose
+    /// credential is `workloadIdentity` need it).
+    #[arg(
+        long = "process-server-workload-identity",
+        env = "SR_PROCESS_SERVER_WORKLOAD_IDENTITY",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub workload_identity: bool,
+    /// Client id annotated (`azure.workload.identity/client-id`) on the ServiceAccounts the
+    /// operator creates for process servers; optional, since policies name their identity.
+    #[arg(long = "process-server-workload-identity-client-id", env = "SR_PROCESS_SERVER_WORKLOAD_IDENTITY_CLIENT_ID")]
+    pub workload_identity_client_id: Option<String>,
     /// Protected servers one process server carries (0: no limit on the count).
     #[arg(long = "process-server-max-servers", env = "SR_PROCESS_SERVER_MAX_SERVERS", default_value_t = 100)]
     pub servers_per_process_server: u32,
@@ -109,6 +123,8 @@ impl ProcessServerArgs {
             },
             service_account: self.service_account.clone().filter(|s| !s.is_empty()),
             cluster_role: self.cluster_role.clone().filter(|s| !s.is_empty()),
+            workload_identity: self.workload_identity,
+            workload_identity_client_id: self.workload_identity_client_id.clone().filter(|s| !s.trim().is_empty()),
             limits: SizingLimits {
                 servers_per_process_server: self.servers_per_process_server,
                 churn_bytes_per_day_per_process_server: self.churn_bytes_per_day_per_process_server,
@@ -157,6 +173,10 @@ pub struct ProcessServerConfig {
     pub service_account: Option<String>,
     /// ClusterRole to bind an operator-managed ServiceAccount to, per namespace.
     pub cluster_role: Option<String>,
+    /// Whether the pods get the workload-identity webhook's label.
+    pub workload_identity: bool,
+    /// Client id annotated on operator-managed ServiceAccounts.
+    pub workload_identity_client_id: Option<String>,
     /// Sizing limits for [`siterecovery_core::assignment`].
     pub limits: SizingLimits,
     /// Only this namespace (`None`: all).
@@ -182,6 +202,8 @@ impl Default for ProcessServerConfig {
             memory_limit: Some("2Gi".into()),
             service_account: None,
             cluster_role: None,
+            workload_identity: false,
+            workload_identity_client_id: None,
             limits: SizingLimits::default(),
             namespace: None,
             debounce: Duration::from_millis(500),
@@ -250,6 +272,15 @@ mod tests {
         assert_eq!(config.storage_class.as_deref(), Some("fast"));
         assert_eq!((config.limits.servers_per_process_server, config.limits.max_replicas), (2, 4));
         assert_eq!(config.namespace.as_deref(), Some("dr"));
+        assert!(!config.workload_identity);
+        let config = parse(&[
+            "--process-server-workload-identity=true",
+            "--process-server-workload-identity-client-id=6f1f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b",
+        ])
+        .config(None)
+        .unwrap();
+        assert!(config.workload_identity);
+        assert_eq!(config.workload_identity_client_id.as_deref(), Some("6f1f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b"));
     }
 
     #[test]

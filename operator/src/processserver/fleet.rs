@@ -50,6 +50,11 @@ pub const CACHE_DIR: &str = "/var/cache/siterecovery";
 pub const TLS_DIR: &str = "/etc/siterecovery/tls";
 /// Name of the replication port on the container and the Service.
 pub const PORT_NAME: &str = "replication";
+/// Pod label the AKS workload-identity webhook acts on (projects the token, sets
+/// `AZURE_FEDERATED_TOKEN_FILE` and `AZURE_AUTHORITY_HOST`).
+pub const WORKLOAD_IDENTITY_USE: &str = "azure.workload.identity/use";
+/// ServiceAccount annotation naming the Entra application of workload identity.
+pub const WORKLOAD_IDENTITY_CLIENT_ID: &str = "azure.workload.identity/client-id";
 /// The non-root user and group the process server runs as (distroless `nonroot`).
 pub const RUN_AS: i64 = 65532;
 
@@ -116,7 +121,7 @@ pub fn stateful_set(
                 when_scaled: Some("Retain".to_owned()),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels()), ..Default::default() }),
+                metadata: Some(ObjectMeta { labels: Some(pod_labels(config)), ..Default::default() }),
                 spec: Some(pod_spec(config)),
             },
             volume_claim_templates: Some(claim_templates.unwrap_or_else(|| vec![cache_claim(config)])),
@@ -124,6 +129,16 @@ pub fn stateful_set(
         }),
         status: None,
     }
+}
+
+/// Labels of the pods: the fleet's, and the workload-identity webhook's when configured
+/// (not in the selector, which cannot change).
+fn pod_labels(config: &ProcessServerConfig) -> BTreeMap<String, String> {
+    let mut labels = labels();
+    if config.workload_identity {
+        labels.insert(WORKLOAD_IDENTITY_USE.to_owned(), "true".to_owned());
+    }
+    labels
 }
 
 /// The cache volume claim template built from the configuration.
@@ -297,7 +312,12 @@ pub fn identity(
         labels: Some(labels()),
         ..Default::default()
     };
-    let account = k8s_openapi::api::core::v1::ServiceAccount { metadata: meta.clone(), ..Default::default() };
+    let mut account_meta = meta.clone();
+    account_meta.annotations = config
+        .workload_identity_client_id
+        .as_ref()
+        .map(|id| BTreeMap::from([(WORKLOAD_IDENTITY_CLIENT_ID.to_owned(), id.clone())]));
+    let account = k8s_openapi::api::core::v1::ServiceAccount { metadata: account_meta, ..Default::default() };
     let binding = RoleBinding {
         metadata: meta,
         role_ref: RoleRef {
@@ -313,4 +333,33 @@ pub fn identity(
         }]),
     };
     Some((account, binding))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_identity_labels_the_pods_and_annotates_the_managed_account() {
+        let plain = ProcessServerConfig { cluster_role: Some("sr-process-server".into()), ..Default::default() };
+        let set = stateful_set("dr", &plain, 1, String::new(), None);
+        let template_labels = set.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        assert!(!template_labels.contains_key(WORKLOAD_IDENTITY_USE));
+        assert!(identity("dr", &plain).unwrap().0.metadata.annotations.is_none());
+
+        let wi = ProcessServerConfig {
+            workload_identity: true,
+            workload_identity_client_id: Some("6f1f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b".into()),
+            ..plain
+        };
+        let spec = stateful_set("dr", &wi, 1, String::new(), None).spec.unwrap();
+        let template_labels = spec.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(template_labels[WORKLOAD_IDENTITY_USE], "true");
+        assert_eq!(spec.selector.match_labels.unwrap(), selector_labels(), "the selector never changes");
+        let (account, _) = identity("dr", &wi).unwrap();
+        assert_eq!(
+            account.metadata.annotations.unwrap()[WORKLOAD_IDENTITY_CLIENT_ID],
+            "6f1f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
+        );
+    }
 }
