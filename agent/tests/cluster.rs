@@ -5,59 +5,24 @@
 //! InitialReplication to Protected, answers a manual resync, owns only its own status
 //! fields, and can read no other server.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::Controller;
-use kube::runtime::watcher;
 use serde_json::json;
 use siterecovery_agent::register::{self, RegisterRequest};
 use siterecovery_agent::report::Reporter;
 use siterecovery_agent::{AgentStatus, DiskConfig, PassRequest, PassStatus};
 use siterecovery_api::ProtectedServer;
 use siterecovery_api::server::{ChangeTracker, ResyncReason, ServerPhase};
-use siterecovery_e2e::operator::operator_client;
-use siterecovery_e2e::{StopSignal, TestNamespace, client, fixtures, install_crds, wait_for};
-use siterecovery_operator::context::Context;
-use siterecovery_operator::registration::{self as operator_registration, ApiServerInfo, RegistrationConfig};
-use siterecovery_operator::server;
-use siterecovery_operator::telemetry::Metrics;
+use siterecovery_e2e::{TestNamespace, client, fixtures, install_crds, wait_for};
+use support::{start_operator, text};
+
+mod support;
 
 const WAIT: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
-
-/// The ProtectedServer reconciler, registration's reconciler and its HTTPS endpoint.
-async fn start_operator(admin: &kube::Client, op_ns: &str, ns: &str) -> anyhow::Result<(SocketAddr, StopSignal)> {
-    let client = operator_client(admin, op_ns).await?;
-    let stop = StopSignal::new();
-    let controller =
-        Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());
-    let ctx = Context::new(client.clone(), Arc::new(Metrics::new()), controller.store());
-    tokio::spawn(
-        controller
-            .graceful_shutdown_on(stop.signal())
-            .run(server::reconcile, server::error_policy, ctx.clone())
-            .for_each(|_| async {}),
-    );
-    let mut config = RegistrationConfig::new(op_ns, ApiServerInfo::from_config(&kube::Config::infer().await?, None));
-    config.watch_namespace = Some(ns.to_owned());
-    config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.resync = Duration::from_secs(1);
-    tokio::spawn(operator_registration::run(ctx.clone(), config.clone(), stop.signal()));
-    let endpoint = operator_registration::RegistrationServer::bind(ctx.clone(), config).await?;
-    let addr = endpoint.local_addr();
-    tokio::spawn(endpoint.serve(stop.signal()));
-    Ok((addr, stop))
-}
-
-fn text(secret: &Secret, key: &str) -> String {
-    let data = secret.data.as_ref().and_then(|d| d.get(key));
-    data.map(|v| String::from_utf8_lossy(&v.0).into_owned()).unwrap_or_default()
-}
 
 fn phase(s: &ProtectedServer) -> Option<ServerPhase> {
     s.status.as_ref().and_then(|s| s.phase)
