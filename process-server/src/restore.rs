@@ -5,8 +5,8 @@
 //!
 //! Targets: `local` (each disk becomes `<directory>/<server>/<disk>.img`; a test failover
 //! goes to `<directory>/test-failover/<server>/`) and `azure` (each disk becomes a
-//! fixed-VHD page blob in the policy's container, [`azure`]; the managed disks and the VM
-//! are not created). `kubevirt` is refused with a message until it exists.
+//! fixed-VHD page blob in the policy's container, `restore/azure.rs`; the managed disks
+//! and the VM are not created). `kubevirt` is refused with a message until it exists.
 
 mod azure;
 

@@ -120,7 +120,7 @@ impl Store {
     /// that fails verification is an error naming the object and none of it is written.
     /// On any failure the partial blob is deleted, so no incomplete image is left to be
     /// imported by mistake.
-    #[tracing::instrument(skip_all, fields(server = %server, point = %point.id, disk = disk_id, blob))]
+    #[tracing::instrument(skip_all, fields(server = %server, point = %point.id, disk = disk_id, blob = blob))]
     pub async fn restore_disk_to_vhd(
         &self,
         server: &ServerRef,
