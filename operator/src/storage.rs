@@ -108,10 +108,8 @@ mod tests {
     }
 
     fn secret(pairs: &[(&str, &str)]) -> Secret {
-        let mut s = Secret::default();
-        s.data =
-            Some(pairs.iter().map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.as_bytes().to_vec()))).collect());
-        s
+        let data = pairs.iter().map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.as_bytes().to_vec())));
+        Secret { data: Some(data.collect()), ..Default::default() }
     }
 
     #[test]
