@@ -111,7 +111,10 @@ pub struct FailoverTarget {
     /// A KubeVirt VirtualMachine with one DataVolume per disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubevirt: Option<KubevirtTarget>,
-    /// An Azure VM with managed disks, created through Azure Resource Manager.
+    /// An Azure VM with managed disks, created through Azure Resource Manager. Today only
+    /// the data stage runs: each disk becomes a fixed-VHD page blob in the policy's
+    /// container (listed in `status.failover.recoveredDisks`); the managed disks and the VM
+    /// are not created yet (docs/lifecycle.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureTarget>,
 }
