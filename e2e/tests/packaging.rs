@@ -17,7 +17,7 @@ const DEPLOY_NAMESPACE: &str = "siterecovery-system";
 const REGENERATE: &str = "run `make generate` (hack/render-deploy.sh) and commit the result";
 
 /// Every optional part of the chart switched on.
-const ALL_ON: [&str; 8] = [
+const ALL_ON: [&str; 10] = [
     "--set",
     "metrics.serviceMonitor.enabled=true",
     "--set",
@@ -26,6 +26,8 @@ const ALL_ON: [&str; 8] = [
     "metrics.grafanaDashboard.enabled=true",
     "--set",
     "agent.daemonSet.enabled=true",
+    "--set",
+    "workloadIdentity.enabled=true",
 ];
 
 /// Runs helm; returns (success, stdout, stderr).
@@ -129,6 +131,8 @@ fn helm_lint_passes_and_bad_values_are_named() -> anyhow::Result<()> {
         ("processServer.image.pullPolicy=Sometimes", "/processServer/image/pullPolicy"),
         ("metrics.serviceMonitor.enabled=yes", "/metrics/serviceMonitor/enabled"),
         ("agent.daemonSet.hostConfigPath=relative", "/agent/daemonSet/hostConfigPath"),
+        ("workloadIdentity.enabled=yes", "/workloadIdentity/enabled"),
+        ("workloadIdentity.clientId=my-app", "/workloadIdentity/clientId"),
         ("operator.logFromat=text", "logFromat"),
     ] {
         let (ok, _, err) = helm(&["template", "x", &chart, "--kube-version", "1.34.4", "--set", set])?;
@@ -321,6 +325,34 @@ fn agent_daemonset_runs_with_tracking_capabilities_not_privileged() -> anyhow::R
     let pod = &of_kind(&docs, "DaemonSet")[0]["spec"]["template"]["spec"];
     assert_eq!(pod["volumes"][0]["secret"]["secretName"], "node-1-agent");
     assert_eq!(pod["containers"][0]["securityContext"]["privileged"], true);
+    Ok(())
+}
+
+#[test]
+fn workload_identity_labels_the_operator_and_configures_the_process_servers() -> anyhow::Result<()> {
+    const CLIENT_ID: &str = "6f1f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
+    let deployment = |docs: &[Value]| of_kind(docs, "Deployment")[0].clone();
+    let env = |d: &Value, name: &str| -> Option<Value> {
+        d["spec"]["template"]["spec"]["containers"][0]["env"].as_array()?.iter().find(|e| e["name"] == name).cloned()
+    };
+    let off = render_chart("sr", "siterecovery-system", &[])?;
+    let d = deployment(&off);
+    assert_eq!(d["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"], Value::Null);
+    assert_eq!(env(&d, "SR_PROCESS_SERVER_WORKLOAD_IDENTITY"), None);
+
+    let client_id = format!("workloadIdentity.clientId={CLIENT_ID}");
+    let on =
+        render_chart("sr", "siterecovery-system", &["--set", "workloadIdentity.enabled=true", "--set", &client_id])?;
+    let d = deployment(&on);
+    assert_eq!(d["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"], "true");
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["azure.workload.identity/use"], Value::Null, "selector unchanged");
+    assert_eq!(env(&d, "SR_PROCESS_SERVER_WORKLOAD_IDENTITY").context("env")?["value"], "true");
+    assert_eq!(env(&d, "SR_PROCESS_SERVER_WORKLOAD_IDENTITY_CLIENT_ID").context("env")?["value"], CLIENT_ID);
+    let account = of_kind(&on, "ServiceAccount").into_iter().find(|a| a["metadata"]["name"] == "sr-operator");
+    assert_eq!(
+        account.context("operator ServiceAccount")?["metadata"]["annotations"]["azure.workload.identity/client-id"],
+        CLIENT_ID
+    );
     Ok(())
 }
 
