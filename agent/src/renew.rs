@@ -36,6 +36,9 @@ pub const MAX_RETRY: Duration = Duration::from_secs(10 * 60);
 /// go away by itself, but an hourly attempt keeps the Warning event visible, and a new
 /// certificate on disk (registered again) is tried at once.
 pub const REFUSED_RETRY: Duration = Duration::from_secs(3600);
+/// Least time between two renewals by one agent, whatever the certificates say (a
+/// certificate renewed at once again would otherwise renew in a loop).
+pub const MIN_SPACING: Duration = Duration::from_secs(30);
 /// How often the certificate file is looked at while waiting (a re-registration or a
 /// `siterecovery-agent renew` replaces it).
 const POLL: Duration = Duration::from_secs(60);
@@ -94,24 +97,46 @@ pub enum Step {
     Wait(Timestamp),
 }
 
+/// What the renewal task remembers between attempts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The last failed attempt.
+    pub failure: Option<Failure>,
+    /// When this process last renewed.
+    pub last_renewal: Option<Timestamp>,
+}
+
 /// Decides, at `now`, about the certificate on disk. A failure only delays the
 /// certificate it was made with: a new one (registered again) starts afresh.
-pub fn next_step(now: Timestamp, cert: &CertFacts, after: Option<Duration>, failure: Option<&Failure>) -> Step {
+pub fn next_step(now: Timestamp, cert: &CertFacts, after: Option<Duration>, memory: &Memory) -> Step {
     let mut due = renew_at(cert, after);
-    if let Some(f) = failure.filter(|f| f.serial == cert.serial) {
+    if let Some(f) = memory.failure.as_ref().filter(|f| f.serial == cert.serial) {
         due = due.max(f.retry_at);
+    }
+    if let Some(last) = memory.last_renewal {
+        due = due.max(last.checked_add(signed(MIN_SPACING)).unwrap_or(last));
     }
     if now >= due { Step::Renew } else { Step::Wait(due) }
 }
 
-/// The pause after the `attempts`-th failure in a row: doubling from [`FIRST_RETRY`] up
-/// to [`MAX_RETRY`] while trying again can help (at least what the endpoint's
-/// `Retry-After` asks), [`REFUSED_RETRY`] after a refusal.
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+/// Doubling from [`FIRST_RETRY`] with each of `attempts` failures in a row, up to
+/// [`MAX_RETRY`].
+pub fn backoff(attempts: u32) -> Duration {
+    FIRST_RETRY.saturating_mul(1 << attempts.saturating_sub(1).min(16)).min(MAX_RETRY)
+}
+
+/// The pause after the `attempts`-th failure in a row: [`backoff`] while trying again
+/// can help (at least what the endpoint's `Retry-After` asks), [`REFUSED_RETRY`] after a
+/// refusal.
 pub fn retry_delay(error: &RegisterError, attempts: u32) -> Duration {
     if !error.retryable() {
         return REFUSED_RETRY;
     }
-    let doubled = FIRST_RETRY.saturating_mul(1 << attempts.saturating_sub(1).min(16)).min(MAX_RETRY);
+    let doubled = backoff(attempts);
     let asked = match error {
         RegisterError::Refused { retry_after: Some(s), .. } => Duration::from_secs(*s).min(MAX_RETRY),
         _ => Duration::ZERO,
@@ -152,6 +177,18 @@ pub struct RenewalStatus {
 /// Renews now with the credentials `config` names, at `url` or the configuration's
 /// `registrationUrl`, and writes the new ones in their place. Returns the new bundle.
 pub async fn renew(config: &AgentConfig, url: Option<&str>) -> Result<Bundle, RegisterError> {
+    let bundle = request(config, url).await?;
+    store(config, &bundle)?;
+    Ok(bundle)
+}
+
+/// Writes a renewed bundle into the files `config` names.
+pub fn store(config: &AgentConfig, bundle: &Bundle) -> Result<(), RegisterError> {
+    register::write_credentials(&CredentialFiles::of(config), bundle)
+}
+
+/// `POST /renew` with the credentials `config` names; writes nothing.
+pub async fn request(config: &AgentConfig, url: Option<&str>) -> Result<Bundle, RegisterError> {
     let url = url.or(config.registration_url.as_deref()).ok_or_else(|| {
         RegisterError::Local(
             "agent.json has no registrationUrl (written by an older register): add the operator's \
@@ -170,7 +207,6 @@ pub async fn renew(config: &AgentConfig, url: Option<&str>) -> Result<Bundle, Re
             bundle.namespace, bundle.name, config.namespace, config.server
         )));
     }
-    register::write_credentials(&CredentialFiles::of(config), &bundle)?;
     Ok(bundle)
 }
 
@@ -179,6 +215,11 @@ pub struct Renewer {
     config: AgentConfig,
     after: Option<Duration>,
     status: Arc<Mutex<RenewalStatus>>,
+    memory: Memory,
+    /// A renewal whose answer could not be written (a full disk, say), with the serial
+    /// it was renewed from: the certificate on disk is superseded by it, so it is written
+    /// again rather than lost.
+    unwritten: Option<(Vec<u8>, Bundle)>,
 }
 
 impl Renewer {
@@ -190,7 +231,7 @@ impl Renewer {
         if let Some(a) = after {
             tracing::warn!(after = ?a, "{RENEW_AFTER_ENV} is set: renewing that long after notBefore (tests only)");
         }
-        Self { config, after, status }
+        Self { config, after, status, memory: Memory::default(), unwritten: None }
     }
 
     fn update(&self, f: impl FnOnce(&mut RenewalStatus)) {
@@ -200,27 +241,26 @@ impl Renewer {
     /// Renews whenever due until `shutdown` turns true. Never ends replication: every
     /// failure is logged, counted and retried, and the old certificate stays in use
     /// until a renewal succeeds.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         if self.config.registration_url.is_none() {
             tracing::warn!(
                 "agent.json has no registrationUrl: the client certificate cannot be renewed automatically \
                  (add it, or register again)"
             );
         }
-        let mut failure: Option<Failure> = None;
         while !*shutdown.borrow() {
             let now = Timestamp::now();
             let until = match std::fs::read_to_string(&self.config.client_cert).map_err(|e| e.to_string()) {
                 Ok(pem) => match cert_facts(&pem) {
                     Ok(cert) => {
-                        let step = next_step(now, &cert, self.after, failure.as_ref());
+                        let step = next_step(now, &cert, self.after, &self.memory);
                         self.update(|s| {
                             s.not_after = Some(cert.not_after);
                             s.renew_at = Some(renew_at(&cert, self.after));
                         });
                         match step {
                             Step::Renew => {
-                                failure = self.attempt(&cert, failure.take()).await;
+                                self.attempt(&cert).await;
                                 continue;
                             }
                             Step::Wait(t) => t,
@@ -244,11 +284,21 @@ impl Renewer {
         }
     }
 
-    /// One renewal with `cert` (the certificate on disk); returns the failure to
-    /// remember, if it failed.
-    async fn attempt(&self, cert: &CertFacts, previous: Option<Failure>) -> Option<Failure> {
+    /// One renewal with `cert` (the certificate on disk).
+    async fn attempt(&mut self, cert: &CertFacts) {
         let server = format!("{}/{}", self.config.namespace, self.config.server);
-        match renew(&self.config, None).await {
+        let result = match self.unwritten.take().filter(|(serial, _)| *serial == cert.serial) {
+            Some((_, bundle)) => Ok(bundle),
+            None => request(&self.config, None).await,
+        };
+        let result = result.and_then(|bundle| match store(&self.config, &bundle) {
+            Ok(()) => Ok(bundle),
+            Err(e) => {
+                self.unwritten = Some((cert.serial.clone(), bundle));
+                Err(e)
+            }
+        });
+        let e = match result {
             Ok(bundle) => {
                 let expiry =
                     cert_facts(&bundle.client_certificate).map(|c| c.not_after.to_string()).unwrap_or_default();
@@ -258,30 +308,40 @@ impl Renewer {
                     s.renewals += 1;
                     s.refused = false;
                 });
-                None
+                self.memory = Memory { failure: None, last_renewal: Some(Timestamp::now()) };
+                return;
             }
-            Err(e) => {
-                let attempts = previous.filter(|f| f.serial == cert.serial).map_or(0, |f| f.attempts) + 1;
-                let delay = retry_delay(&e, attempts);
-                let reason = failure_reason(&e);
-                // The error carries the endpoint's reason and message, never a key or token.
-                if e.retryable() {
-                    tracing::warn!(%server, %reason, error = %e, retry_in = ?delay, expires = %cert.not_after,
-                        "certificate renewal failed; retrying");
-                } else {
-                    tracing::error!(%server, %reason, error = %e, retry_in = ?delay, expires = %cert.not_after,
-                        "certificate renewal refused; replication goes on with the current certificate until \
-                         it expires: register this server again with a new bootstrap token");
-                }
-                self.update(|s| {
-                    *s.failures.entry(reason).or_default() += 1;
-                    s.refused = !e.retryable();
-                });
-                let delay = SignedDuration::try_from(delay).unwrap_or(SignedDuration::MAX);
-                let retry_at = Timestamp::now().checked_add(delay).unwrap_or(cert.not_after);
-                Some(Failure { serial: cert.serial.clone(), attempts, retry_at })
-            }
-        }
+            Err(e) => e,
+        };
+        let previous = self.memory.failure.take().filter(|f| f.serial == cert.serial);
+        let attempts = previous.map_or(0, |f| f.attempts) + 1;
+        let reason = failure_reason(&e);
+        // Errors carry the endpoint's reason and message or a local cause, never a key
+        // or a token.
+        let (delay, refused) = if self.unwritten.is_some() {
+            let delay = backoff(attempts);
+            tracing::error!(%server, error = %e, retry_in = ?delay,
+                "renewed, but the new credentials could not be written; the certificate on disk is \
+                 superseded: retrying the write");
+            (delay, false)
+        } else if e.retryable() {
+            let delay = retry_delay(&e, attempts);
+            tracing::warn!(%server, %reason, error = %e, retry_in = ?delay, expires = %cert.not_after,
+                "certificate renewal failed; retrying");
+            (delay, false)
+        } else {
+            let delay = retry_delay(&e, attempts);
+            tracing::error!(%server, %reason, error = %e, retry_in = ?delay, expires = %cert.not_after,
+                "certificate renewal refused; replication goes on with the current certificate until it \
+                 expires: register this server again with a new bootstrap token");
+            (delay, true)
+        };
+        self.update(|s| {
+            *s.failures.entry(reason).or_default() += 1;
+            s.refused = refused;
+        });
+        let retry_at = Timestamp::now().checked_add(signed(delay)).unwrap_or(cert.not_after);
+        self.memory.failure = Some(Failure { serial: cert.serial.clone(), attempts, retry_at });
     }
 }
 

@@ -31,6 +31,11 @@ fn not_ready(retry_after: Option<u64>) -> RegisterError {
     }
 }
 
+/// `next_step` with at most a failure.
+fn step(now: Timestamp, cert: &CertFacts, after: Option<Duration>, failure: Option<&Failure>) -> Step {
+    next_step(now, cert, after, &Memory { failure: failure.cloned(), last_renewal: None })
+}
+
 #[test]
 fn renews_once_half_the_lifetime_has_passed() {
     let c = cert(1, 1_000_000);
@@ -39,12 +44,12 @@ fn renews_once_half_the_lifetime_has_passed() {
     // Day 15 of 30, before the operator supersedes the certificate at day 20.
     let day = |d: i64| ts(1_000_000 + d * DAY);
     assert!(half > day(14) && half < day(15), "{half}");
-    assert_eq!(next_step(day(1), &c, None, None), Step::Wait(half));
-    assert_eq!(next_step(half - SignedDuration::from_secs(1), &c, None, None), Step::Wait(half));
-    assert_eq!(next_step(half, &c, None, None), Step::Renew);
-    assert_eq!(next_step(day(29), &c, None, None), Step::Renew);
+    assert_eq!(step(day(1), &c, None, None), Step::Wait(half));
+    assert_eq!(step(half - SignedDuration::from_secs(1), &c, None, None), Step::Wait(half));
+    assert_eq!(step(half, &c, None, None), Step::Renew);
+    assert_eq!(step(day(29), &c, None, None), Step::Renew);
     // An expired certificate is still tried (the endpoint answers why it refuses).
-    assert_eq!(next_step(day(31), &c, None, None), Step::Renew);
+    assert_eq!(step(day(31), &c, None, None), Step::Renew);
 }
 
 #[test]
@@ -52,9 +57,9 @@ fn the_test_override_counts_from_not_before() {
     let c = cert(1, 1_000_000);
     let after = Some(Duration::from_secs(310));
     assert_eq!(renew_at(&c, after), ts(1_000_010));
-    assert_eq!(next_step(ts(1_000_009), &c, after, None), Step::Wait(ts(1_000_010)));
-    assert_eq!(next_step(ts(1_000_010), &c, after, None), Step::Renew);
-    assert_eq!(next_step(ts(1_000_000), &c, Some(Duration::ZERO), None), Step::Renew);
+    assert_eq!(step(ts(1_000_009), &c, after, None), Step::Wait(ts(1_000_010)));
+    assert_eq!(step(ts(1_000_010), &c, after, None), Step::Renew);
+    assert_eq!(step(ts(1_000_000), &c, Some(Duration::ZERO), None), Step::Renew);
 }
 
 #[test]
@@ -62,14 +67,28 @@ fn a_failure_delays_only_the_certificate_it_was_made_with() {
     let c = cert(1, 1_000_000);
     let due = renew_at(&c, None);
     let failure = Failure { serial: vec![1], attempts: 1, retry_at: due + SignedDuration::from_secs(5) };
-    assert_eq!(next_step(due, &c, None, Some(&failure)), Step::Wait(failure.retry_at));
-    assert_eq!(next_step(failure.retry_at, &c, None, Some(&failure)), Step::Renew);
+    assert_eq!(step(due, &c, None, Some(&failure)), Step::Wait(failure.retry_at));
+    assert_eq!(step(failure.retry_at, &c, None, Some(&failure)), Step::Renew);
     // Registered again meanwhile: the new certificate follows its own schedule.
     let fresh = cert(2, due.as_second());
-    assert_eq!(next_step(due, &fresh, None, Some(&failure)), Step::Wait(renew_at(&fresh, None)));
+    assert_eq!(step(due, &fresh, None, Some(&failure)), Step::Wait(renew_at(&fresh, None)));
     // A failure recorded before the due time does not bring renewal forward.
     let early = Failure { serial: vec![1], attempts: 1, retry_at: ts(1_000_000) };
-    assert_eq!(next_step(ts(1_000_001), &c, None, Some(&early)), Step::Wait(due));
+    assert_eq!(step(ts(1_000_001), &c, None, Some(&early)), Step::Wait(due));
+}
+
+#[test]
+fn a_renewal_is_not_followed_by_another_within_the_minimum_spacing() {
+    // A certificate that would be due at once (an override of 0) after a renewal.
+    let c = cert(2, 1_000_000);
+    let renewed = ts(1_000_000);
+    let memory = Memory { failure: None, last_renewal: Some(renewed) };
+    let after = Some(Duration::ZERO);
+    let spaced = renewed + SignedDuration::from_secs(MIN_SPACING.as_secs() as i64);
+    assert_eq!(next_step(ts(1_000_001), &c, after, &memory), Step::Wait(spaced));
+    assert_eq!(next_step(spaced, &c, after, &memory), Step::Renew);
+    // Normally far longer than the spacing anyway.
+    assert_eq!(next_step(ts(1_000_001), &c, None, &memory), Step::Wait(renew_at(&c, None)));
 }
 
 #[test]
@@ -78,6 +97,8 @@ fn transient_failures_back_off_doubling_up_to_a_cap() {
     let delays: Vec<u64> = (1..=9).map(|n| retry_delay(&unreachable, n).as_secs()).collect();
     assert_eq!(delays, vec![5, 10, 20, 40, 80, 160, 320, 600, 600]);
     assert_eq!(retry_delay(&unreachable, u32::MAX), MAX_RETRY);
+    assert_eq!(backoff(1), FIRST_RETRY);
+    assert_eq!(backoff(0), FIRST_RETRY);
     assert_eq!(retry_delay(&not_ready(None), 1), FIRST_RETRY);
     // The endpoint's Retry-After is honoured when longer, within the cap.
     assert_eq!(retry_delay(&not_ready(Some(30)), 1).as_secs(), 30);
