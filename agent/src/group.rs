@@ -85,7 +85,7 @@ impl Agent {
         disks: &[Disk],
         sizes: &[u64],
         chunk_size: u32,
-        sent: &mut Vec<Vec<Slot>>,
+        sent: &mut [Vec<Slot>],
         group: &str,
         at: Option<jiff::Timestamp>,
         decision: Option<Message>,

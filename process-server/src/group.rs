@@ -59,10 +59,14 @@ pub struct Group {
     /// Connected members: server → (session id, the session's outbox).
     members: Mutex<BTreeMap<String, (u64, mpsc::UnboundedSender<Message>)>>,
     readies: mpsc::UnboundedSender<(String, GroupReady)>,
-    /// Point id → members that journaled it; and the whole points, newest last.
-    journaled: Mutex<(BTreeMap<String, BTreeSet<String>>, Vec<String>)>,
+    journaled: Mutex<Journaled>,
     next_session: std::sync::atomic::AtomicU64,
 }
+
+/// Group points seen journaled: point id → members that journaled it, and the whole
+/// points, newest last.
+#[derive(Default)]
+struct Journaled(BTreeMap<String, BTreeSet<String>>, Vec<String>);
 
 /// A session's membership; leaving the group when dropped.
 pub struct Member {
@@ -133,7 +137,7 @@ impl Member {
     /// The agent's group point `id` (listing `members`) is journaled.
     pub fn journaled(&self, id: &str, members: &[String]) {
         let mut j = self.group.journaled.lock().unwrap_or_else(|p| p.into_inner());
-        let (by_id, whole) = &mut *j;
+        let Journaled(by_id, whole) = &mut *j;
         let got = by_id.entry(id.to_string()).or_default();
         got.insert(self.server.clone());
         if !members.is_empty() && members.iter().all(|m| got.contains(m)) {

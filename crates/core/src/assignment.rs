@@ -182,6 +182,9 @@ pub struct ServerLoad {
     pub current: Option<String>,
     /// Changed bytes over the last 24 hours.
     pub churn_bytes_per_day: u64,
+    /// `spec.consistencyGroup`: servers of one group are placed together (one process
+    /// server coordinates the group's points).
+    pub consistency_group: Option<String>,
 }
 
 /// Why a server ended up where it did.
@@ -224,8 +227,88 @@ struct Load {
     count: u64,
 }
 
+/// Name of the unit standing for a consistency group during placement (`:` is never part
+/// of a Kubernetes name).
+const GROUP_UNIT: &str = "group:";
+
 /// Places every server on a process server, returned in server-name order (names are
 /// unique: they are ProtectedServer names in one namespace).
+///
+/// The servers of a consistency group are placed as one unit, with their churn summed:
+/// the unit follows the pin of its first pinned member (by name), else stays where most
+/// members are (the first in name order on a tie); members elsewhere move there. Every
+/// other server is placed by [`place`]'s rules.
+pub fn assign(
+    process_servers: &[ProcessServerState],
+    servers: &[ServerLoad],
+    limits: &SizingLimits,
+) -> Vec<Assignment> {
+    let mut units: Vec<ServerLoad> = Vec::new();
+    let mut groups: BTreeMap<&str, Vec<&ServerLoad>> = BTreeMap::new();
+    for s in servers {
+        match s.consistency_group.as_deref() {
+            Some(g) => groups.entry(g).or_default().push(s),
+            None => units.push(s.clone()),
+        }
+    }
+    let mut sizes = BTreeMap::new();
+    for (g, members) in groups.iter_mut() {
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut votes: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (i, m) in members.iter().enumerate() {
+            if let Some(c) = m.current.as_deref() {
+                let v = votes.entry(c).or_insert((0, i));
+                v.0 += 1;
+            }
+        }
+        // Most members, then the first member's: a stable choice.
+        let current = votes.iter().max_by_key(|(_, (n, first))| (*n, std::cmp::Reverse(*first))).map(|(c, _)| c);
+        let name = format!("{GROUP_UNIT}{g}");
+        sizes.insert(name.clone(), members.len() as u64);
+        units.push(ServerLoad {
+            name,
+            pinned: members.iter().find_map(|m| m.pinned.clone()),
+            current: current.map(|c| (*c).to_owned()),
+            churn_bytes_per_day: members.iter().fold(0u64, |t, m| t.saturating_add(m.churn_bytes_per_day)),
+            consistency_group: Some((*g).to_owned()),
+        });
+    }
+    let mut out = Vec::new();
+    for a in place(process_servers, &units, &sizes, limits) {
+        match a.server.strip_prefix(GROUP_UNIT) {
+            Some(g) => out.extend(groups[g].iter().map(|m| member_assignment(m, g, &a))),
+            None => out.push(a),
+        }
+    }
+    out.sort_by(|a, b| a.server.cmp(&b.server));
+    out
+}
+
+/// A member's placement from its group's.
+fn member_assignment(m: &ServerLoad, group: &str, unit: &Assignment) -> Assignment {
+    let reason = match (&unit.process_server, &unit.reason) {
+        (Some(ps), AssignmentReason::Pinned) if m.pinned.as_deref() == Some(ps.as_str()) => AssignmentReason::Pinned,
+        (Some(ps), _) if m.current.as_deref() == Some(ps.as_str()) => AssignmentReason::Kept,
+        (Some(ps), unit_reason) => match (&m.current, unit_reason) {
+            (None, _) => AssignmentReason::Assigned,
+            (Some(from), AssignmentReason::Reassigned { why, .. }) => {
+                AssignmentReason::Reassigned { from: from.clone(), why: why.clone() }
+            }
+            (Some(from), _) => AssignmentReason::Reassigned {
+                from: from.clone(),
+                why: format!("consistency group {group} replicates to {ps}"),
+            },
+        },
+        (None, AssignmentReason::Unassigned { why }) => {
+            AssignmentReason::Unassigned { why: format!("consistency group {group}: {why}") }
+        }
+        (None, other) => other.clone(),
+    };
+    Assignment { server: m.name.clone(), process_server: unit.process_server.clone(), reason }
+}
+
+/// Places every unit (a server, or a consistency group with `sizes[name]` members) on a
+/// process server, in name order.
 ///
 /// In order: pins are honoured whenever the pinned process server exists and is not
 /// Critical, even beyond capacity (the user asked for it); servers stay on their current
@@ -234,11 +317,13 @@ struct Load {
 /// least-loaded (churn, then count) non-Critical process server with room, Healthy before
 /// Warning. A server squeezed off a full process server stays there when no other has room,
 /// since moving it to nowhere would stop its replication.
-pub fn assign(
+fn place(
     process_servers: &[ProcessServerState],
     servers: &[ServerLoad],
+    sizes: &BTreeMap<String, u64>,
     limits: &SizingLimits,
 ) -> Vec<Assignment> {
+    let size = |s: &ServerLoad| sizes.get(&s.name).copied().unwrap_or(1);
     let by_name: BTreeMap<&str, &ProcessServerState> = process_servers.iter().map(|p| (p.name.as_str(), p)).collect();
     let mut loads: BTreeMap<&str, Load> = by_name.keys().map(|n| (*n, Load::default())).collect();
     let mut sorted: Vec<&ServerLoad> = servers.iter().collect();
@@ -255,7 +340,7 @@ pub fn assign(
                 unassigned(s, format!("pinned process server {pin} is Critical{}", detail(&ps.health)))
             }
             Some(_) => {
-                add(&mut loads, pin, s.churn_bytes_per_day);
+                add(&mut loads, pin, s.churn_bytes_per_day, size(s));
                 placed(s, pin, AssignmentReason::Pinned)
             }
         };
@@ -272,7 +357,7 @@ pub fn assign(
             Some(ps) if ps.health.is_critical() => Displaced::Critical(detail(&ps.health)),
             Some(_) if !limits.fits(loads[current], s.churn_bytes_per_day) => Displaced::Full,
             Some(_) => {
-                add(&mut loads, current, s.churn_bytes_per_day);
+                add(&mut loads, current, s.churn_bytes_per_day, size(s));
                 done.insert(&s.name, placed(s, current, AssignmentReason::Kept));
                 continue;
             }
@@ -309,7 +394,7 @@ pub fn assign(
             (None, None) => (None, AssignmentReason::Unassigned { why: no_room(process_servers) }),
         };
         if let Some(ps) = chosen {
-            add(&mut loads, ps, s.churn_bytes_per_day);
+            add(&mut loads, ps, s.churn_bytes_per_day, size(s));
         }
         done.insert(&s.name, Assignment { server: s.name.clone(), process_server: chosen.map(str::to_owned), reason });
     }
@@ -343,10 +428,10 @@ fn detail(health: &Health) -> String {
     }
 }
 
-fn add<'a>(loads: &mut BTreeMap<&'a str, Load>, ps: &'a str, churn: u64) {
+fn add<'a>(loads: &mut BTreeMap<&'a str, Load>, ps: &'a str, churn: u64, servers: u64) {
     let load = loads.entry(ps).or_default();
     load.churn = load.churn.saturating_add(churn);
-    load.count += 1;
+    load.count += servers;
 }
 
 fn placed(s: &ServerLoad, ps: &str, reason: AssignmentReason) -> Assignment {

@@ -26,7 +26,13 @@ fn healthy(names: &[&str]) -> Vec<ProcessServerState> {
 }
 
 fn srv(name: &str, churn: u64, current: Option<&str>) -> ServerLoad {
-    ServerLoad { name: name.into(), pinned: None, current: current.map(Into::into), churn_bytes_per_day: churn }
+    ServerLoad {
+        name: name.into(),
+        pinned: None,
+        current: current.map(Into::into),
+        churn_bytes_per_day: churn,
+        consistency_group: None,
+    }
 }
 
 fn many(n: usize, churn: impl Fn(usize) -> u64) -> Vec<ServerLoad> {
@@ -254,4 +260,39 @@ fn result_does_not_depend_on_input_order() {
     assert_eq!(assign(&pss, &servers, &limits), expected);
     let names: Vec<_> = expected.iter().map(|a| a.server.clone()).collect();
     assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted by server name");
+}
+
+#[test]
+fn a_consistency_group_is_placed_together() {
+    let pss = healthy(&["ps-0", "ps-1", "ps-2"]);
+    let in_group = |name: &str, current: Option<&str>| ServerLoad {
+        consistency_group: Some("erp".into()),
+        ..srv(name, TB / 10, current)
+    };
+    // New members land together, and the group counts with its summed churn.
+    let mut servers = vec![in_group("db", None), in_group("web", None), in_group("app", None), srv("other", TB, None)];
+    let result = assign(&pss, &servers, &SizingLimits::default());
+    let where_ = |r: &[Assignment], n: &str| find(r, n).process_server.clone().unwrap();
+    assert_eq!(where_(&result, "db"), where_(&result, "web"));
+    assert_eq!(where_(&result, "db"), where_(&result, "app"));
+    assert_ne!(where_(&result, "db"), where_(&result, "other"), "the lighter process server takes the group");
+    assert_eq!(find(&result, "db").reason, Assigned);
+    assert_eq!(result.iter().map(|a| a.server.as_str()).collect::<Vec<_>>(), ["app", "db", "other", "web"]);
+    // A member found elsewhere joins where most of the group is.
+    settle(&mut servers, &result);
+    let home = where_(&result, "db");
+    let away = ["ps-0", "ps-1", "ps-2"].into_iter().find(|p| *p != home).unwrap();
+    servers.iter_mut().find(|s| s.name == "web").unwrap().current = Some(away.into());
+    let again = assign(&pss, &servers, &SizingLimits::default());
+    assert_eq!(where_(&again, "web"), home);
+    assert_eq!(
+        find(&again, "web").reason,
+        Reassigned { from: away.into(), why: format!("consistency group erp replicates to {home}") }
+    );
+    assert_eq!(find(&again, "db").reason, Kept);
+    // A pin of one member moves the whole group.
+    servers.iter_mut().find(|s| s.name == "app").unwrap().pinned = Some(away.into());
+    let pinned = assign(&pss, &servers, &SizingLimits::default());
+    assert!(["db", "web", "app"].iter().all(|n| where_(&pinned, n) == away));
+    assert_eq!(find(&pinned, "app").reason, Pinned);
 }

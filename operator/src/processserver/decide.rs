@@ -122,6 +122,7 @@ pub fn decide(observed: &Observed, config: &ProcessServerConfig, now: Timestamp)
             pinned: s.spec.process_server.clone(),
             current: current_of(s),
             churn_bytes_per_day: churn_of(s),
+            consistency_group: s.spec.consistency_group.clone(),
         })
         .collect();
     let assignments = assign(&states, &loads, &config.limits);
