@@ -41,7 +41,7 @@ pub const REFUSED_RETRY: Duration = Duration::from_secs(3600);
 pub const MIN_SPACING: Duration = Duration::from_secs(30);
 /// How often the certificate file is looked at while waiting (a re-registration or a
 /// `siterecovery-agent renew` replaces it).
-const POLL: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_secs(10);
 
 /// What the renewal decisions need to know about a client certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -254,9 +254,13 @@ impl Renewer {
                 Ok(pem) => match cert_facts(&pem) {
                     Ok(cert) => {
                         let step = next_step(now, &cert, self.after, &self.memory);
+                        // A refusal concerns the certificate it was made with: once another is
+                        // on disk (registered again, renewed by `renew`), it no longer holds.
+                        let refused_this = self.memory.failure.as_ref().is_some_and(|f| f.serial == cert.serial);
                         self.update(|s| {
                             s.not_after = Some(cert.not_after);
                             s.renew_at = Some(renew_at(&cert, self.after));
+                            s.refused &= refused_this;
                         });
                         match step {
                             Step::Renew => {

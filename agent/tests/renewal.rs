@@ -10,7 +10,8 @@
 //!   that revoked the earlier ones;
 //! - a superseded certificate (a copy of the credentials after the agent renewed) is
 //!   refused with `CertificateSuperseded`: `renew` exits 1 with the reason, `run` logs
-//!   it, counts it in /metrics and replicates on with the certificate it has.
+//!   it, counts it in /metrics and replicates on with the certificate it has, and renews
+//!   once current credentials appear on disk.
 //!
 //! Certificates from the operator are backdated five minutes and valid 30 days, so the
 //! background renewal is brought forward with `SR_AGENT_RENEW_AFTER` (tests only).
@@ -454,6 +455,19 @@ async fn a_refused_renewal_leaves_the_agent_replicating_with_its_certificate() -
         "the certificate in use: {m}"
     );
     assert_eq!(w.credentials(&copy), held, "the old credentials are kept");
+
+    // Fresh credentials appear on disk (as registering again writes them): the refusal
+    // no longer holds, and they renew.
+    for name in ["tls.crt", "tls.key", "ca.crt", "token"] {
+        std::fs::copy(etc.join(name), copy.join(name))?;
+    }
+    let m = wait_metrics(metrics, &log, "a renewal with the new credentials", |m| {
+        count(m, "siterecovery_agent_certificate_renewals_total") == 1
+    })
+    .await?;
+    assert_eq!(count(&m, "siterecovery_agent_certificate_renewal_refused"), 0, "{m}");
+    assert_eq!(count(&m, superseded), 1, "{m}");
+    assert_ne!(w.read(&copy, "tls.crt"), w.read(etc, "tls.crt"), "renewed in place");
 
     agent.kill().await?;
     let log = std::fs::read_to_string(&log)?;
