@@ -449,6 +449,19 @@ pub fn write_bundle(
     Ok(config)
 }
 
+/// Checks that every credential file can be replaced (a temporary file can be created
+/// beside it), before asking for new credentials: renewing into a read-only mount would
+/// only supersede the certificate in use.
+pub fn check_writable(files: &CredentialFiles) -> Result<(), RegisterError> {
+    let paths =
+        [Some(&files.ca), files.api_server_ca.as_ref(), files.token.as_ref(), Some(&files.key), Some(&files.cert)];
+    for path in paths.into_iter().flatten() {
+        let probe = stage(path, b"", 0o600)?;
+        let _ = std::fs::remove_file(&probe.tmp);
+    }
+    Ok(())
+}
+
 /// A file written and flushed beside its destination, not yet renamed into place.
 struct Staged {
     tmp: PathBuf,

@@ -187,7 +187,8 @@ pub fn store(config: &AgentConfig, bundle: &Bundle) -> Result<(), RegisterError>
     register::write_credentials(&CredentialFiles::of(config), bundle)
 }
 
-/// `POST /renew` with the credentials `config` names; writes nothing.
+/// `POST /renew` with the credentials `config` names, once it is sure it can replace
+/// them; writes nothing.
 pub async fn request(config: &AgentConfig, url: Option<&str>) -> Result<Bundle, RegisterError> {
     let url = url.or(config.registration_url.as_deref()).ok_or_else(|| {
         RegisterError::Local(
@@ -200,6 +201,7 @@ pub async fn request(config: &AgentConfig, url: Option<&str>) -> Result<Bundle, 
         std::fs::read_to_string(p).map_err(|e| RegisterError::Local(format!("reading {}: {e}", p.display())))
     };
     let (ca, cert, key) = (read(&config.ca_bundle)?, read(&config.client_cert)?, read(&config.client_key)?);
+    register::check_writable(&CredentialFiles::of(config))?;
     let bundle = register::renew(url, &ca, Identity { cert_pem: &cert, key_pem: &key }).await?;
     if (bundle.namespace.as_str(), bundle.name.as_str()) != (config.namespace.as_str(), config.server.as_str()) {
         return Err(RegisterError::Exchange(format!(

@@ -137,3 +137,29 @@ fn validity_and_serial_are_read_from_the_certificate() {
     assert_eq!(renew_at(&facts, None), "2026-11-16T00:00:00Z".parse::<Timestamp>().unwrap());
     assert!(cert_facts("not a certificate").is_err());
 }
+
+#[tokio::test]
+async fn nothing_is_asked_for_that_could_not_be_kept() {
+    // The token's directory does not exist (a read-only mount fails the same way): the
+    // endpoint is never contacted, so the certificate in use is not superseded.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["db-01".to_owned()]).unwrap().self_signed(&key).unwrap();
+    for (name, pem) in [("tls.crt", cert.pem()), ("ca.crt", cert.pem()), ("tls.key", key.serialize_pem())] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let config: crate::AgentConfig = serde_json::from_value(serde_json::json!({
+        "namespace": "prod", "server": "db-01", "disks": [], "processServer": "localhost:9443",
+        "clientCert": dir.path().join("tls.crt"), "clientKey": dir.path().join("tls.key"),
+        "caBundle": dir.path().join("ca.crt"),
+        "kube": {"apiServer": "https://127.0.0.1:1", "token": dir.path().join("gone/token")},
+        "registrationUrl": "https://127.0.0.1:1",
+    }))
+    .unwrap();
+    match renew(&config, None).await {
+        Err(RegisterError::Local(m)) => assert!(m.contains("gone/token"), "{m}"),
+        other => panic!("expected a local error before any exchange: {other:?}"),
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
+}
