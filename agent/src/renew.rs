@@ -228,8 +228,13 @@ impl Renewer {
     /// A renewer for the credentials `config` names, reporting into `status`; reads
     /// [`RENEW_AFTER_ENV`].
     pub fn new(config: AgentConfig, status: Arc<Mutex<RenewalStatus>>) -> Self {
-        let after = std::env::var(RENEW_AFTER_ENV).ok().and_then(|v| v.trim().parse::<f64>().ok());
-        let after = after.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64);
+        let after = std::env::var(RENEW_AFTER_ENV).ok().and_then(|v| {
+            let seconds = v.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0);
+            if seconds.is_none() {
+                tracing::warn!(value = %v, "{RENEW_AFTER_ENV} is not a number of seconds; ignored");
+            }
+            seconds.map(Duration::from_secs_f64)
+        });
         if let Some(a) = after {
             tracing::warn!(after = ?a, "{RENEW_AFTER_ENV} is set: renewing that long after notBefore (tests only)");
         }
@@ -273,12 +278,14 @@ impl Renewer {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(file = %self.config.client_cert.display(), error = %e, "cannot read the client certificate's validity");
+                        let file = self.config.client_cert.display();
+                        tracing::warn!(%file, error = %e, "cannot read the client certificate's validity");
                         now
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(file = %self.config.client_cert.display(), error = %e, "cannot read the client certificate");
+                    let file = self.config.client_cert.display();
+                    tracing::warn!(%file, error = %e, "cannot read the client certificate");
                     now
                 }
             };
@@ -380,7 +387,7 @@ impl ClientTls {
                     self.loaded = now;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "the credential files changed but do not load; keeping the last good ones")
+                    tracing::warn!(error = %e, "credential files changed but do not load; keeping the last good ones")
                 }
             },
             Ok(_) => {}
