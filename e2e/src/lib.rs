@@ -4,6 +4,7 @@
 //! `crds/`, and each work in a namespace of their own that is deleted afterwards, so
 //! test binaries and the tests inside them can run in parallel.
 
+pub mod entra;
 pub mod fixtures;
 pub mod lifecycle;
 pub mod operator;

@@ -144,6 +144,18 @@ impl OperatorProcess {
     /// named after the namespace, so ClusterRoles of parallel tests do not collide) and
     /// starts `binary` with that identity, watching only `watch_ns`.
     pub async fn start(client: &Client, binary: &Path, operator_ns: &str, watch_ns: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(client, binary, operator_ns, watch_ns, &[]).await
+    }
+
+    /// As [`Self::start`], with extra environment variables (e.g. what the workload-identity
+    /// webhook injects, from [`crate::entra::OauthStorage::pod_env`]).
+    pub async fn start_with_env(
+        client: &Client,
+        binary: &Path,
+        operator_ns: &str,
+        watch_ns: &str,
+        env: &[(String, std::ffi::OsString)],
+    ) -> anyhow::Result<Self> {
         let account = install_chart_rbac(client, operator_ns).await?;
         let token = service_account_token(client, operator_ns, &account).await?;
         let dir = TempDir::new("operator")?;
@@ -163,6 +175,7 @@ impl OperatorProcess {
             .env("SR_PROCESS_SERVER_CLUSTER_ROLE", format!("{operator_ns}-process-server"))
             .env("SR_LOG_FORMAT", "text")
             .env("RUST_LOG", "info,siterecovery_operator=debug,kube=warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(std::fs::File::create(&log)?))
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log)?))
             .spawn()
@@ -254,11 +267,20 @@ pub struct OperatorTest {
 impl OperatorTest {
     /// Sets everything up; namespaces are named `sr-op-<prefix>-…` and `sr-<prefix>-…`.
     pub async fn start(binary: &Path, prefix: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(binary, prefix, &[]).await
+    }
+
+    /// As [`Self::start`], the operator with extra environment variables.
+    pub async fn start_with_env(
+        binary: &Path,
+        prefix: &str,
+        env: &[(String, std::ffi::OsString)],
+    ) -> anyhow::Result<Self> {
         let admin = crate::client().await?;
         crate::install_crds(&admin).await?;
         let op_ns = crate::TestNamespace::create(&admin, &format!("op-{prefix}")).await?;
         let ns = crate::TestNamespace::create(&admin, prefix).await?;
-        let operator = OperatorProcess::start(&admin, binary, &op_ns.name, &ns.name).await?;
+        let operator = OperatorProcess::start_with_env(&admin, binary, &op_ns.name, &ns.name, env).await?;
         Ok(Self { admin, operator, ns, op_ns })
     }
 
