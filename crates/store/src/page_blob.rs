@@ -1,9 +1,10 @@
 //! Restore to Azure: materialise a disk of a recovery point as a fixed-VHD page blob in
 //! the store's own container, which is what an Azure managed disk is imported from
-//! (`docs/storage-format.md`, "Recovered disks"). Only chunks holding data are uploaded
-//! (page blobs are sparse: pages never written read as zeros and are not billed), several
-//! at a time; every chunk is verified before a byte of it is written, and the footer goes
-//! last, so a blob that has one is a complete image.
+//! (`docs/storage-format.md`, "Recovered disks"). Only data is uploaded: zero chunks are
+//! skipped, and so is every all-zero 64 KiB block of a data chunk (page blobs are sparse:
+//! pages never written read as zeros and are not billed); several chunks at a time.
+//! Every chunk is verified before a byte of it is written, and the footer goes last, so
+//! a blob that has one is a complete image.
 
 use std::ops::Range;
 
@@ -23,8 +24,11 @@ use crate::vhd::{FOOTER_LEN, MAX_PAGE_BLOB, fixed_footer, vhd_data_size};
 
 /// Page blobs are written in whole 512-byte pages.
 const PAGE: usize = 512;
-/// Largest body one Put Page accepts.
+/// Largest body one Put Page accepts (a multiple of [`ZERO_BLOCK`]).
 const MAX_PUT_PAGE: usize = 4 * 1024 * 1024;
+/// Granularity at which zeros inside a data chunk are left unwritten: fine enough to keep
+/// a partly used chunk sparse, coarse enough not to split writes into tiny requests.
+const ZERO_BLOCK: usize = 64 * 1024;
 
 /// Why a disk is recovered: the two never share blobs, so cleaning up a test failover
 /// cannot touch the disks of a real one.
@@ -284,24 +288,30 @@ impl Store {
     }
 }
 
-/// Writes `data` (a whole number of pages) at `offset`, in Put Page calls of at most
-/// 4 MiB; all-zero pieces are skipped (they read as zeros already). Returns bytes written.
+/// Writes `data` (a whole number of pages) at `offset`, skipping every all-zero 64 KiB
+/// block (it reads as zeros already and is not billed): the runs of non-zero blocks go up
+/// in Put Page calls of at most 4 MiB. Returns the bytes written.
 async fn put_pages(pages: &PageBlobClient, blob: &str, offset: u64, data: Bytes) -> Result<u64> {
+    let block_end = |at: usize| (at + ZERO_BLOCK).min(data.len());
     let mut written = 0;
     let mut at = 0;
     while at < data.len() {
-        let piece = data.slice(at..(at + MAX_PUT_PAGE).min(data.len()));
-        let start = offset + at as u64;
-        at += piece.len();
-        if is_zero(&piece) {
+        if is_zero(&data[at..block_end(at)]) {
+            at = block_end(at);
             continue;
         }
-        let n = piece.len() as u64;
+        let start = at;
+        let mut end = block_end(at);
+        while end < data.len() && end - start < MAX_PUT_PAGE && !is_zero(&data[end..block_end(end)]) {
+            end = block_end(end);
+        }
+        let n = (end - start) as u64;
         pages
-            .upload_pages(piece.into(), n, HttpRange::new(start, n), None)
+            .upload_pages(data.slice(start..end).into(), n, HttpRange::new(offset + start as u64, n), None)
             .await
             .map_err(|e| failed("write pages", blob, &e))?;
         written += n;
+        at = end;
     }
     Ok(written)
 }
