@@ -14,6 +14,9 @@ use crate::disk::Disk;
 use crate::link::Link;
 use crate::{Agent, SessionError, err};
 
+/// How long the agent tries to reach an instant for a round (the process server waits
+/// 30 s for every member).
+const READY_BUDGET: Duration = Duration::from_secs(20);
 /// Longest the agent waits for the process server's decision once ready.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -44,15 +47,21 @@ impl Agent {
     ) -> Result<GroupOutcome, SessionError> {
         let round = prepare.round;
         let mut held = None;
-        let mut at = self.precopy(link, disks, sizes, chunk_size, sent, &|| false).await?;
-        if at.is_none() {
-            (at, held) = self.converge_holding(link, disks, sizes, chunk_size, sent).await?;
+        // Unlike an interval's own point, a round has one chance: keep pre-copying (a
+        // freeze after each unquiet attempt) until a quiet look or the time is up.
+        let began = tokio::time::Instant::now();
+        let mut at = None;
+        while at.is_none() && began.elapsed() < READY_BUDGET {
+            at = self.precopy(link, disks, sizes, chunk_size, sent, &|| false).await?;
+            if at.is_none() {
+                (at, held) = self.converge_holding(link, disks, sizes, chunk_size, sent).await?;
+            }
         }
         // Ready only once the process server holds the instant durably.
         let drained = link.drain().await.map_err(err);
         let reason = match (&at, &drained) {
             (_, Err(e)) => Some(e.to_string()),
-            (None, _) => Some(format!("writes never paused in {} passes", self.config.max_passes)),
+            (None, _) => Some(format!("writes never paused in {} s", READY_BUDGET.as_secs())),
             _ => None,
         };
         let ready = GroupReady { round, ready: reason.is_none(), reason: reason.clone() };

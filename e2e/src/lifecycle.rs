@@ -102,6 +102,11 @@ impl World {
     /// and the named servers with two disks each (an odd-sized full one, `os`, and a
     /// sparse one, `data`), waits for their assignment and starts their agents.
     pub async fn start(prefix: &str, names: &[&str]) -> anyhow::Result<Self> {
+        Self::start_grouped(prefix, names, None).await
+    }
+
+    /// [`World::start`], the servers sharing the consistency group `group` when given.
+    pub async fn start_grouped(prefix: &str, names: &[&str], group: Option<&str>) -> anyhow::Result<Self> {
         let t = OperatorTest::start(&binary("siterecovery-operator")?, prefix).await?;
         let ns = t.ns.name.clone();
         let runner = PodRunner::start(
@@ -117,12 +122,12 @@ impl World {
         )?;
         let dir = TempDir::new(prefix)?;
         let mut world = Self { t, runner, dir, servers: Vec::new(), agents: Vec::new(), port: 0 };
-        let r = world.setup(names).await;
+        let r = world.setup(names, group).await;
         world.explain(r)?;
         Ok(world)
     }
 
-    async fn setup(&mut self, names: &[&str]) -> anyhow::Result<()> {
+    async fn setup(&mut self, names: &[&str], group: Option<&str>) -> anyhow::Result<()> {
         let ns = self.t.ns.name.clone();
         let pp = PostParams::default();
         Api::<Secret>::namespaced(self.t.admin.clone(), &ns).create(&pp, &fixtures::sas_secret()).await?;
@@ -135,6 +140,7 @@ impl World {
             std::fs::File::create(&data)?.set_len(24 * MIB)?;
             write_pattern(&data, 9 * MIB + 7, 100_000, seed + 10)?;
             let mut s = fixtures::server(name);
+            s.spec.consistency_group = group.map(str::to_owned);
             s.spec.disks =
                 serde_json::from_value(serde_json::json!([{"id": "os", "path": os}, {"id": "data", "path": data}]))?;
             s.spec.failover_target =
