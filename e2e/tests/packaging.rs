@@ -312,8 +312,10 @@ fn agent_daemonset_runs_with_tracking_capabilities_not_privileged() -> anyhow::R
     assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(security["capabilities"]["add"], serde_json::json!(["BPF", "PERFMON", "SYS_RESOURCE"]));
     assert_eq!(pod["automountServiceAccountToken"], false);
+    // Only the node's agent directory is writable: the agent renews its credentials there.
     for mount in container["volumeMounts"].as_array().context("volume mounts")? {
-        assert_eq!(mount["readOnly"], true, "{mount} is writable");
+        let writable = mount["mountPath"] == "/etc/siterecovery";
+        assert_eq!(mount["readOnly"], !writable, "{mount}");
     }
     let paths: Vec<_> =
         pod["volumes"].as_array().context("volumes")?.iter().map(|v| v["hostPath"]["path"].clone()).collect();
@@ -324,6 +326,7 @@ fn agent_daemonset_runs_with_tracking_capabilities_not_privileged() -> anyhow::R
     let docs = render_chart("sr", "siterecovery-system", &secret)?;
     let pod = &of_kind(&docs, "DaemonSet")[0]["spec"]["template"]["spec"];
     assert_eq!(pod["volumes"][0]["secret"]["secretName"], "node-1-agent");
+    assert_eq!(pod["containers"][0]["volumeMounts"][0]["readOnly"], true, "a Secret mount is read-only");
     assert_eq!(pod["containers"][0]["securityContext"]["privileged"], true);
     Ok(())
 }
