@@ -134,12 +134,16 @@ impl AzureEnvironment {
     }
 }
 
+/// A cached credential and its version (a hash of the client secret; empty for workload
+/// identity), keyed by identity.
+type Versioned = (String, Arc<dyn TokenCredential>);
+
 /// Builds blob backends for any [`BlobAuth`], sharing one HTTP client and one token
 /// credential per identity across them.
 pub struct AzureConnector {
     env: AzureEnvironment,
     transport: Option<Transport>,
-    credentials: Mutex<HashMap<String, Arc<dyn TokenCredential>>>,
+    credentials: Mutex<HashMap<String, Versioned>>,
 }
 
 impl std::fmt::Debug for AzureConnector {
@@ -201,23 +205,27 @@ impl AzureConnector {
     }
 
     /// The token credential for `auth` (none for a SAS), created on first use and then
-    /// reused, so its cached token is too.
+    /// reused, so its cached token is too. A rotated client secret replaces the identity's
+    /// credential rather than adding one.
     pub fn credential(&self, auth: &BlobAuth) -> Result<Arc<dyn TokenCredential>, String> {
-        let key = match auth {
+        let (identity, version) = match auth {
             BlobAuth::Sas(_) => return Err("a SAS is not a token credential".into()),
             BlobAuth::ServicePrincipal { tenant_id, client_id, client_secret } => {
-                // The secret is part of the identity (a rotated secret gets a new
-                // credential) but is kept only as a hash.
-                format!("sp/{tenant_id}/{client_id}/{}", blake3::hash(client_secret.as_bytes()).to_hex())
+                // The secret is kept only as a hash, to notice a rotation.
+                (format!("sp/{tenant_id}/{client_id}"), blake3::hash(client_secret.as_bytes()).to_hex().to_string())
             }
-            BlobAuth::WorkloadIdentity { tenant_id, client_id } => format!("wi/{tenant_id}/{client_id}"),
+            BlobAuth::WorkloadIdentity { tenant_id, client_id } => {
+                (format!("wi/{tenant_id}/{client_id}"), String::new())
+            }
         };
         let mut cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&key) {
+        if let Some((v, c)) = cache.get(&identity)
+            && *v == version
+        {
             return Ok(c.clone());
         }
         let credential = self.new_credential(auth)?;
-        cache.insert(key, credential.clone());
+        cache.insert(identity, (version, credential.clone()));
         Ok(credential)
     }
 
@@ -345,5 +353,6 @@ mod tests {
         let c = connector.credential(&sp("s2")).unwrap();
         assert!(Arc::ptr_eq(&a, &b), "the same identity reuses its credential and token cache");
         assert!(!Arc::ptr_eq(&a, &c), "a rotated secret gets a new credential");
+        assert_eq!(connector.credentials.lock().unwrap().len(), 1, "which replaces the old one");
     }
 }
