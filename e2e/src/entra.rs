@@ -304,16 +304,17 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<(String, HashMa
 /// Everything together: the CA, HTTPS Azurite, the Entra stand-in, and a projected
 /// ServiceAccount token file as the AKS webhook mounts it.
 pub struct OauthStorage {
-    /// Scratch directory (certificates, Azurite's state, the token file).
-    pub dir: TempDir,
+    /// Azurite (declared before `dir`: fields drop in order, and stopping it needs the pid
+    /// file in `dir`).
+    pub azurite: HttpsAzurite,
     /// The test CA.
     pub pki: Pki,
-    /// Azurite.
-    pub azurite: HttpsAzurite,
     /// The Entra stand-in.
     pub entra: Entra,
     /// The projected token (`AZURE_FEDERATED_TOKEN_FILE`).
     pub token_file: PathBuf,
+    /// Scratch directory (certificates, Azurite's state, the token file); removed last.
+    pub dir: TempDir,
 }
 
 impl OauthStorage {
@@ -329,7 +330,7 @@ impl OauthStorage {
         let token_file = dir.0.join("azure-identity-token");
         std::fs::write(&token_file, &sa_token)?;
         let entra = Entra::start(&pki, &sa_token).await?;
-        Ok(Self { dir, pki, azurite, entra, token_file })
+        Ok(Self { azurite, pki, entra, token_file, dir })
     }
 
     /// The environment a pod with workload identity has, trusting the test CA.
