@@ -6,7 +6,13 @@
 # (cached in target/bench/dataplane-cache), starts a private in-memory Azurite, runs
 # target/release/dataplane and always stops Azurite. Results: target/bench/results.json.
 #
+# As root it also sets up the block-device phase: a loop device over a fresh image
+# (BENCH_BLOCKDEV_SIZE, default 1G) holding an ext4 mounted under target/bench/blockdev,
+# which the agent protects with eBPF tracking and its convergence freeze; the filesystem
+# is unmounted and the loop device detached on the way out, whatever happened.
+#
 # Environment: BENCH_RPO_SECONDS (default 120), BENCH_RPO_RATE_MB (20),
+# BENCH_DP_PHASES (image,blockdev: either or both),
 # BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
 # commit whose agent and process server to measure instead of the working tree's (built
 # from `git archive` into target/bench/, so work in progress in the tree stays out of
@@ -100,8 +106,27 @@ mkdir -p target/bench
 setsid "$azurite_bin" --blobHost 127.0.0.1 --blobPort "$port" --inMemoryPersistence \
   --disableTelemetry --skipApiVersionCheck --loose >target/bench/dataplane-azurite.log 2>&1 </dev/null &
 azurite_pid=$!
-# shellcheck disable=SC2064  # expand now: fixed for this run
-trap "kill -- -$azurite_pid 2>/dev/null || kill $azurite_pid 2>/dev/null || true" EXIT
+blk_image= blk_mnt=
+# The block device, if any, goes first: a frozen or mounted filesystem must not outlive
+# the run (thaw in case an agent died holding a freeze).
+blockdev_down() {
+  [ -n "$blk_image" ] || return 0
+  if mountpoint -q "$blk_mnt"; then
+    fsfreeze -u "$blk_mnt" 2>/dev/null || true
+    umount "$blk_mnt" 2>/dev/null || { sleep 2; umount "$blk_mnt"; } || umount -l "$blk_mnt" || true
+  fi
+  local dev
+  for dev in $(losetup -n -O NAME -j "$blk_image" 2>/dev/null); do
+    losetup -d "$dev" || true
+  done
+  rm -f "$blk_image"
+}
+cleanup() {
+  blockdev_down
+  kill -- "-$azurite_pid" 2>/dev/null || kill "$azurite_pid" 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
 endpoint="http://127.0.0.1:$port/devstoreaccount1"
 for _ in $(seq 1 100); do
   curl -s -o /dev/null --max-time 2 "$endpoint?comp=list" && break
@@ -110,6 +135,28 @@ for _ in $(seq 1 100); do
 done
 log "Azurite (in memory) on $endpoint"
 
+# --- the block device: loop device + mounted ext4 (root only) ---------------------------
+phases=${BENCH_DP_PHASES:-image,blockdev}
+blk_args=()
+if [[ ",$phases," == *",blockdev,"* ]]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "block-device phase skipped: it needs root (loop device, mount, eBPF, fsfreeze)"
+  else
+    blk_dir=$PWD/target/bench/blockdev
+    blk_image=$blk_dir/fs.img blk_mnt=$blk_dir/mnt
+    blockdev_down # leftovers of an interrupted run
+    mkdir -p "$blk_mnt"
+    truncate -s "${BENCH_BLOCKDEV_SIZE:-1G}" "$blk_image"
+    # Inode tables and journal initialised now, so no lazy-init thread writes to the device
+    # while the benchmark measures.
+    mkfs.ext4 -q -F -L srbench -E lazy_itable_init=0,lazy_journal_init=0 "$blk_image"
+    loopdev=$(losetup --find --show "$blk_image")
+    mount "$loopdev" "$blk_mnt"
+    log "block device $loopdev ($(blockdev --getsize64 "$loopdev") bytes), ext4 mounted on $blk_mnt"
+    blk_args=(--blockdev "$loopdev" --blockdev-mount "$blk_mnt")
+  fi
+fi
+
 target/release/dataplane --image "$image" --azurite "$endpoint" --rclone "$rclone" \
   --agent-bin "$agent_bin" --ps-bin "$ps_bin" \
-  --azurite-pid "$azurite_pid" --source "$source" "$@"
+  --azurite-pid "$azurite_pid" --source "$source" --phases "$phases" "${blk_args[@]}" "$@"

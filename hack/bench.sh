@@ -5,7 +5,7 @@
 #      the operator-scale benchmark against it, and always stops it. Arguments go to that
 #      binary (`make bench BENCH_ARGS="--servers 200"`).
 #   2. data plane: hack/bench-dataplane.sh (agent and process server against restic and
-#      rsync, with its own Azurite).
+#      rsync, with its own Azurite; as root also the RPO on a loop device with eBPF).
 # SR_BENCH=operator or SR_BENCH=dataplane runs only one. Results land in target/bench/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

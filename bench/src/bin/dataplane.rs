@@ -4,13 +4,17 @@
 //! server → Azurite vs `restic backup` through rclone to the same Azurite), an incremental
 //! after 1% churn (vs restic and `rsync --inplace --no-whole-file`), restore (vs `restic
 //! restore`), RPO under sustained random writes, and the resources of agent and process
-//! server. Prints a table and writes `target/bench/results.json`; asserts nothing.
+//! server. With `--blockdev` (root: the script sets up a loop device with a mounted ext4),
+//! also the RPO on that block device with eBPF tracking and the convergence freeze
+//! (`blockdev_*`, `rpo_blockdev_*`; the image file's RPO rows are `rpo_imagefile_*`).
+//! Prints a table and writes `target/bench/results.json`; asserts nothing.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
+use siterecovery_bench::dataplane::blockdev;
 use siterecovery_bench::dataplane::compare::{Cmp, Judge, Ratio, json as results_json, table};
 use siterecovery_bench::dataplane::peers::{Restic, version};
 use siterecovery_bench::dataplane::phases::{self, percentile, report};
@@ -69,20 +73,37 @@ struct Args {
     /// Chunk size of the targets file (default: the product's).
     #[arg(long)]
     chunk_size: Option<u32>,
+    /// Which phases to run: `image` (initial, incremental, restore and RPO on the image
+    /// file, against the peers) and `blockdev` (RPO on a loop device with eBPF).
+    #[arg(long, env = "BENCH_DP_PHASES", value_delimiter = ',', default_value = "image,blockdev")]
+    phases: Vec<String>,
+    /// Loop device holding a mounted ext4, for the `blockdev` phase (hack/bench-dataplane.sh
+    /// sets one up as root); without it that phase is reported as not measured.
+    #[arg(long, requires = "blockdev_mount")]
+    blockdev: Option<PathBuf>,
+    /// Where the loop device's ext4 is mounted.
+    #[arg(long)]
+    blockdev_mount: Option<PathBuf>,
+    /// Files the `blockdev` phase writes into, and their size in MiB.
+    #[arg(long, default_value_t = 8)]
+    blockdev_files: usize,
+    /// See `--blockdev-files`.
+    #[arg(long, default_value_t = 48)]
+    blockdev_file_mib: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    for p in &args.phases {
+        anyhow::ensure!(matches!(p.as_str(), "image" | "blockdev"), "unknown phase {p:?} (image, blockdev)");
+    }
     let load_before = load_average();
     let work = std::path::absolute(&args.work)?;
     if work.exists() {
         std::fs::remove_dir_all(&work)?;
     }
     std::fs::create_dir_all(&work)?;
-    let disk = work.join("disk.img");
-    std::fs::copy(&args.image, &disk)?;
-    let size_mib = std::fs::metadata(&disk)?.len() as f64 / MIB;
     let stamp = jiff::Timestamp::now().as_second();
     let paths = RigPaths {
         work: work.clone(),
@@ -91,7 +112,64 @@ async fn main() -> anyhow::Result<()> {
         azurite: args.azurite.clone(),
         interval_s: args.interval,
         chunk_size: args.chunk_size,
+        disk: work.join("disk.img"),
+        agent_extra: serde_json::Value::Null,
     };
+    let (mut rows, image) = if args.phases.iter().any(|p| p == "image") {
+        image_phases(&args, paths.clone(), stamp).await?
+    } else {
+        (Vec::new(), serde_json::Value::Null)
+    };
+
+    let setup = match (&args.blockdev, &args.blockdev_mount) {
+        (Some(device), Some(mount)) if args.phases.iter().any(|p| p == "blockdev") => Some(blockdev::Setup {
+            device: device.clone(),
+            mount: std::path::absolute(mount)?,
+            files: args.blockdev_files,
+            file_mib: args.blockdev_file_mib,
+            seconds: args.rpo_seconds,
+            rate: args.rpo_rate_mb * 1e6,
+            timeout: Duration::from_secs(args.phase_timeout),
+        }),
+        _ => {
+            if args.phases.iter().any(|p| p == "blockdev") {
+                eprintln!(
+                    "[dataplane] block device phase skipped: no --blockdev (it needs root; see hack/bench-dataplane.sh)"
+                );
+            }
+            None
+        }
+    };
+    let blk = match &setup {
+        Some(s) => report("block device", blockdev::run(&paths, &format!("sr-bench-{stamp}-blk"), s).await),
+        None => None,
+    };
+    rows.extend(blockdev::rows(blk.as_ref()));
+
+    let context = json!({
+        "date": jiff::Timestamp::now().to_string(),
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "source": args.source.clone().unwrap_or_else(git_describe),
+        "phases": args.phases,
+        "chunk_size": args.chunk_size.unwrap_or(siterecovery_store::DEFAULT_CHUNK_SIZE),
+        "interval_seconds": args.interval,
+        "image_file": image,
+        "blockdev": blockdev::context(setup.as_ref(), blk.as_ref()),
+    });
+    print!("{}", table(&rows));
+    write_json(&args.out, &results_json("dataplane", context, &rows))?;
+    eprintln!("[dataplane] results written to {}", args.out.display());
+    Ok(())
+}
+
+/// The phases on the image file, against restic and rsync: their rows and context.
+async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Result<(Vec<Cmp>, serde_json::Value)> {
+    let work = paths.work.clone();
+    let disk = paths.disk.clone();
+    std::fs::copy(&args.image, &disk)?;
+    let size_mib = std::fs::metadata(&disk)?.len() as f64 / MIB;
     let mut rig = Rig::start(paths, &format!("sr-bench-{stamp}")).await?;
     let restic = Restic::new(&args.rclone, &args.azurite, &format!("restic-bench-{stamp}"), &work);
     restic.init()?;
@@ -126,7 +204,10 @@ async fn main() -> anyhow::Result<()> {
         report("restore", phases::restore(&rig, &restic, ours_source, restic_source).await).unwrap_or_default();
     eprintln!("[dataplane] RPO: {} MB/s of random writes for {} s", args.rpo_rate_mb, args.rpo_seconds);
     let rpo = match agent.as_mut() {
-        Some(a) => report("rpo", phases::rpo(&mut rig, a, args.rpo_seconds, args.rpo_rate_mb * 1e6).await),
+        Some(a) => report(
+            "rpo",
+            phases::rpo(&mut rig, a, std::slice::from_ref(&disk), args.rpo_seconds, args.rpo_rate_mb * 1e6).await,
+        ),
         None => None,
     };
     let agent_final = match agent {
@@ -230,17 +311,19 @@ async fn main() -> anyhow::Result<()> {
 
     let rp = rpo.as_ref();
     rows.push(
-        Cmp::ours("rpo_p99", "s", rp.and_then(|r| percentile(&r.acked, 99.0))).goal(Judge::Ours(Goal::AtMost(10.0))),
+        Cmp::ours("rpo_imagefile_p99", "s", rp.and_then(|r| percentile(&r.acked, 99.0)))
+            .goal(Judge::Ours(Goal::AtMost(10.0))),
     );
-    rows.push(Cmp::ours("rpo_p50", "s", rp.and_then(|r| percentile(&r.acked, 50.0))));
-    rows.push(Cmp::ours("rpo_max", "s", rp.and_then(|r| percentile(&r.acked, 100.0))));
-    rows.push(Cmp::ours("rpo_stored_p99", "s", rp.and_then(|r| percentile(&r.stored, 99.0))));
-    rows.push(Cmp::ours("rpo_points_during_writes", "points", rp.map(|r| r.points as f64)));
-    rows.push(Cmp::ours("rpo_write_rate", "MiB/s", rp.map(|r| r.written_mib_s)));
-    rows.push(Cmp::ours("rpo_catch_up_after_writes", "s", rp.and_then(|r| r.catch_up_s)));
-    rows.push(Cmp::ours("rpo_max_ps_backlog", "MiB", rp.map(|r| r.max_backlog_mib)));
-    rows.push(Cmp::ours("rpo_cpu_agent", "s", rp.map(|r| r.agent.cpu_s)));
-    rows.push(Cmp::ours("rpo_sessions_failed", "sessions", rp.map(|r| r.sessions_failed as f64)));
+    rows.push(Cmp::ours("rpo_imagefile_p50", "s", rp.and_then(|r| percentile(&r.acked, 50.0))));
+    rows.push(Cmp::ours("rpo_imagefile_max", "s", rp.and_then(|r| percentile(&r.acked, 100.0))));
+    rows.push(Cmp::ours("rpo_imagefile_stored_p99", "s", rp.and_then(|r| percentile(&r.stored, 99.0))));
+    rows.push(Cmp::ours("rpo_imagefile_points_during_writes", "points", rp.map(|r| r.points as f64)));
+    rows.push(Cmp::ours("rpo_imagefile_write_rate", "MiB/s", rp.map(|r| r.written_mib_s)));
+    rows.push(Cmp::ours("rpo_imagefile_catch_up_after_writes", "s", rp.and_then(|r| r.catch_up_s)));
+    rows.push(Cmp::ours("rpo_imagefile_max_ps_backlog", "MiB", rp.map(|r| r.max_backlog_mib)));
+    rows.push(Cmp::ours("rpo_imagefile_cpu_agent", "s", rp.map(|r| r.agent.cpu_s)));
+    rows.push(Cmp::ours("rpo_imagefile_cpu_ps", "s", rp.map(|r| r.ps.cpu_s)));
+    rows.push(Cmp::ours("rpo_imagefile_sessions_failed", "sessions", rp.map(|r| r.sessions_failed as f64)));
 
     let agent_peak = agent_final.map(|u| u.peak_rss_mib);
     rows.push(Cmp::ours("agent_peak_rss", "MiB", agent_peak));
@@ -249,16 +332,9 @@ async fn main() -> anyhow::Result<()> {
     rows.push(Cmp::ours("ps_cpu_total", "s", Some(ps_final.cpu_s)));
 
     let context = json!({
-        "date": jiff::Timestamp::now().to_string(),
-        "machine": machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "source": args.source.clone().unwrap_or_else(git_describe),
         "image": {"path": args.image, "size_mib": size_mib},
         "churn": {"percent": args.churn_percent, "blocks_64k": inc.churn.blocks, "bytes": inc.churn.bytes,
                   "zstd3_bytes": inc.churn.zstd_bytes, "regions_4mib_touched": inc.churn.regions_4mib},
-        "chunk_size": args.chunk_size.unwrap_or(siterecovery_store::DEFAULT_CHUNK_SIZE),
-        "interval_seconds": args.interval,
         "rpo": {"seconds": args.rpo_seconds, "rate_mb_s": args.rpo_rate_mb,
                 "acked_samples": rp.map(|r| r.acked.clone()), "stored_samples": rp.map(|r| r.stored.clone())},
         "versions": {
@@ -268,10 +344,7 @@ async fn main() -> anyhow::Result<()> {
         },
         "logs": {"work": work, "process_server": ps_log},
     });
-    print!("{}", table(&rows));
-    write_json(&args.out, &results_json("dataplane", context, &rows))?;
-    eprintln!("[dataplane] results written to {}", args.out.display());
-    Ok(())
+    Ok((rows, context))
 }
 
 /// Cores, memory and CPU model.

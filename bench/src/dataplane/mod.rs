@@ -1,6 +1,7 @@
 //! The data-plane benchmark (`dataplane` binary): our agent and process server against
 //! restic and rsync on the same ext4 image, in the same run (docs/benchmarks.md).
 
+pub mod blockdev;
 pub mod compare;
 pub mod peers;
 pub mod phases;

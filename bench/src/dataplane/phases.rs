@@ -269,23 +269,27 @@ pub struct Rpo {
     pub written_mib_s: f64,
     /// Seconds from the end of the writes until a point taken after it was acknowledged.
     pub catch_up_s: Option<f64>,
-    /// Agent resources.
+    /// Agent resources (CPU during the phase, peak RSS so far).
     pub agent: Usage,
+    /// Process-server resources (CPU during the phase, peak RSS so far).
+    pub ps: Usage,
     /// Largest process-server backlog seen, MiB.
     pub max_backlog_mib: f64,
     /// Replication sessions that ended in an error.
     pub sessions_failed: usize,
 }
 
-/// With the agent running, writes `rate` bytes/s at random for `seconds` while sampling
-/// the RPO every second.
-pub async fn rpo(rig: &mut Rig, agent: &mut Proc, seconds: u64, rate: f64) -> anyhow::Result<Rpo> {
+/// With the agent running, writes `rate` bytes/s at random into `files` (the protected
+/// image itself, or files on a filesystem of the protected device) for `seconds` while
+/// sampling the RPO every second.
+pub async fn rpo(rig: &mut Rig, agent: &mut Proc, files: &[PathBuf], seconds: u64, rate: f64) -> anyhow::Result<Rpo> {
     let mut out = Rpo::default();
     let log = agent.log.clone();
     let cpu_before = cpu_seconds(agent.pid())?;
+    let ps_cpu_before = rig.ps_usage().cpu_s;
     let failed_before = failed_sessions(&log);
     let before = acknowledged_points(&log).len();
-    let writer = PacedWriter::start(&rig.disk(), rate, 0xfeed)?;
+    let writer = PacedWriter::over(files, rate, 0xfeed)?;
     let writes_started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -320,6 +324,8 @@ pub async fn rpo(rig: &mut Rig, agent: &mut Proc, seconds: u64, rate: f64) -> an
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     out.agent = Usage { cpu_s: cpu_seconds(agent.pid())? - cpu_before, ..agent.usage()? };
+    let ps = rig.ps_usage();
+    out.ps = Usage { cpu_s: ps.cpu_s - ps_cpu_before, ..ps };
     out.sessions_failed = failed_sessions(&log) - failed_before;
     Ok(out)
 }

@@ -49,6 +49,11 @@ pub struct RigPaths {
     pub interval_s: f64,
     /// Chunk size for the targets file (`None`: the product default).
     pub chunk_size: Option<u32>,
+    /// The disk the agent protects (an image file or a block device).
+    pub disk: PathBuf,
+    /// More fields of the agent's `agent.json` (e.g. `tracking`, `appConsistency`);
+    /// `Null` for none.
+    pub agent_extra: serde_json::Value,
 }
 
 /// A running process server and what agents need to reach it.
@@ -138,10 +143,10 @@ impl Rig {
         }
 
         let agent_config = work.join("agent.json");
-        let config = json!({
+        let mut config = json!({
             "namespace": NAMESPACE,
             "server": SERVER,
-            "disks": [{"id": "disk0", "path": work.join("disk.img")}],
+            "disks": [{"id": "disk0", "path": paths.disk}],
             "processServer": format!("127.0.0.1:{ps_port}"),
             "tlsServerName": "localhost",
             "clientCert": agent_tls.join("tls.crt"),
@@ -151,14 +156,17 @@ impl Rig {
             "maxPasses": 8,
             "compressionLevel": 1,
         });
+        if let (Some(config), Some(extra)) = (config.as_object_mut(), paths.agent_extra.as_object()) {
+            config.extend(extra.clone());
+        }
         std::fs::write(&agent_config, serde_json::to_vec_pretty(&config)?)?;
         let server = ServerRef::new(NAMESPACE, SERVER)?;
         Ok(Self { paths, ps, ps_port, metrics, store, server, agent_config })
     }
 
-    /// The image the agent protects.
+    /// The disk the agent protects.
     pub fn disk(&self) -> PathBuf {
-        self.paths.work.join("disk.img")
+        self.paths.disk.clone()
     }
 
     /// Starts an agent logging to `agent-<tag>.log`.

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::io::Read as _;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -105,8 +105,21 @@ impl PacedWriter {
     /// Starts writing `bytes_per_second` to random aligned blocks of the image at `path`
     /// (buffered writes, no fsync: what most applications do).
     pub fn start(path: &Path, bytes_per_second: f64, seed: u64) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().write(true).open(path)?;
-        let slots = file.metadata()?.len() / BLOCK as u64;
+        Self::over(&[path.to_path_buf()], bytes_per_second, seed)
+    }
+
+    /// Like [`Self::start`], spread over `paths`: each write goes to a random block of a
+    /// random one of them (files on a mounted filesystem, or one image).
+    pub fn over(paths: &[PathBuf], bytes_per_second: f64, seed: u64) -> std::io::Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        for p in paths {
+            let file = std::fs::OpenOptions::new().write(true).open(p)?;
+            let slots = file.metadata()?.len() / BLOCK as u64;
+            if slots == 0 {
+                return Err(std::io::Error::other(format!("{} is smaller than one block", p.display())));
+            }
+            files.push((file, slots));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
@@ -118,7 +131,8 @@ impl PacedWriter {
                 let due = (start.elapsed().as_secs_f64() * bytes_per_second) as u64;
                 while written + BLOCK as u64 <= due {
                     rng.fill_block(&mut buf);
-                    file.write_all_at(&buf, rng.below(slots) * BLOCK as u64)?;
+                    let (file, slots) = &files[rng.below(files.len() as u64) as usize];
+                    file.write_all_at(&buf, rng.below(*slots) * BLOCK as u64)?;
                     written += BLOCK as u64;
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -133,6 +147,25 @@ impl PacedWriter {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().map_err(|_| std::io::Error::other("writer thread panicked"))?
     }
+}
+
+/// Creates `count` files of `bytes` each in `dir` (`data-<i>.bin`, the half-random block
+/// content), fsynced: the data a filesystem benchmark then rewrites.
+pub fn fill_files(dir: &Path, count: usize, bytes: u64, seed: u64) -> std::io::Result<Vec<PathBuf>> {
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; BLOCK];
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let path = dir.join(format!("data-{i}.bin"));
+        let file = std::fs::File::create(&path)?;
+        for slot in 0..bytes / BLOCK as u64 {
+            rng.fill_block(&mut buf);
+            file.write_all_at(&buf, slot * BLOCK as u64)?;
+        }
+        file.sync_all()?;
+        out.push(path);
+    }
+    Ok(out)
 }
 
 /// BLAKE3 of a whole file.
