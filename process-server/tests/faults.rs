@@ -10,7 +10,7 @@ use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -32,115 +32,6 @@ const MIB: u64 = 1024 * 1024;
 // ---------------------------------------------------------------------------------------
 // Child processes, ports, journals and metrics.
 // ---------------------------------------------------------------------------------------
-
-/// A child process whose output goes to a log file; SIGKILLed and reaped when dropped,
-/// so a failing test leaves nothing running.
-struct ChildGuard {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl ChildGuard {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let program = format!("{:?}", cmd.get_program());
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"));
-        Self { child: Some(child), log }
-    }
-
-    /// Sends SIGKILL and reaps the process.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Whether the process still runs (panics with its log if it exited).
-    fn assert_alive(&mut self, what: &str) {
-        let c = self.child.as_mut().expect("child was killed");
-        if let Some(status) = c.try_wait().unwrap() {
-            panic!("{what}: the child exited with {status}; its log ends with:\n{}", self.tail());
-        }
-    }
-
-    /// The end of the child's output, for failure messages.
-    fn tail(&self) -> String {
-        let text = std::fs::read(&self.log).unwrap_or_default();
-        let from = text.len().saturating_sub(4000);
-        String::from_utf8_lossy(&text[from..]).into_owned()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// A port nobody listens on right now (bound, read and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A process server binary run as a child, on fixed ports so a restart keeps them.
-struct PsChild {
-    guard: ChildGuard,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl PsChild {
-    /// Starts the binary and waits until it listens.
-    async fn start(dir: &Path, pki: &Pki, targets: &Path, port: u16, metrics_port: u16, limit: u64, tag: &str) -> Self {
-        let mut ps = Self::spawn(dir, pki, targets, port, metrics_port, limit, tag);
-        ps.wait_listening(30).await;
-        ps
-    }
-
-    /// Starts the binary.
-    fn spawn(dir: &Path, pki: &Pki, targets: &Path, port: u16, metrics_port: u16, limit: u64, tag: &str) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_siterecovery-process-server"));
-        cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--metrics")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .arg("--cache-limit-bytes")
-            .arg(limit.to_string())
-            .arg("--tls-dir")
-            .arg(pki.ps_tls())
-            .arg("--targets")
-            .arg(targets)
-            .env("RUST_LOG", "info");
-        Self {
-            guard: ChildGuard::spawn(cmd, dir.join(format!("{tag}.log"))),
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
-        }
-    }
-
-    /// Waits until the process server listens, or panics after `secs` with its log.
-    async fn wait_listening(&mut self, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let log = std::fs::read_to_string(&self.guard.log).unwrap_or_default();
-            if log.contains("listening on") {
-                return;
-            }
-            self.guard.assert_alive("process server start");
-            assert!(
-                Instant::now() < deadline,
-                "the process server did not listen within {secs} s; log:\n{}",
-                self.guard.tail()
-            );
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 /// Fills `len` bytes at `offset` with data zstd cannot shrink (chunks go raw on the wire,
 /// so the wire and journal sizes are predictable).
@@ -195,16 +86,6 @@ fn journaled_chunks(dir: &Path) -> BTreeSet<(String, u64)> {
         }
     }
     out
-}
-
-/// Value of one Prometheus sample from `GET /metrics`, if the server answers.
-async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await.ok()?.ok()?;
-    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Waits until the agent's session ended (it noticed the process server is gone).

@@ -3,6 +3,14 @@
 //! in-process agent.
 #![allow(dead_code, missing_docs)]
 
+mod azurite;
+mod child;
+// Each test file uses some of these.
+#[allow(unused_imports)]
+pub use azurite::Azurite;
+#[allow(unused_imports)]
+pub use child::{ChildGuard, PsChild, metric};
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,7 +23,7 @@ use siterecovery_agent::{Agent, AgentConfig, AgentStatus, DiskConfig};
 use siterecovery_operator::registration::certs::Ca;
 use siterecovery_process_server::target::StaticTargets;
 use siterecovery_process_server::{Config, ProcessServer, TlsFiles};
-use siterecovery_store::{LocalBackend, Manifest, ServerRef, Store, StoreOptions};
+use siterecovery_store::{AzureBlobBackend, BlobBackend, LocalBackend, Manifest, ServerRef, Store, StoreOptions};
 
 pub const DAY: Duration = Duration::from_secs(86_400);
 
@@ -68,10 +76,29 @@ pub fn local_targets(dir: &Path, store_dir: &Path, chunk_size: u32) -> PathBuf {
     path
 }
 
-/// The store a targets file names, for reading back and restoring.
+/// A targets file with the keys and chunk size of `local` (a [`local_targets`] file) whose
+/// backend is the Azure container `container` at `endpoint`, reached with `sas`; written
+/// beside `local` as `targets-<container>.json`.
+pub fn azure_targets(local: &Path, endpoint: &str, container: &str, sas: &str) -> PathBuf {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(local).unwrap()).unwrap();
+    v["backend"] = serde_json::json!({"azure": {"endpoint": endpoint, "container": container, "sas": sas}});
+    let path = local.with_file_name(format!("targets-{container}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    path
+}
+
+/// The store a targets file names (local directory or Azure container), for reading back
+/// and restoring.
 pub fn store_of(targets: &Path) -> Store {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(targets).unwrap()).unwrap();
-    let dir = v["backend"]["local"].as_str().expect("local backend").to_string();
+    let backend: Arc<dyn BlobBackend> = match v["backend"]["local"].as_str() {
+        Some(dir) => Arc::new(LocalBackend::new(dir).unwrap()),
+        None => {
+            let a = &v["backend"]["azure"];
+            let s = |k: &str| a[k].as_str().unwrap_or_else(|| panic!("backend.azure.{k} in {}", targets.display()));
+            Arc::new(AzureBlobBackend::with_sas(s("endpoint"), s("container"), s("sas")).unwrap())
+        }
+    };
     let mut data = std::collections::BTreeMap::new();
     use base64::Engine as _;
     data.insert("active".to_string(), b"k1".to_vec());
@@ -80,7 +107,7 @@ pub fn store_of(targets: &Path) -> Store {
         base64::engine::general_purpose::STANDARD.decode(v["keys"]["key-k1"].as_str().unwrap()).unwrap(),
     );
     let keyring = siterecovery_store::Keyring::from_secret_data(&data).unwrap();
-    Store::new(Arc::new(LocalBackend::new(dir).unwrap()), keyring, StoreOptions::default()).unwrap()
+    Store::new(backend, keyring, StoreOptions::default()).unwrap()
 }
 
 pub fn ps_config(dir: &Path, pki: &Pki, cache_limit: u64) -> Config {
@@ -268,4 +295,9 @@ pub async fn assert_last_point_restores(
     let point = wait_point(store, server, id, 30).await;
     assert_restores_equal(store, server, &point, disks, out).await;
     point
+}
+
+/// A port nobody listens on right now (bound, read and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
