@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use siterecovery_store::{PointKind, generate_point_id};
-use siterecovery_wire::{GroupPrepare, GroupReady, Message, PointMarker, Slot};
+use siterecovery_wire::{GroupPrepare, GroupReady, Message, PointMarker, Settings, Slot};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
@@ -70,7 +70,7 @@ impl Agent {
             Err(e) => Err(e),
         };
         let decision = match (&answered, at) {
-            (Ok(()), Some(_)) => wait_decision(control, round).await,
+            (Ok(()), Some(_)) => wait_decision(control, round, &mut self.pending_settings).await,
             _ => None,
         };
         let outcome = self.conclude(link, disks, sizes, chunk_size, sent, &prepare.group, at, decision).await;
@@ -139,13 +139,19 @@ impl Agent {
 }
 
 /// The commit or abort of `round` (older rounds' messages are skipped), or `None` after
-/// [`DECISION_TIMEOUT`] or when the connection ended.
-async fn wait_decision(control: &mut mpsc::UnboundedReceiver<Message>, round: u64) -> Option<Message> {
+/// [`DECISION_TIMEOUT`] or when the connection ended. Settings that arrive meanwhile are
+/// kept in `settings` for the caller.
+async fn wait_decision(
+    control: &mut mpsc::UnboundedReceiver<Message>,
+    round: u64,
+    settings: &mut Option<Settings>,
+) -> Option<Message> {
     tokio::time::timeout(DECISION_TIMEOUT, async {
         while let Some(m) = control.recv().await {
-            match &m {
-                Message::GroupCommit(c) if c.round == round => return Some(m),
-                Message::GroupAbort(a) if a.round == round => return Some(m),
+            match m {
+                Message::GroupCommit(ref c) if c.round == round => return Some(m),
+                Message::GroupAbort(ref a) if a.round == round => return Some(m),
+                Message::Settings(new) => *settings = Some(new),
                 _ => {}
             }
         }

@@ -182,6 +182,8 @@ pub struct Agent {
     requests: PassRequest,
     /// When the next app-consistent point is due (None: at the first cycle).
     next_app: Option<Instant>,
+    /// Settings from the process server received during a group round, to apply.
+    pending_settings: Option<siterecovery_wire::Settings>,
 }
 
 impl Agent {
@@ -197,6 +199,7 @@ impl Agent {
             resized: None,
             requests: PassRequest::default(),
             next_app: None,
+            pending_settings: None,
         }
     }
 
@@ -274,7 +277,9 @@ impl Agent {
             server: c.server.clone(),
             disks: disks.iter().zip(&sizes).map(|(d, &size)| DiskInfo { id: d.id.clone(), size }).collect(),
             agent: env!("CARGO_PKG_VERSION").to_string(),
-            features: vec![siterecovery_wire::FEATURE_GROUP_POINTS.to_string()],
+            features: [siterecovery_wire::FEATURE_GROUP_POINTS, siterecovery_wire::FEATURE_SETTINGS]
+                .map(String::from)
+                .to_vec(),
         };
         let mut link_wr = Some(wr);
         {
@@ -359,17 +364,8 @@ impl Agent {
         }
         self.update(|s| s.initial_copy_done = true);
 
-        // The policy's interval, as the process server hands it, wins over local config.
-        let interval = welcome
-            .crash_interval_ms
-            .map(Duration::from_millis)
-            .unwrap_or_else(|| Duration::from_secs_f64(self.config.interval_seconds))
-            .max(Duration::from_millis(100));
-        let app_interval = match welcome.app_interval_ms {
-            Some(ms) => Some(Duration::from_millis(ms)).filter(|d| !d.is_zero()),
-            None => self.config.app_consistency.as_ref().and_then(app::AppConsistency::interval),
-        }
-        .map(|d| d.max(Duration::from_secs(1)));
+        // The policy's intervals, as the process server hands them, win over local config.
+        let (mut interval, mut app_interval) = self.intervals(welcome.crash_interval_ms, welcome.app_interval_ms);
         loop {
             // Until this cycle's pass is sent, what the tracker hands out exists only here:
             // a failure now must make the next session compare everything.
@@ -450,9 +446,20 @@ impl Agent {
             let mut due = tokio::time::Instant::now() + interval;
             loop {
                 let prepare = tokio::select! {
+                    Some(new) = async { self.pending_settings.take() } => {
+                        tracing::info!(settings = ?new, "the policy changed");
+                        (interval, app_interval) = self.intervals(new.crash_interval_ms, new.app_interval_ms);
+                        link.set_rate(new.bandwidth_bytes_per_second);
+                        due = due.min(tokio::time::Instant::now() + interval);
+                        continue;
+                    }
                     _ = tokio::time::sleep_until(due) => break,
                     m = control.recv(), if !control_closed => match m {
                         Some(Message::GroupPrepare(p)) => p,
+                        Some(Message::Settings(new)) => {
+                            self.pending_settings = Some(new);
+                            continue;
+                        }
                         Some(_) => continue, // the decision of a round given up on
                         None => { control_closed = true; continue }
                     },
@@ -486,6 +493,21 @@ impl Agent {
                 });
             }
         }
+    }
+
+    /// The crash- and app-consistent intervals: the policy's as the process server hands
+    /// them (`None`: unknown, the agent's own configuration applies).
+    fn intervals(&self, crash_ms: Option<u64>, app_ms: Option<u64>) -> (Duration, Option<Duration>) {
+        let crash = crash_ms
+            .map(Duration::from_millis)
+            .unwrap_or_else(|| Duration::from_secs_f64(self.config.interval_seconds))
+            .max(Duration::from_millis(100));
+        let app = match app_ms {
+            Some(ms) => Some(Duration::from_millis(ms)).filter(|d| !d.is_zero()),
+            None => self.config.app_consistency.as_ref().and_then(app::AppConsistency::interval),
+        }
+        .map(|d| d.max(Duration::from_secs(1)));
+        (crash, app)
     }
 
     /// Pre-copy: sends what changed until a look finds nothing written since the previous

@@ -63,8 +63,8 @@ pub struct Link<W> {
     pub bytes_sent: u64,
 }
 
-/// Follows the acks of `rd` until the connection ends; consistency-group messages
-/// (prepare, commit, abort) go to the returned channel, in order.
+/// Follows the acks of `rd` until the connection ends; control messages (group prepare,
+/// commit, abort; settings) go to the returned channel, in order.
 pub fn spawn_ack_reader<R: AsyncRead + Unpin + Send + 'static>(
     mut rd: R,
 ) -> (watch::Receiver<AckState>, mpsc::UnboundedReceiver<Message>) {
@@ -74,7 +74,12 @@ pub fn spawn_ack_reader<R: AsyncRead + Unpin + Send + 'static>(
         loop {
             let state = match read_message(&mut rd).await {
                 Ok(Some(Message::Ack(a))) => AckState::Acked(a.seq),
-                Ok(Some(m @ (Message::GroupPrepare(_) | Message::GroupCommit(_) | Message::GroupAbort(_)))) => {
+                Ok(Some(
+                    m @ (Message::GroupPrepare(_)
+                    | Message::GroupCommit(_)
+                    | Message::GroupAbort(_)
+                    | Message::Settings(_)),
+                )) => {
                     let _ = control_tx.send(m);
                     continue;
                 }
@@ -105,6 +110,11 @@ impl<W: AsyncWrite + Unpin> Link<W> {
             pacer: Pacer::new(rate),
             bytes_sent: 0,
         }
+    }
+
+    /// Changes the bandwidth limit (bytes per second, 0: unlimited).
+    pub fn set_rate(&mut self, rate: u64) {
+        self.pacer = Pacer::new(rate);
     }
 
     /// The next sequence number.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use siterecovery_store::{ChunkHash, ServerRef};
 use siterecovery_wire::tls::agent_from_certificate;
 use siterecovery_wire::{
-    Ack, ChunkData, ChunkDelta, Encoding, FEATURE_GROUP_POINTS, Frame, Hello, Message, PROTOCOL_VERSION, Refusal, Slot,
-    Welcome, WireError, read_frame, write_message,
+    Ack, ChunkData, ChunkDelta, Encoding, FEATURE_GROUP_POINTS, FEATURE_SETTINGS, Frame, Hello, Message,
+    PROTOCOL_VERSION, Refusal, Settings, Slot, Welcome, WireError, read_frame, write_message,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -111,7 +111,7 @@ where
         .resolve(server.namespace(), server.name())
         .await
         .map_err(|(reason, message)| Refuse(reason, message))?;
-    let state = shared.open(server, target).await.map_err(|e| refuse("CacheUnavailable", e.to_string()))?;
+    let state = shared.open(server, target.clone()).await.map_err(|e| refuse("CacheUnavailable", e.to_string()))?;
 
     // One session per server: a reconnecting agent replaces its stale connection.
     let (cancel_tx, mut cancel_rx) = oneshot::channel();
@@ -144,17 +144,22 @@ where
         let r = state.received();
         (r.head.clone(), r.latest_point.clone())
     };
+    let now = settings_of(&target);
     let welcome = Welcome {
         protocol: PROTOCOL_VERSION,
         chunk_size: state.chunk_size,
         latest_point,
-        bandwidth_bytes_per_second: state.target.bandwidth_bytes_per_second,
-        crash_interval_ms: state.target.crash_interval.map(|d| d.as_millis() as u64),
-        app_interval_ms: state.target.app_interval.map(|d| d.as_millis() as u64),
+        bandwidth_bytes_per_second: now.bandwidth_bytes_per_second,
+        crash_interval_ms: now.crash_interval_ms,
+        app_interval_ms: now.app_interval_ms,
     };
     write_message(wr, &Message::Welcome(welcome, head)).await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
     wr.flush().await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
     let mut member = join_group(shared, &state, &hello).await;
+    // Policy changes reach the agent within a minute (targets are re-read after their TTL).
+    let follows_settings = hello.features.iter().any(|f| f == FEATURE_SETTINGS);
+    let mut settings = now;
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + SETTINGS_CHECK, SETTINGS_CHECK);
 
     // Group commit: the syncer fsyncs whatever was appended since its last round and
     // acknowledges the highest sequence number covered.
@@ -200,6 +205,20 @@ where
                 }
                 let _ = wr.flush().await;
             },
+            _ = recheck.tick(), if follows_settings => {
+                let Ok(target) = shared.targets.resolve(state.server.namespace(), state.server.name()).await else {
+                    continue;
+                };
+                let now = settings_of(&target);
+                if now != settings {
+                    tracing::info!(server = %state.server, ?now, "policy settings changed; telling the agent");
+                    if let Err(e) = write_message(wr, &Message::Settings(now.clone())).await {
+                        break Err(refuse("ConnectionLost", e.to_string()));
+                    }
+                    let _ = wr.flush().await;
+                    settings = now;
+                }
+            },
             frame = frames.recv() => {
                 let frame = match frame {
                     Some(Ok(Some(f))) => f,
@@ -224,6 +243,18 @@ where
     let _ = wr.flush().await;
     tracing::info!(server = %state.server, ?outcome, "agent session closed");
     outcome
+}
+
+/// How often a session looks for changed policy settings.
+const SETTINGS_CHECK: Duration = Duration::from_secs(20);
+
+/// What the welcome and [`Settings`] tell an agent about its policy.
+fn settings_of(t: &crate::target::Target) -> Settings {
+    Settings {
+        bandwidth_bytes_per_second: t.bandwidth_bytes_per_second,
+        crash_interval_ms: t.crash_interval.map(|d| d.as_millis() as u64),
+        app_interval_ms: t.app_interval.map(|d| d.as_millis() as u64),
+    }
 }
 
 /// Joins the agent's consistency group, if it has one and the agent can take part.
@@ -499,22 +530,31 @@ async fn rebuild(
     Ok((chunk, plain))
 }
 
+/// How long one read of a delta's base from the store may take. The store client retries
+/// a store that does not answer for up to a minute, and the session (every ack of this
+/// agent) waits meanwhile; refusing sooner costs only the whole chunk, which the agent
+/// then sends.
+const BASE_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A base chunk that is no longer in memory: from the store, waiting a while for the
-/// uploader if it was received but not uploaded yet.
+/// uploader if it was received but not uploaded yet. Refused (the agent sends the chunk
+/// whole) when the store fails or does not answer within [`BASE_FETCH_TIMEOUT`].
 async fn fetch_base(state: &ServerState, disk: &str, hash: &ChunkHash, len: usize) -> Result<Bytes, Refuse> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let unavailable =
+        |why: String| refuse("BaseUnavailable", format!("base chunk of disk {disk}: {why}; send the chunk whole"));
     loop {
-        match state.target.store.get_chunk(&state.server, disk, hash, len).await {
-            Ok((plain, _)) => return Ok(Bytes::from(plain)),
-            Err(siterecovery_store::StoreError::Backend(siterecovery_store::BackendError::NotFound { .. }))
+        let get = state.target.store.get_chunk(&state.server, disk, hash, len);
+        match tokio::time::timeout(BASE_FETCH_TIMEOUT, get).await {
+            Ok(Ok((plain, _))) => return Ok(Bytes::from(plain)),
+            Ok(Err(siterecovery_store::StoreError::Backend(siterecovery_store::BackendError::NotFound { .. })))
                 if tokio::time::Instant::now() < deadline =>
             {
                 state.kick.notify_one();
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => {
-                return Err(refuse("BaseUnavailable", format!("base chunk of disk {disk}: {e}; send the chunk whole")));
-            }
+            Ok(Err(e)) => return Err(unavailable(e.to_string())),
+            Err(_) => return Err(unavailable(format!("the store did not answer within {BASE_FETCH_TIMEOUT:?}"))),
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Hello {
 
 /// Feature: the agent takes part in consistency-group rounds ([`GroupPrepare`]).
 pub const FEATURE_GROUP_POINTS: &str = "group-points";
+/// Feature: the agent applies [`Settings`] during a session.
+pub const FEATURE_SETTINGS: &str = "settings";
 
 /// Process server → agent: the session is open. The body carries the [`Head`]: what
 /// the process server holds durably for each disk of the hello, so the agent sends
@@ -166,6 +168,20 @@ pub struct PointMarker {
     pub members: Vec<String>,
 }
 
+/// Process server → agent: the policy changed; these values replace the welcome's from now
+/// on (sent only when one of them changed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Bytes per second the agent may send (0: unlimited).
+    pub bandwidth_bytes_per_second: u64,
+    /// The policy's crash-consistent interval in milliseconds, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_interval_ms: Option<u64>,
+    /// The policy's app-consistent interval in milliseconds (0: off), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_interval_ms: Option<u64>,
+}
+
 /// Process server → agent: take part in group round `round`: bring the copy at the process
 /// server to one instant and hold it (no write since), then answer [`GroupReady`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +291,8 @@ pub enum Message {
     GroupCommit(GroupCommit),
     /// A group round failed.
     GroupAbort(GroupAbort),
+    /// New settings from the policy.
+    Settings(Settings),
 }
 
 mod kind {
@@ -291,6 +309,7 @@ mod kind {
     pub const GROUP_READY: u8 = 11;
     pub const GROUP_COMMIT: u8 = 12;
     pub const GROUP_ABORT: u8 = 13;
+    pub const SETTINGS: u8 = 14;
 }
 
 fn frame<T: Serialize>(kind: u8, header: &T, body: Bytes) -> Frame {
@@ -327,6 +346,7 @@ impl Message {
             Message::GroupReady(g) => frame(kind::GROUP_READY, g, Bytes::new()),
             Message::GroupCommit(g) => frame(kind::GROUP_COMMIT, g, Bytes::new()),
             Message::GroupAbort(g) => frame(kind::GROUP_ABORT, g, Bytes::new()),
+            Message::Settings(g) => frame(kind::SETTINGS, g, Bytes::new()),
         }
     }
 
@@ -387,6 +407,10 @@ impl Message {
             kind::GROUP_ABORT => {
                 no_body(f, "group abort")?;
                 Message::GroupAbort(header(f, "group abort")?)
+            }
+            kind::SETTINGS => {
+                no_body(f, "settings")?;
+                Message::Settings(header(f, "settings")?)
             }
             other => return Err(WireError::Malformed(format!("unknown frame kind {other}"))),
         })
@@ -614,11 +638,16 @@ mod tests {
                 members: vec!["db".into(), "web".into()],
             }),
             Message::GroupAbort(GroupAbort { round: 3, reason: "web is not connected".into() }),
+            Message::Settings(Settings {
+                bandwidth_bytes_per_second: 1 << 20,
+                crash_interval_ms: Some(5000),
+                app_interval_ms: Some(0),
+            }),
         ];
         for m in std::iter::once(&m).chain(&group) {
             let f = m.to_frame();
             assert_eq!(&Message::from_frame(&Frame::decode_payload(f.encode().slice(4..)).unwrap()).unwrap(), m);
-            assert_eq!(m.seq().is_some(), matches!(m, Message::Point(_)), "group messages are not journaled");
+            assert_eq!(m.seq().is_some(), matches!(m, Message::Point(_)), "control messages are not journaled");
         }
         let unknown = Frame { kind: 99, header: Bytes::from_static(b"{}"), body: Bytes::new() };
         assert!(Message::from_frame(&unknown).unwrap_err().to_string().contains("unknown frame kind 99"));
