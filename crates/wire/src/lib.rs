@@ -8,9 +8,9 @@ pub mod tls;
 
 pub use frame::{Frame, MAX_FRAME, read_frame, write_frame};
 pub use message::{
-    Ack, ChunkData, ChunkDelta, DiskHead, DiskInfo, Encoding, FEATURE_GROUP_POINTS, FEATURE_SETTINGS, GroupAbort, GroupCommit,
-    GroupPrepare, GroupReady, Head, Hello, Layout, Message, PROTOCOL_VERSION, PointMarker, Refusal, Resync, Settings,
-    Slot, Welcome,
+    Ack, ChunkData, ChunkDelta, DiskHead, DiskInfo, Encoding, FEATURE_GROUP_POINTS, FEATURE_SETTINGS, GroupAbort,
+    GroupCommit, GroupPrepare, GroupReady, Head, Hello, Layout, Message, PROTOCOL_VERSION, PointMarker, Refusal,
+    Resync, Settings, Slot, Welcome,
 };
 
 /// A protocol or transport failure.
