@@ -534,7 +534,7 @@ async fn rebuild(
 /// a store that does not answer for up to a minute, and the session (every ack of this
 /// agent) waits meanwhile; refusing sooner costs only the whole chunk, which the agent
 /// then sends.
-const BASE_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+const BASE_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A base chunk that is no longer in memory: from the store, waiting a while for the
 /// uploader if it was received but not uploaded yet. Refused (the agent sends the chunk

@@ -181,3 +181,48 @@ async fn azurite_killed_mid_upload_and_restarted_loses_nothing_acknowledged() {
     Arc::try_unwrap(agent).ok().expect("the writer is done").stop().await;
     ps.guard.assert_alive("after the drain");
 }
+
+/// Regression: with the store down, a delta whose base is no longer in the process
+/// server's memory made the session wait for the store client's retries (a minute per
+/// delta) before refusing it, so the agent got no ack and no point for that long. The
+/// read is now bounded: the delta is refused within seconds, the agent sends the chunk
+/// whole, and its point is acknowledged while the store is still down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_whose_base_is_only_in_a_down_store_falls_back_to_the_whole_chunk() {
+    let bed = Bed::new();
+    let dir = bed.dir();
+    let azurite = Azurite::start(&dir.join("azurite"), free_port()).await;
+    let sas = Azurite::sas();
+    AzureBlobBackend::with_sas(&azurite.endpoint(), "dr-base", &sas).unwrap().ensure_container().await.unwrap();
+    let targets = azure_targets(&bed.targets, &azurite.endpoint(), "dr-base", &sas);
+    // No chunk kept in memory: every delta's base is read from the store.
+    let config = siterecovery_process_server::Config { recent_chunk_bytes: 0, ..ps_config(dir, &bed.pki, 1 << 30) };
+    let loaded = siterecovery_process_server::target::StaticTargets::load(&targets).unwrap();
+    let ps = siterecovery_process_server::start(config, Arc::new(loaded)).await.unwrap();
+
+    let a = dir.join("a.img");
+    write_pattern(&a, 0, (8 * MIB) as usize, 17);
+    let disks = [("sda", a.as_path())];
+    let files = bed.pki.agent_files(&bed.pki.ca, "prod", "base", "base");
+    let agent = start_agent(agent_config(&bed.pki, files, "prod", "base", ps.addr, &disks, 0.2));
+    let server = ServerRef::new("prod", "base").unwrap();
+    let store = store_of(&targets);
+    let first = agent.wait("the first point", 60, |s| s.points >= 1).await;
+    wait_point(&store, &server, first.last_point.as_deref().unwrap(), 60).await;
+    // Azurite saves what it was sent every 5 s: let it save the first point before the kill.
+    sleep(Duration::from_secs(6)).await;
+    azurite.kill9();
+
+    // 64 KiB of chunk 2 change: the agent sends a delta against the stored chunk.
+    let before = agent.status();
+    write_pattern(&a, 2 * MIB + 64 * 1024, 64 * 1024, 18);
+    let s = agent.wait("a point while the store is down", 45, |s| s.points > before.points).await;
+    assert!(s.deltas_sent > before.deltas_sent, "the change went as a delta first: {s:#?}");
+    assert!(s.chunks_sent > before.chunks_sent + 1, "then as the whole chunk: {s:#?}");
+
+    azurite.restart().await;
+    wait_point(&store, &server, s.last_point.as_deref().unwrap(), 180).await;
+    assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
+    agent.stop().await;
+    drop(ps);
+}
