@@ -46,7 +46,7 @@ async fn churn(w: &World) -> anyhow::Result<()> {
                 // Now and then a longer lull, in which every server can reach a quiet
                 // instant at once (the checksum tracker of image files needs two full
                 // comparisons without a write).
-                std::thread::sleep(Duration::from_millis(if n % (16 * 5) == 0 { 4000 } else { 700 }));
+                std::thread::sleep(Duration::from_millis(if n.is_multiple_of(16 * 5) { 4000 } else { 700 }));
             }
             Ok(n)
         })

@@ -84,7 +84,7 @@ async fn a_group_point_is_one_instant_across_servers_and_waits_for_every_member(
                 written.store(i, Ordering::SeqCst);
                 // Mostly short pauses (each server alone finds a quiet instant), now and
                 // then a long one (both can hold theirs through a round).
-                std::thread::sleep(Duration::from_millis(if i % 200 == 0 { 1500 } else { 150 }));
+                std::thread::sleep(Duration::from_millis(if i.is_multiple_of(200) { 1500 } else { 150 }));
             }
         })
     };
