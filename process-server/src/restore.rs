@@ -15,9 +15,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Client, ResourceExt as _};
 use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
@@ -80,7 +82,9 @@ pub fn choose<'a>(points: &'a [Manifest], choice: Option<&RecoveryPointChoice>) 
     })
 }
 
-/// Runs the worker for the servers of `namespace` assigned to `pod`.
+/// Runs the worker for the servers of `namespace` assigned to `pod`: follows the
+/// ProtectedServers with a watch (one list, then changes), serves every pending block it
+/// sees, and looks through what it holds every 30 s for a block it could not take up.
 pub async fn run(
     client: Client,
     namespace: String,
@@ -90,51 +94,58 @@ pub async fn run(
 ) {
     let servers: Api<ProtectedServer> = Api::namespaced(client, &namespace);
     let busy: Arc<Busy> = Arc::default();
+    let (store, writer) = reflector::store();
+    let changes =
+        reflector(writer, watcher(servers.clone(), watcher::Config::default())).default_backoff().touched_objects();
+    let mut changes = std::pin::pin!(changes);
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    let consider = |s: &ProtectedServer| {
+        let status = s.status.clone().unwrap_or_default();
+        if pod.is_some() && status.process_server != pod {
+            return;
+        }
+        // One task per pending block; a block already being served is skipped.
+        let claim = |block: Block, pending: bool| {
+            let key = (s.name_any(), block);
+            (pending && busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone())).then(|| (key, busy.clone()))
+        };
+        let release = |(key, busy): ((String, Block), Arc<Busy>)| {
+            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        };
+        for (block, w) in
+            [(Block::ReverseReplication, &status.reverse_replication), (Block::Failback, &status.failback)]
+        {
+            let Some(w) = w.clone() else { continue };
+            let Some(claimed) = claim(block, w.state == RunState::Pending) else { continue };
+            let (api, server) = (servers.clone(), s.clone());
+            tokio::spawn(async move {
+                serve_failback(&api, &server, block, w).await;
+                release(claimed);
+            });
+        }
+        for (block, b) in [(Block::Failover, &status.failover), (Block::TestFailover, &status.test_failover)] {
+            let Some(b) = b.clone() else { continue };
+            let Some(claimed) = claim(block, b.state == RunState::Pending) else { continue };
+            let (api, targets, shared, server) = (servers.clone(), targets.clone(), shared.clone(), s.clone());
+            tokio::spawn(async move {
+                serve(&api, &targets, &shared, &server, block, b).await;
+                release(claimed);
+            });
+        }
+    };
     loop {
-        match servers.list(&ListParams::default()).await {
-            Ok(list) => {
-                for s in list.items {
-                    let status = s.status.clone().unwrap_or_default();
-                    if pod.is_some() && status.process_server != pod {
-                        continue;
-                    }
-                    // One task per pending block; a block already being served is skipped.
-                    let claim = |block: Block, pending: bool| {
-                        let key = (s.name_any(), block);
-                        (pending && busy.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()))
-                            .then(|| (key, busy.clone()))
-                    };
-                    let release = |(key, busy): ((String, Block), Arc<Busy>)| {
-                        busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                    };
-                    for (block, w) in
-                        [(Block::ReverseReplication, &status.reverse_replication), (Block::Failback, &status.failback)]
-                    {
-                        let Some(w) = w.clone() else { continue };
-                        let Some(claimed) = claim(block, w.state == RunState::Pending) else { continue };
-                        let (api, server) = (servers.clone(), s.clone());
-                        tokio::spawn(async move {
-                            serve_failback(&api, &server, block, w).await;
-                            release(claimed);
-                        });
-                    }
-                    for (block, b) in
-                        [(Block::Failover, &status.failover), (Block::TestFailover, &status.test_failover)]
-                    {
-                        let Some(b) = b.clone() else { continue };
-                        let Some(claimed) = claim(block, b.state == RunState::Pending) else { continue };
-                        let (api, targets, shared, server) =
-                            (servers.clone(), targets.clone(), shared.clone(), s.clone());
-                        tokio::spawn(async move {
-                            serve(&api, &targets, &shared, &server, block, b).await;
-                            release(claimed);
-                        });
-                    }
+        tokio::select! {
+            change = changes.next() => match change {
+                Some(Ok(s)) => consider(&s),
+                Some(Err(e)) => tracing::warn!(error = %e, "watching ProtectedServers for restore requests failed; retrying"),
+                None => return,
+            },
+            _ = sweep.tick() => {
+                for s in store.state() {
+                    consider(&s);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "listing ProtectedServers for restore requests failed"),
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
