@@ -289,9 +289,28 @@ fn result(label: &str) -> crate::metrics::GroupRoundLabels {
     crate::metrics::GroupRoundLabels { result: label.to_string() }
 }
 
+/// Whether the group point `p` of `server` is whole in `store`: every member it lists has
+/// a point with its id.
+pub async fn whole_in_store(
+    store: &siterecovery_store::Store,
+    server: &siterecovery_store::ServerRef,
+    p: &siterecovery_store::Manifest,
+) -> Result<bool, String> {
+    if p.kind != PointKind::Group || p.members.is_empty() {
+        return Ok(false);
+    }
+    for m in p.members.iter().filter(|m| m.as_str() != server.name()) {
+        let other = siterecovery_store::ServerRef::new(server.namespace(), m).map_err(|e| e.to_string())?;
+        if !store.backend().exists(&other.point_key(&p.id)).await.map_err(|e| e.to_string())? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Drops from `points` (one server's, oldest first) the group points newer than its
-/// newest whole one: a group point is whole when every member it lists has a point with
-/// its id in `store`. What remains lets `LatestGroupConsistent` pick a whole point.
+/// newest whole one ([`whole_in_store`]). What remains lets `LatestGroupConsistent` pick a
+/// whole point.
 pub async fn drop_partial_group_points(
     store: &siterecovery_store::Store,
     server: &siterecovery_store::ServerRef,
@@ -299,15 +318,7 @@ pub async fn drop_partial_group_points(
 ) -> Result<(), String> {
     let mut partial = BTreeSet::new();
     for p in points.iter().rev().filter(|p| p.kind == PointKind::Group) {
-        let mut whole = !p.members.is_empty();
-        for m in p.members.iter().filter(|m| m.as_str() != server.name()) {
-            let other = siterecovery_store::ServerRef::new(server.namespace(), m).map_err(|e| e.to_string())?;
-            if !store.backend().exists(&other.point_key(&p.id)).await.map_err(|e| e.to_string())? {
-                whole = false;
-                break;
-            }
-        }
-        if whole {
+        if whole_in_store(store, server, p).await? {
             break;
         }
         partial.insert(p.id.clone());

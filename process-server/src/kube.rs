@@ -283,7 +283,7 @@ pub async fn report_status(client: Client, shared: Arc<Shared>) {
             match kind {
                 siterecovery_store::PointKind::App => r.app = Some(newest.clone()),
                 // Only a whole group point (every member has it) is the group's point.
-                siterecovery_store::PointKind::Group if shared.groups().is_whole(state.server.namespace(), &id) => {
+                siterecovery_store::PointKind::Group if group_point_whole(&shared, &state, &id).await => {
                     r.group = Some(newest.clone())
                 }
                 siterecovery_store::PointKind::Group | siterecovery_store::PointKind::Crash => {}
@@ -313,6 +313,19 @@ pub async fn report_status(client: Client, shared: Arc<Shared>) {
                 Err(e) => tracing::warn!(server = %state.server, error = %e, "status not written; retrying"),
             }
         }
+    }
+}
+
+/// Whether the group point `id` of `state`'s server is whole: seen whole by this process
+/// server's coordinator, or (after a restart, uploads from the cache) in the store.
+async fn group_point_whole(shared: &Shared, state: &crate::state::ServerState, id: &str) -> bool {
+    if shared.groups().is_whole(state.server.namespace(), id) {
+        return true;
+    }
+    let store = &state.target.store;
+    match store.load_point(&state.server, id).await {
+        Ok(m) => crate::group::whole_in_store(store, &state.server, &m).await.unwrap_or(false),
+        Err(_) => false,
     }
 }
 
