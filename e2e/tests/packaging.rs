@@ -285,6 +285,7 @@ fn monitoring_renders_only_when_enabled_and_uses_metrics_that_exist() -> anyhow:
     for alert in [
         "SiteRecoveryRpoBreached",
         "SiteRecoveryUploadErrors",
+        "SiteRecoveryConsistencyGroupStalled",
         "SiteRecoveryProcessServerBacklog",
         "SiteRecoveryProcessServerCacheFull",
         "SiteRecoveryProcessServerDown",

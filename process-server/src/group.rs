@@ -208,7 +208,7 @@ async fn rounds(
                 tracing::warn!(namespace = %g.key.0, group = %g.key.1, reason = %why, "no group round");
             }
             last_skip = Some(why);
-            metrics.group_rounds.get_or_create(&result("MemberNotConnected")).inc();
+            metrics.group_rounds.get_or_create(&result(&g.key, "MemberNotConnected")).inc();
             continue;
         }
         last_skip = None;
@@ -218,7 +218,7 @@ async fn rounds(
             Ok(_) => "Committed",
             Err((reason, _)) => reason,
         };
-        metrics.group_rounds.get_or_create(&result(label)).inc();
+        metrics.group_rounds.get_or_create(&result(&g.key, label)).inc();
         let decision = match outcome {
             Ok(time) => Message::GroupCommit(GroupCommit {
                 round,
@@ -285,8 +285,8 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
     items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
-fn result(label: &str) -> crate::metrics::GroupRoundLabels {
-    crate::metrics::GroupRoundLabels { result: label.to_string() }
+fn result((namespace, group): &Key, label: &str) -> crate::metrics::GroupRoundLabels {
+    crate::metrics::GroupRoundLabels { group: format!("{namespace}/{group}"), result: label.to_string() }
 }
 
 /// Whether the group point `p` of `server` is whole in `store`: every member it lists has

@@ -40,6 +40,8 @@ pub struct Metrics {
 /// Labels of [`Metrics::group_rounds`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupRoundLabels {
+    /// `<namespace>/<group>`.
+    pub group: String,
     /// How the round ended.
     pub result: String,
 }
