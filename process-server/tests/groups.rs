@@ -86,7 +86,7 @@ async fn a_group_point_is_one_instant_across_servers_and_waits_for_every_member(
                 written.store(i, Ordering::SeqCst);
                 // Mostly short pauses (each server alone finds a quiet instant), now and
                 // then a long one (both can hold theirs through a round).
-                std::thread::sleep(Duration::from_millis(if i.is_multiple_of(200) { 1500 } else { 150 }));
+                std::thread::sleep(Duration::from_millis(if i.is_multiple_of(100) { 4000 } else { 150 }));
             }
         })
     };
@@ -103,12 +103,16 @@ async fn a_group_point_is_one_instant_across_servers_and_waits_for_every_member(
 
     let web = agent("web", &web_img);
     let (db_ref, web_ref) = (ServerRef::new("prod", "db").unwrap(), ServerRef::new("prod", "web").unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    // At least 20 s of rounds, most of them while the writer is busy (so that a member
+    // that did not notice writes during its hold would show), then enough group points.
+    let (enough, deadline) =
+        (tokio::time::Instant::now() + Duration::from_secs(20), tokio::time::Instant::now() + Duration::from_secs(240));
     let (db_points, web_points) = loop {
         let d = store.list_points(&db_ref).await.unwrap();
         let w = store.list_points(&web_ref).await.unwrap();
         let shared = d.iter().filter(|p| p.kind == PointKind::Group && w.iter().any(|q| q.id == p.id)).count();
-        if shared >= GROUP_POINTS || tokio::time::Instant::now() > deadline {
+        let now = tokio::time::Instant::now();
+        if (shared >= GROUP_POINTS && now > enough) || now > deadline {
             break (d, w);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
