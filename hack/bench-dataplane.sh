@@ -12,7 +12,8 @@
 # is unmounted and the loop device detached on the way out, whatever happened.
 #
 # Environment: BENCH_RPO_SECONDS (default 120), BENCH_RPO_RATE_MB (20),
-# BENCH_DP_PHASES (image,blockdev: either or both),
+# BENCH_DP_PHASES (image,blockdev: either or both), BENCH_BLOCKDEV_SYNC (1: the
+# block-device writer calls fdatasync after every write),
 # BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
 # commit whose agent and process server to measure instead of the working tree's (built
 # from `git archive` into target/bench/, so work in progress in the tree stays out of
@@ -154,6 +155,7 @@ if [[ ",$phases," == *",blockdev,"* ]]; then
     mount "$loopdev" "$blk_mnt"
     log "block device $loopdev ($(blockdev --getsize64 "$loopdev") bytes), ext4 mounted on $blk_mnt"
     blk_args=(--blockdev "$loopdev" --blockdev-mount "$blk_mnt")
+    [ "${BENCH_BLOCKDEV_SYNC:-0}" = 1 ] && blk_args+=(--blockdev-sync)
   fi
 fi
 

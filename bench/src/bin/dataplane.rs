@@ -90,6 +90,11 @@ struct Args {
     /// See `--blockdev-files`.
     #[arg(long, default_value_t = 48)]
     blockdev_file_mib: u64,
+    /// The `blockdev` phase's writer calls `fdatasync` after every write (a database's
+    /// pattern: writes reach the device at once, so only the convergence freeze gives the
+    /// agent a quiet instant) instead of leaving them to the kernel's writeback.
+    #[arg(long)]
+    blockdev_sync: bool,
 }
 
 #[tokio::main]
@@ -127,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             mount: std::path::absolute(mount)?,
             files: args.blockdev_files,
             file_mib: args.blockdev_file_mib,
+            sync: args.blockdev_sync,
             seconds: args.rpo_seconds,
             rate: args.rpo_rate_mb * 1e6,
             timeout: Duration::from_secs(args.phase_timeout),
@@ -206,7 +212,8 @@ async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Resul
     let rpo = match agent.as_mut() {
         Some(a) => report(
             "rpo",
-            phases::rpo(&mut rig, a, std::slice::from_ref(&disk), args.rpo_seconds, args.rpo_rate_mb * 1e6).await,
+            phases::rpo(&mut rig, a, std::slice::from_ref(&disk), false, args.rpo_seconds, args.rpo_rate_mb * 1e6)
+                .await,
         ),
         None => None,
     };

@@ -33,6 +33,8 @@ pub struct Setup {
     pub files: usize,
     /// See [`Setup::files`].
     pub file_mib: u64,
+    /// `fdatasync` after every write.
+    pub sync: bool,
     /// Seconds of writes.
     pub seconds: u64,
     /// Bytes per second written.
@@ -97,13 +99,16 @@ pub async fn run(base: &RigPaths, container: &str, setup: &Setup) -> anyhow::Res
     if out.initial.is_some() {
         let lines_before = log_lines(&agent.log).len();
         let points_before = acknowledged_points(&agent.log).len();
+        let how = if setup.sync { "fdatasync after each write" } else { "buffered" };
         eprintln!(
-            "[dataplane] block device RPO: {:.0} MB/s into files on ext4 for {} s",
+            "[dataplane] block device RPO: {:.0} MB/s into files on ext4 ({how}) for {} s",
             setup.rate / 1e6,
             setup.seconds
         );
-        out.rpo =
-            report("block device, rpo", phases::rpo(&mut rig, &mut agent, &files, setup.seconds, setup.rate).await);
+        out.rpo = report(
+            "block device, rpo",
+            phases::rpo(&mut rig, &mut agent, &files, setup.sync, setup.seconds, setup.rate).await,
+        );
         let lines = log_lines(&agent.log);
         let phase = &lines[lines_before.min(lines.len())..];
         for l in phase.iter().filter(|l| l.contains("convergence freeze released")) {
@@ -169,6 +174,7 @@ pub fn context(setup: Option<&Setup>, run: Option<&Run>) -> serde_json::Value {
         "device": setup.map(|s| &s.device), "mount": setup.map(|s| &s.mount),
         "device_mib": run.map(|r| r.device_mib),
         "files": setup.map(|s| s.files), "file_mib": setup.map(|s| s.file_mib),
+        "fdatasync_each_write": setup.map(|s| s.sync),
         "seconds": setup.map(|s| s.seconds), "rate_mb_s": setup.map(|s| s.rate / 1e6),
         "tracker": "ebpf", "convergence_freeze": "mount point in appConsistency.mountPoints",
         "acked_samples": run.and_then(|r| r.rpo.as_ref()).map(|r| &r.acked),

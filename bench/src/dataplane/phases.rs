@@ -280,16 +280,23 @@ pub struct Rpo {
 }
 
 /// With the agent running, writes `rate` bytes/s at random into `files` (the protected
-/// image itself, or files on a filesystem of the protected device) for `seconds` while
-/// sampling the RPO every second.
-pub async fn rpo(rig: &mut Rig, agent: &mut Proc, files: &[PathBuf], seconds: u64, rate: f64) -> anyhow::Result<Rpo> {
+/// image itself, or files on a filesystem of the protected device; `fdatasync` after each
+/// write with `sync`) for `seconds` while sampling the RPO every second.
+pub async fn rpo(
+    rig: &mut Rig,
+    agent: &mut Proc,
+    files: &[PathBuf],
+    sync: bool,
+    seconds: u64,
+    rate: f64,
+) -> anyhow::Result<Rpo> {
     let mut out = Rpo::default();
     let log = agent.log.clone();
     let cpu_before = cpu_seconds(agent.pid())?;
     let ps_cpu_before = rig.ps_usage().cpu_s;
     let failed_before = failed_sessions(&log);
     let before = acknowledged_points(&log).len();
-    let writer = PacedWriter::over(files, rate, 0xfeed)?;
+    let writer = PacedWriter::over(files, rate, 0xfeed, sync)?;
     let writes_started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;

@@ -105,12 +105,14 @@ impl PacedWriter {
     /// Starts writing `bytes_per_second` to random aligned blocks of the image at `path`
     /// (buffered writes, no fsync: what most applications do).
     pub fn start(path: &Path, bytes_per_second: f64, seed: u64) -> std::io::Result<Self> {
-        Self::over(&[path.to_path_buf()], bytes_per_second, seed)
+        Self::over(&[path.to_path_buf()], bytes_per_second, seed, false)
     }
 
     /// Like [`Self::start`], spread over `paths`: each write goes to a random block of a
-    /// random one of them (files on a mounted filesystem, or one image).
-    pub fn over(paths: &[PathBuf], bytes_per_second: f64, seed: u64) -> std::io::Result<Self> {
+    /// random one of them (files on a mounted filesystem, or one image). With `sync`, each
+    /// write is followed by `fdatasync`, as a database would do: every write reaches the
+    /// disk at once instead of with the kernel's writeback.
+    pub fn over(paths: &[PathBuf], bytes_per_second: f64, seed: u64, sync: bool) -> std::io::Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         for p in paths {
             let file = std::fs::OpenOptions::new().write(true).open(p)?;
@@ -133,6 +135,9 @@ impl PacedWriter {
                     rng.fill_block(&mut buf);
                     let (file, slots) = &files[rng.below(files.len() as u64) as usize];
                     file.write_all_at(&buf, rng.below(*slots) * BLOCK as u64)?;
+                    if sync {
+                        file.sync_data()?;
+                    }
                     written += BLOCK as u64;
                 }
                 std::thread::sleep(Duration::from_millis(10));
