@@ -15,3 +15,4 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod telemetry;
+pub mod watch;

@@ -18,6 +18,7 @@ use siterecovery_api::{FailbackJob, ProtectedServer, RecoveryPlan, ReplicationPo
 use siterecovery_operator::context::Context;
 use siterecovery_operator::leader::{LeaderElectionConfig, LeaderElector};
 use siterecovery_operator::telemetry::{self, Health, Metrics};
+use siterecovery_operator::watch::{Watches, fingerprint};
 use siterecovery_operator::{failback, plan, policy, processserver, registration, server};
 use tokio::sync::watch as signal_watch;
 use tracing::{error, info};
@@ -119,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
     registration_config.serving_names.extend(args.registration_dns_names.iter().cloned());
     registration_config.registration_url = args.registration_url.clone();
     registration_config.bootstrap_token_ttl = args.bootstrap_token_ttl;
+    registration_config.concurrency = args.concurrency;
 
     let guard = if args.no_leader_election {
         None
@@ -188,18 +190,19 @@ async fn run_controllers<F, Fut>(
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
-    let servers: Api<ProtectedServer> = scoped(&client, &args.namespace);
-    let policies: Api<ReplicationPolicy> = scoped(&client, &args.namespace);
+    // One watch per kind for everything below (see `watch`).
+    let (watches, run_watches) = Watches::new(&client, args.namespace.as_deref());
+    let ctx = Context::new(client.clone(), metrics.clone(), watches.clone(), azure);
+    let store = ctx.servers.clone();
     let config = ControllerConfig::default().concurrency(args.concurrency).debounce(Duration::from_millis(500));
 
-    let server_controller = Controller::new(servers.clone(), watcher::Config::default()).with_config(config.clone());
-    let store = server_controller.store();
-    let ctx = Context::new(client.clone(), metrics.clone(), store.clone(), azure);
-
-    // A policy change concerns every server using it.
+    // A policy change concerns every server using it, but only a change of what a
+    // server's status is derived from (its spec, its readiness, its existence): a new
+    // server count in the policy's status must not re-reconcile all its servers.
     let by_policy = store.clone();
-    let server_controller = server_controller
-        .watches(policies.clone(), watcher::Config::default(), move |policy: ReplicationPolicy| {
+    let server_controller = Controller::for_shared_stream(watches.servers.applied(None), store.clone())
+        .with_config(config.clone())
+        .watches_shared_stream(watches.policies.touched(Some(policy_print)), move |policy: Arc<ReplicationPolicy>| {
             let (ns, name) = (policy.namespace(), policy.name_any());
             by_policy
                 .state()
@@ -212,10 +215,11 @@ async fn run_controllers<F, Fut>(
         .run(server::reconcile, server::error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    // A server that starts or stops using a policy changes its count and its deletion.
-    let policy_controller = Controller::new(policies, watcher::Config::default())
+    // A server that starts or stops using a policy changes its count and its deletion;
+    // its status reports do not concern the policy.
+    let policy_controller = Controller::for_shared_stream(watches.policies.applied(None), ctx.policies.clone())
         .with_config(config)
-        .watches(servers, watcher::Config::default(), |server: ProtectedServer| {
+        .watches_shared_stream(watches.servers.touched(Some(uses_policy)), |server: Arc<ProtectedServer>| {
             let ns = server.namespace().unwrap_or_default();
             Some(ObjectRef::<ReplicationPolicy>::new(&server.spec.policy_ref.name).within(&ns))
         })
@@ -230,19 +234,15 @@ async fn run_controllers<F, Fut>(
     let plan_store_for_jobs = plan_store.clone();
     let plan_controller = plan_controller
         .owns(scoped::<Job>(&client, &args.namespace), watcher::Config::default().labels(plan::PLAN_LABEL))
-        .watches(
-            scoped::<ProtectedServer>(&client, &args.namespace),
-            watcher::Config::default(),
-            move |s: ProtectedServer| {
-                let (ns, name) = (s.namespace(), s.name_any());
-                plan_store
-                    .state()
-                    .iter()
-                    .filter(|p| p.namespace() == ns && p.spec.groups.iter().any(|g| g.servers.contains(&name)))
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(watches.servers.touched(None), move |s: Arc<ProtectedServer>| {
+            let (ns, name) = (s.namespace(), s.name_any());
+            plan_store
+                .state()
+                .iter()
+                .filter(|p| p.namespace() == ns && p.spec.groups.iter().any(|g| g.servers.contains(&name)))
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stopped())
         .run(plan::reconcile, plan::error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -253,29 +253,25 @@ async fn run_controllers<F, Fut>(
     let job_store = failback_controller.store();
     let plans_for_jobs = plan_store_for_jobs.clone();
     let failback_controller = failback_controller
-        .watches(
-            scoped::<ProtectedServer>(&client, &args.namespace),
-            watcher::Config::default(),
-            move |s: ProtectedServer| {
-                let (ns, name) = (s.namespace(), s.name_any());
-                let plans = plans_for_jobs.state();
-                job_store
-                    .state()
-                    .iter()
-                    .filter(|j| j.namespace() == ns)
-                    .filter(|j| match (&j.spec.servers, &j.spec.plan_ref) {
-                        (Some(servers), _) => servers.contains(&name),
-                        (None, Some(plan)) => plans.iter().any(|p| {
-                            p.name_any() == plan.name
-                                && p.namespace() == ns
-                                && p.spec.groups.iter().any(|g| g.servers.contains(&name))
-                        }),
-                        _ => false,
-                    })
-                    .map(|j| ObjectRef::from_obj(j.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(watches.servers.touched(None), move |s: Arc<ProtectedServer>| {
+            let (ns, name) = (s.namespace(), s.name_any());
+            let plans = plans_for_jobs.state();
+            job_store
+                .state()
+                .iter()
+                .filter(|j| j.namespace() == ns)
+                .filter(|j| match (&j.spec.servers, &j.spec.plan_ref) {
+                    (Some(servers), _) => servers.contains(&name),
+                    (None, Some(plan)) => plans.iter().any(|p| {
+                        p.name_any() == plan.name
+                            && p.namespace() == ns
+                            && p.spec.groups.iter().any(|g| g.servers.contains(&name))
+                    }),
+                    _ => false,
+                })
+                .map(|j| ObjectRef::from_obj(j.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(stopped())
         .run(failback::reconcile, failback::error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -293,16 +289,48 @@ async fn run_controllers<F, Fut>(
     };
 
     let phase_counts = count_phases(store, metrics, stopped());
-    tokio::join!(
-        logged("ProtectedServer controller", server_controller),
-        logged("ReplicationPolicy controller", policy_controller),
-        logged("RecoveryPlan controller", plan_controller),
-        logged("FailbackJob controller", failback_controller),
-        logged("registration controller", registration_run),
-        logged("registration endpoint", registration_endpoint),
-        logged("process-server fleet", process_servers),
-        logged("phase counter", phase_counts),
-    );
+    // The watches run until the components using them have stopped.
+    let stop_watching = stopped();
+    let watching = async move {
+        tokio::select! {
+            () = run_watches => {}
+            () = stop_watching => {}
+        }
+    };
+    // Nothing that reads the shared caches starts before they hold their first list
+    // (see `watch` on why the stores' own readiness must not be awaited first).
+    let watched = ctx.watches.clone();
+    let components = async move {
+        watched.ready().await;
+        tokio::join!(
+            logged("ProtectedServer controller", server_controller),
+            logged("ReplicationPolicy controller", policy_controller),
+            logged("RecoveryPlan controller", plan_controller),
+            logged("FailbackJob controller", failback_controller),
+            logged("registration controller", registration_run),
+            logged("registration endpoint", registration_endpoint),
+            logged("process-server fleet", process_servers),
+            logged("phase counter", phase_counts),
+        );
+    };
+    tokio::join!(logged("shared watches", watching), components);
+}
+
+/// What a server's status is derived from in its policy: the spec and whether the
+/// policy is Ready.
+fn policy_print(policy: &ReplicationPolicy) -> u64 {
+    let ready = policy.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == siterecovery_api::policy::PolicyConditionType::Ready
+                && c.status == siterecovery_api::ConditionStatus::True
+        })
+    });
+    fingerprint((policy.metadata.generation, ready, policy.metadata.deletion_timestamp.is_some()))
+}
+
+/// What a policy looks at in a server: which policy it uses, and whether it is going.
+fn uses_policy(server: &ProtectedServer) -> u64 {
+    fingerprint((&server.spec.policy_ref.name, server.metadata.deletion_timestamp.is_some()))
 }
 
 /// Runs `part` and logs when it has stopped, so a slow shutdown names what it waits for.

@@ -14,7 +14,6 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::reflector;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use siterecovery_api::ProtectedServer;
@@ -28,6 +27,7 @@ use siterecovery_operator::processserver::{
     ASSIGNMENT_MANAGER, BACKLOG_ANNOTATION, CACHE_FREE_ANNOTATION, NAME, ProcessServerConfig, pod_name, run,
 };
 use siterecovery_operator::telemetry::Metrics;
+use siterecovery_operator::watch::Watches;
 
 const WAIT: Duration = Duration::from_secs(30);
 const PORT: u16 = 10443;
@@ -143,10 +143,12 @@ async fn process_server_fleet_with_chart_rbac() -> anyhow::Result<()> {
     // The chart's RBAC, and a client that holds nothing else.
     let operator = operator_client(&admin, &op_ns.name).await?;
     let metrics = Arc::new(Metrics::new());
+    let (watches, run_watches) = Watches::new(&operator, Some(&ns.name));
+    let watching = tokio::spawn(run_watches);
     let ctx = Context::new(
         operator,
         metrics.clone(),
-        reflector::store().0,
+        watches,
         siterecovery_store::backend::AzureConnector::new(Default::default()).map_err(anyhow::Error::msg)?,
     );
     let config = ProcessServerConfig {
@@ -166,6 +168,7 @@ async fn process_server_fleet_with_chart_rbac() -> anyhow::Result<()> {
     let result = scenario(&admin, &ns.name, &metrics).await;
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), fleet).await??;
+    watching.abort();
     result
 }
 

@@ -17,7 +17,6 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Controller;
-use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use siterecovery_api::ProtectedServer;
@@ -28,6 +27,7 @@ use siterecovery_operator::context::Context;
 use siterecovery_operator::registration::{self, ApiServerInfo, RegisterResponse, RegistrationConfig, certs, tls};
 use siterecovery_operator::server;
 use siterecovery_operator::telemetry::Metrics;
+use siterecovery_operator::watch::Watches;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::ClientConfig;
@@ -126,16 +126,23 @@ fn agent_client(bundle: &RegisterResponse) -> anyhow::Result<Client> {
 async fn start(admin: &Client, op_ns: &str, ns: &str) -> anyhow::Result<(SocketAddr, StopSignal)> {
     let client = operator_client(admin, op_ns).await?;
     let stop = StopSignal::new();
-    let controller =
-        Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());
+    let (watches, run_watches) = Watches::new(&client, Some(ns));
+    let watching = stop.signal();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = run_watches => {}
+            () = watching => {}
+        }
+    });
     let ctx = Context::new(
         client.clone(),
         Arc::new(Metrics::new()),
-        controller.store(),
+        watches.clone(),
         siterecovery_store::backend::AzureConnector::new(Default::default()).map_err(anyhow::Error::msg)?,
     );
+    watches.ready().await;
     tokio::spawn(
-        controller
+        Controller::for_shared_stream(watches.servers.applied(None), ctx.servers.clone())
             .graceful_shutdown_on(stop.signal())
             .run(server::reconcile, server::error_policy, ctx.clone())
             .for_each(|_| async {}),

@@ -12,7 +12,7 @@
 //! kube-runtime `Controller` reconciles objects that exist in its store, so keyed on the
 //! StatefulSet it could never create the first one, and keyed on Namespaces it would
 //! need to read every namespace of the cluster. [`run`] is therefore a small loop over
-//! three reflectors (ProtectedServers, heartbeat Leases, fleet StatefulSets) that:
+//! three caches (the shared one of ProtectedServers, heartbeat Leases, fleet StatefulSets) that:
 //!
 //! - turns watch events into namespaces to run, only when something the pass looks at
 //!   changed (a pin, an assignment, churn, a health level, a backlog emptying, the
@@ -27,9 +27,9 @@
 //! At rest nothing runs but those timers: passes write only what changed (apply of an
 //! unchanged object is a no-op the API server does not record, so it wakes nothing).
 //! Until the caches show a pass's own writes, the next pass reads them from memory, so
-//! a slow watch cannot make it announce the same change twice. The loop keeps its own
-//! watch of ProtectedServers rather than `Context::servers`, whose changes it could not
-//! observe, and publishes events with a recorder per event (see `publish`).
+//! a slow watch cannot make it announce the same change twice. ProtectedServers come
+//! from the operator's shared watch (`Context::watches`); the loop publishes events with
+//! a recorder per event (see `publish`).
 //!
 //! What a pass decides ([`decide`]) — size, spares for Critical process servers,
 //! draining before scale-down, placement — is described in `docs/process-servers.md`.
@@ -112,21 +112,26 @@ impl Stores {
     }
 }
 
-/// Runs the fleet of every watched namespace until `stopped` resolves (a pass in
+/// Runs the fleet of every watched namespace (ProtectedServers from the shared watch in
+/// `ctx`, whose future must be running) until `stopped` resolves (a pass in
 /// progress finishes first). Never returns an error: failures are logged, counted in
 /// `siterecovery_reconcile_errors_total{kind="ProcessServerFleet"}` and retried.
 pub async fn run(ctx: Arc<Context>, config: ProcessServerConfig, stopped: impl Future<Output = ()> + Send) {
     let client = ctx.client.clone();
-    let (servers, servers_writer) = reflector::store::<ProtectedServer>();
     let (leases, leases_writer) = reflector::store::<Lease>();
     let (sets, sets_writer) = reflector::store::<StatefulSet>();
-    let stores = Stores { servers, leases, sets };
+    let stores = Stores { servers: ctx.servers.clone(), leases, sets };
 
     let mut server_prints = Fingerprints::default();
-    let server_events = watcher(scoped::<ProtectedServer>(&client, &config.namespace), watcher::Config::default())
-        .default_backoff()
-        .reflect(servers_writer)
-        .map(move |e| namespaces(e, "ProtectedServer", |ev| server_prints.observe(ev, server_print)));
+    let cached = ctx.servers.clone();
+    let in_scope = config.namespace.clone();
+    let server_events = ctx.watches.servers.changes().map(move |change| {
+        server_prints
+            .observe_change(&change, || cached.state(), server_print)
+            .into_iter()
+            .filter(|ns| in_scope.as_ref().is_none_or(|scope| scope == ns))
+            .collect::<Vec<_>>()
+    });
     let mut lease_prints = Fingerprints::default();
     let lease_events =
         watcher(scoped::<Lease>(&client, &config.namespace), watcher::Config::default().labels(LEASE_SELECTOR))
@@ -141,11 +146,15 @@ pub async fn run(ctx: Arc<Context>, config: ProcessServerConfig, stopped: impl F
             .map(move |e| namespaces(e, "StatefulSet", |ev| set_prints.observe(ev, set_print)));
     let mut triggers = futures::stream::select_all([server_events.boxed(), lease_events.boxed(), set_events.boxed()]);
 
+    tokio::pin!(stopped);
+    tokio::select! {
+        () = ctx.watches.servers.ready() => {}
+        () = &mut stopped => return,
+    }
     let mut queue = Queue::default();
     let mut failures: HashMap<String, u32> = HashMap::new();
     let mut memories: HashMap<String, Memory> = HashMap::new();
     let mut ready = false;
-    tokio::pin!(stopped);
     info!(namespace = config.namespace.as_deref().unwrap_or("*"), "process-server fleet: watching");
     loop {
         ready = ready || stores.ready();

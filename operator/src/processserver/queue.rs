@@ -4,10 +4,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use tokio::time::Instant;
+
+use crate::watch::Change;
 
 /// Hashes the parts of an object that the fleet looks at.
 pub fn fingerprint(parts: impl Hash) -> u64 {
@@ -28,18 +31,9 @@ pub struct Fingerprints {
 impl Fingerprints {
     /// The namespaces to run after `event` (sorted, without repeats).
     pub fn observe<K: ResourceExt>(&mut self, event: &Event<K>, print: impl Fn(&K) -> u64) -> Vec<String> {
-        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
-            Event::Apply(o) => {
-                let k = key(o);
-                let ns = k.0.clone();
-                if self.seen.insert(k, print(o)) == Some(print(o)) { Vec::new() } else { vec![ns] }
-            }
-            Event::Delete(o) => {
-                let k = key(o);
-                self.seen.remove(&k);
-                vec![k.0]
-            }
+            Event::Apply(o) => self.applied(o, print),
+            Event::Delete(o) => self.deleted(o),
             Event::Init => {
                 self.relist = Some(HashMap::new());
                 Vec::new()
@@ -49,23 +43,62 @@ impl Fingerprints {
                 Vec::new()
             }
             Event::InitDone => {
-                // Compare with what was known before: objects deleted while the watch was
-                // down show up only as absences from the new list.
                 let listed = self.relist.take().unwrap_or_default();
-                let mut namespaces = BTreeSet::new();
-                for (k, print) in &listed {
-                    if self.seen.get(k) != Some(print) {
-                        namespaces.insert(k.0.clone());
-                    }
-                }
-                for k in self.seen.keys().filter(|k| !listed.contains_key(*k)) {
-                    namespaces.insert(k.0.clone());
-                }
-                self.seen = listed;
-                namespaces.into_iter().collect()
+                self.listed(listed)
             }
         }
     }
+
+    /// The namespaces to run after a change to a shared cache; `cached` is what the cache
+    /// holds, read only when the whole of it is to be compared.
+    pub fn observe_change<K: ResourceExt>(
+        &mut self,
+        change: &Change<K>,
+        cached: impl FnOnce() -> Vec<Arc<K>>,
+        print: impl Fn(&K) -> u64,
+    ) -> Vec<String> {
+        match change {
+            Change::Applied(o) => self.applied(o.as_ref(), print),
+            Change::Deleted(o) => self.deleted(o.as_ref()),
+            Change::Relisted => {
+                let listed = cached().iter().map(|o| (key(o.as_ref()), print(o))).collect();
+                self.listed(listed)
+            }
+        }
+    }
+
+    fn applied<K: ResourceExt>(&mut self, o: &K, print: impl Fn(&K) -> u64) -> Vec<String> {
+        let k = key(o);
+        let ns = k.0.clone();
+        let p = print(o);
+        if self.seen.insert(k, p) == Some(p) { Vec::new() } else { vec![ns] }
+    }
+
+    fn deleted<K: ResourceExt>(&mut self, o: &K) -> Vec<String> {
+        let k = key(o);
+        self.seen.remove(&k);
+        vec![k.0]
+    }
+
+    /// Compares a complete list with what was known before: objects deleted while the
+    /// watch was down show up only as absences from the new list.
+    fn listed(&mut self, listed: HashMap<(String, String), u64>) -> Vec<String> {
+        let mut namespaces = BTreeSet::new();
+        for (k, print) in &listed {
+            if self.seen.get(k) != Some(print) {
+                namespaces.insert(k.0.clone());
+            }
+        }
+        for k in self.seen.keys().filter(|k| !listed.contains_key(*k)) {
+            namespaces.insert(k.0.clone());
+        }
+        self.seen = listed;
+        namespaces.into_iter().collect()
+    }
+}
+
+fn key<K: ResourceExt>(o: &K) -> (String, String) {
+    (o.namespace().unwrap_or_default(), o.name_any())
 }
 
 /// When each namespace is due for a pass.

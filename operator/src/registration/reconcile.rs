@@ -13,9 +13,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType};
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use siterecovery_api::ProtectedServer;
@@ -38,21 +37,48 @@ struct Shared {
 
 /// Runs until `stopped` resolves: issues and rotates certificates and bootstrap tokens
 /// for every ProtectedServer in scope. Run it on the leader only (it is a writer).
+///
+/// Reads the servers from the shared watch in `ctx` and runs only on the changes that
+/// concern registration (see [`registration_print`]); agents and process servers report
+/// into status all the time, and each reconcile reads four Secrets.
 pub async fn run(
     ctx: Arc<Context>,
     config: RegistrationConfig,
     stopped: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<ProtectedServer> = match &config.watch_namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let in_scope = config.watch_namespace.clone();
+    let trigger = ctx
+        .watches
+        .servers
+        .applied(Some(registration_print))
+        .filter(move |s| std::future::ready(in_scope.is_none() || s.namespace() == in_scope));
+    let store = ctx.servers.clone();
+    let controller_config = ControllerConfig::default().concurrency(config.concurrency);
+    let mut stopped = Box::pin(stopped);
+    tokio::select! {
+        () = ctx.watches.servers.ready() => {}
+        () = &mut stopped => return,
+    }
     let shared = Arc::new(Shared { ctx, config });
-    Controller::new(api, watcher::Config::default())
+    Controller::for_shared_stream(trigger, store)
+        .with_config(controller_config)
         .graceful_shutdown_on(stopped)
         .run(reconcile, error_policy, shared)
         .for_each(|_| async {})
         .await;
+}
+
+/// What registration looks at in a server: its spec and deletion (the generation covers
+/// both), whether its agent has reported yet (a used token's plaintext is removed then,
+/// should the endpoint not have managed to), and the certificate expiry it records.
+fn registration_print(server: &ProtectedServer) -> u64 {
+    let agent = server.status.as_ref().and_then(|s| s.agent.as_ref());
+    crate::watch::fingerprint((
+        server.metadata.generation,
+        server.metadata.deletion_timestamp.is_some(),
+        agent.is_some_and(|a| a.last_heartbeat_time.is_some()),
+        agent.and_then(|a| a.certificate_expiry_time.as_ref()).map(|t| t.0),
+    ))
 }
 
 fn error_policy(_server: Arc<ProtectedServer>, error: &Error, shared: Arc<Shared>) -> Action {

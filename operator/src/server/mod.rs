@@ -14,11 +14,12 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event as KubeEvent;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use siterecovery_api::ProtectedServer;
 use siterecovery_api::field_manager::OPERATOR;
 use siterecovery_api::server::ServerPhase;
-use siterecovery_api::{ProtectedServer, ReplicationPolicy};
 use tracing::{info, instrument, warn};
 
 pub use decide::{Decision, HEARTBEAT_TIMEOUT, Notice, decide, test_state};
@@ -56,15 +57,19 @@ pub fn error_policy(server: Arc<ProtectedServer>, error: &Error, ctx: Arc<Contex
 /// observe → decide → apply → status.
 async fn apply(server: &ProtectedServer, ctx: &Context) -> Result<Action> {
     let ns = server.namespace().unwrap_or_default();
-    let policy =
-        Api::<ReplicationPolicy>::namespaced(ctx.client.clone(), &ns).get_opt(&server.spec.policy_ref.name).await?;
+    // From the shared cache, not a GET per reconcile (one per server and report while
+    // servers enrol, measured by `make bench`). Policy changes that matter to a server
+    // re-reconcile it, so the cache being a moment behind costs nothing lasting; before
+    // the first list is complete, a missing policy would be reported as missing.
+    ctx.watches.policies.ready().await;
+    let policy = ctx.policies.get(&ObjectRef::new(&server.spec.policy_ref.name).within(&ns));
     // The identity is applied once per generation: re-applying it on every status report
     // cost three writes per reconcile while servers enrol (measured by `make bench`).
     let new_generation = server.status.as_ref().and_then(|s| s.observed_generation) != server.meta().generation;
     if new_generation {
         apply_identity(server, ctx).await?;
     }
-    let decision = decide(server, policy.as_ref(), &now());
+    let decision = decide(server, policy.as_deref(), &now());
     for notice in &decision.notices {
         publish(server, notice, ctx).await;
     }
@@ -112,24 +117,21 @@ fn unchanged(server: &ProtectedServer, status: &serde_json::Value) -> bool {
     })
 }
 
-/// Server-side applies the agent's ServiceAccount, Role and RoleBinding.
+/// Server-side applies the agent's ServiceAccount, Role and RoleBinding. The account and
+/// the Role go together (two round trips instead of three while servers enrol); the
+/// binding only after the Role exists, since the API server checks the operator may
+/// grant what the Role holds (RBAC escalation check) and answers 404 for a missing Role.
 async fn apply_identity(server: &ProtectedServer, ctx: &Context) -> Result<()> {
     let ns = server.namespace().unwrap_or_default();
     let name = identity::agent_name(server);
     let params = PatchParams::apply(OPERATOR).force();
-    Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &params, &Patch::Apply(&typed(identity::service_account(server), "v1", "ServiceAccount")?))
-        .await?;
-    Api::<Role>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &params, &Patch::Apply(&typed(identity::role(server), "rbac.authorization.k8s.io/v1", "Role")?))
-        .await?;
-    Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns)
-        .patch(
-            &name,
-            &params,
-            &Patch::Apply(&typed(identity::role_binding(server), "rbac.authorization.k8s.io/v1", "RoleBinding")?),
-        )
-        .await?;
+    let account = Patch::Apply(typed(identity::service_account(server), "v1", "ServiceAccount")?);
+    let role = Patch::Apply(typed(identity::role(server), "rbac.authorization.k8s.io/v1", "Role")?);
+    let binding = Patch::Apply(typed(identity::role_binding(server), "rbac.authorization.k8s.io/v1", "RoleBinding")?);
+    let accounts = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &ns);
+    let roles = Api::<Role>::namespaced(ctx.client.clone(), &ns);
+    tokio::try_join!(accounts.patch(&name, &params, &account), roles.patch(&name, &params, &role))?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns).patch(&name, &params, &binding).await?;
     Ok(())
 }
 
