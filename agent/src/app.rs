@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use siterecovery_store::{PointKind, generate_point_id};
-use siterecovery_wire::{Message, PointMarker, Slot};
+use siterecovery_wire::{Message, PointMarker};
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
-use crate::disk::Disk;
 use crate::freeze::{Freeze, FreezeError, HookError, check_mount_point, run_hook};
-use crate::link::Link;
-use crate::{Agent, SessionError, err, stopping};
+use crate::send::Wire;
+use crate::session::stopping;
+use crate::{Agent, SessionError, err};
 
 /// How the agent takes app-consistent points (`appConsistency` in agent.json). The
 /// interval is the policy's `appConsistentInterval`, handed out by the process server.
@@ -108,14 +108,10 @@ impl Agent {
     /// Takes one app-consistent point (see the module documentation).
     pub(crate) async fn app_point<W: AsyncWrite + Unpin>(
         &mut self,
-        link: &mut Link<W>,
-        disks: &[Disk],
-        sizes: &[u64],
-        chunk_size: u32,
-        sent: &mut Vec<Vec<Slot>>,
+        wire: &mut Wire<W>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<AppOutcome, SessionError> {
-        let r = self.app_attempt(link, disks, sizes, chunk_size, sent, shutdown).await;
+        let r = self.app_attempt(wire, shutdown).await;
         if matches!(r, Ok(AppOutcome::NoPoint) | Err(_)) {
             self.update(|s| s.app_points_failed += 1);
         }
@@ -124,11 +120,7 @@ impl Agent {
 
     async fn app_attempt<W: AsyncWrite + Unpin>(
         &mut self,
-        link: &mut Link<W>,
-        disks: &[Disk],
-        sizes: &[u64],
-        chunk_size: u32,
-        sent: &mut Vec<Vec<Slot>>,
+        wire: &mut Wire<W>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<AppOutcome, SessionError> {
         let Some(cfg) = self.config.app_consistency.clone() else {
@@ -172,7 +164,7 @@ impl Agent {
                 FreezeError::Failed { .. } => Fail::App("FreezeFailed", e.to_string()),
             })?;
             let stop = || !holding.load(Ordering::SeqCst);
-            let at = self.precopy(link, disks, sizes, chunk_size, sent, &stop).await.map_err(Fail::Session)?;
+            let at = self.precopy(wire, &stop).await.map_err(Fail::Session)?;
             // Checked after the quiet look: still held then means frozen at its instant.
             if stop() {
                 return Err(Fail::App(
@@ -192,9 +184,9 @@ impl Agent {
                 ));
             };
             let id = generate_point_id(time, PointKind::App);
-            let seq = link.next_seq();
+            let seq = wire.link.next_seq();
             let marker = PointMarker { seq, id: id.clone(), kind: PointKind::App, time, group: None, members: vec![] };
-            link.send(seq, &Message::Point(marker)).await.map_err(|e| Fail::Session(err(e)))?;
+            wire.link.send(seq, &Message::Point(marker)).await.map_err(|e| Fail::Session(err(e)))?;
             Ok(id)
         };
         let result = tokio::select! {
@@ -208,7 +200,7 @@ impl Agent {
             None => tracing::error!("the freezing thread did not report a thaw; it thaws when fsfreeze returns"),
         }
         let (outcome, point, ended) = match result {
-            Ok(id) => match link.drain().await {
+            Ok(id) => match wire.link.drain().await {
                 Ok(()) => {
                     tracing::info!(point = %id, "app-consistent recovery point acknowledged");
                     self.update(|s| {
@@ -286,13 +278,9 @@ impl Agent {
     /// the freeze failed, or the changes did not fit in the freeze).
     pub(crate) async fn converge_frozen<W: AsyncWrite + Unpin>(
         &mut self,
-        link: &mut Link<W>,
-        disks: &[Disk],
-        sizes: &[u64],
-        chunk_size: u32,
-        sent: &mut Vec<Vec<Slot>>,
+        wire: &mut Wire<W>,
     ) -> Result<Option<jiff::Timestamp>, SessionError> {
-        let (at, held) = self.converge_holding(link, disks, sizes, chunk_size, sent).await?;
+        let (at, held) = self.converge_holding(wire).await?;
         if let Some(held) = held {
             held.release().await;
         }
@@ -304,11 +292,7 @@ impl Agent {
     /// the instant while the other members get ready.
     pub(crate) async fn converge_holding<W: AsyncWrite + Unpin>(
         &mut self,
-        link: &mut Link<W>,
-        disks: &[Disk],
-        sizes: &[u64],
-        chunk_size: u32,
-        sent: &mut Vec<Vec<Slot>>,
+        wire: &mut Wire<W>,
     ) -> Result<(Option<jiff::Timestamp>, Option<HeldFreeze>), SessionError> {
         let mounts = match &self.config.app_consistency {
             Some(a) if !a.mount_points.is_empty() => a.mount_points.clone(),
@@ -325,7 +309,7 @@ impl Agent {
         let result = match freeze.frozen().await {
             Ok(()) => {
                 let stop = || !holding.load(Ordering::SeqCst);
-                let at = self.precopy(link, disks, sizes, chunk_size, sent, &stop).await;
+                let at = self.precopy(wire, &stop).await;
                 // Still held after the quiet look: the look saw the filesystems frozen.
                 at.map(|t| t.filter(|_| !stop()))
             }

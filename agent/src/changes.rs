@@ -119,10 +119,7 @@ impl ChangeTracker for EbpfTracker {
             return Ok(Dirty::All);
         }
         Ok(Dirty::Chunks(
-            set.devices
-                .iter()
-                .map(|d| crate::chunks_of(d.blocks.iter().copied(), set.granularity, chunk_size))
-                .collect(),
+            set.devices.iter().map(|d| chunks_of(d.blocks.iter().copied(), set.granularity, chunk_size)).collect(),
         ))
     }
 
@@ -133,6 +130,11 @@ impl ChangeTracker for EbpfTracker {
     fn name(&self) -> &'static str {
         "ebpf"
     }
+}
+
+/// Turns a set of dirty byte ranges into chunk indexes (for trackers that report blocks).
+pub fn chunks_of(blocks: impl IntoIterator<Item = u64>, block_size: u64, chunk_size: u32) -> BTreeSet<u64> {
+    blocks.into_iter().map(|b| b * block_size / u64::from(chunk_size)).collect()
 }
 
 /// How the agent tracks changes.

@@ -6,12 +6,11 @@
 use std::time::Duration;
 
 use siterecovery_store::{PointKind, generate_point_id};
-use siterecovery_wire::{GroupPrepare, GroupReady, Message, PointMarker, Settings, Slot};
+use siterecovery_wire::{GroupPrepare, GroupReady, Message, PointMarker, Settings};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
-use crate::disk::Disk;
-use crate::link::Link;
+use crate::send::Wire;
 use crate::{Agent, SessionError, err};
 
 /// How long the agent tries to reach an instant for a round (the process server waits
@@ -34,15 +33,10 @@ pub(crate) enum GroupOutcome {
 impl Agent {
     /// Takes part in the round `prepare`. Every chunk sent before the marker reflects the
     /// instant held; chunks written meanwhile follow the marker.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn group_round<W: AsyncWrite + Unpin>(
         &mut self,
-        link: &mut Link<W>,
+        wire: &mut Wire<W>,
         control: &mut mpsc::UnboundedReceiver<Message>,
-        disks: &[Disk],
-        sizes: &[u64],
-        chunk_size: u32,
-        sent: &mut Vec<Vec<Slot>>,
         prepare: GroupPrepare,
     ) -> Result<GroupOutcome, SessionError> {
         let round = prepare.round;
@@ -52,13 +46,13 @@ impl Agent {
         let began = tokio::time::Instant::now();
         let mut at = None;
         while at.is_none() && began.elapsed() < READY_BUDGET {
-            at = self.precopy(link, disks, sizes, chunk_size, sent, &|| false).await?;
+            at = self.precopy(wire, &|| false).await?;
             if at.is_none() {
-                (at, held) = self.converge_holding(link, disks, sizes, chunk_size, sent).await?;
+                (at, held) = self.converge_holding(wire).await?;
             }
         }
         // Ready only once the process server holds the instant durably.
-        let drained = link.drain().await.map_err(err);
+        let drained = wire.link.drain().await.map_err(err);
         let reason = match (&at, &drained) {
             (_, Err(e)) => Some(e.to_string()),
             (None, _) => Some(format!("writes never paused in {} s", READY_BUDGET.as_secs())),
@@ -66,14 +60,14 @@ impl Agent {
         };
         let ready = GroupReady { round, ready: reason.is_none(), reason: reason.clone() };
         let answered = match drained {
-            Ok(()) => link.send_unnumbered(&Message::GroupReady(ready)).await.map_err(err),
+            Ok(()) => wire.link.send_unnumbered(&Message::GroupReady(ready)).await.map_err(err),
             Err(e) => Err(e),
         };
         let decision = match (&answered, at) {
             (Ok(()), Some(_)) => wait_decision(control, round, &mut self.pending_settings).await,
             _ => None,
         };
-        let outcome = self.conclude(link, disks, sizes, chunk_size, sent, &prepare.group, at, decision).await;
+        let outcome = self.conclude(wire, &prepare.group, at, decision).await;
         if let Some(h) = held {
             h.release().await;
         }
@@ -87,22 +81,17 @@ impl Agent {
     /// Records the group point if the commit came and nothing was written since the
     /// instant `at`; else a crash point at `at` (what was sent still reflects it), and
     /// then sends what was written meanwhile.
-    #[allow(clippy::too_many_arguments)]
     async fn conclude<W: AsyncWrite + Unpin>(
         &mut self,
-        link: &mut Link<W>,
-        disks: &[Disk],
-        sizes: &[u64],
-        chunk_size: u32,
-        sent: &mut [Vec<Slot>],
+        wire: &mut Wire<W>,
         group: &str,
         at: Option<jiff::Timestamp>,
         decision: Option<Message>,
     ) -> Result<GroupOutcome, SessionError> {
         let Some(at) = at else { return Ok(GroupOutcome::Nothing) };
-        let since = self.tracker.take(disks, chunk_size).map_err(err)?;
+        let since = self.tracker.take(&wire.disks, wire.chunk_size).map_err(err)?;
         let still = since.is_quiet() && self.tracker.proves_quiet();
-        let seq = link.next_seq();
+        let seq = wire.link.next_seq();
         let (marker, outcome) = match decision {
             Some(Message::GroupCommit(c)) if still => {
                 let marker = PointMarker {
@@ -129,11 +118,11 @@ impl Agent {
                 (marker, GroupOutcome::CrashPoint(id))
             }
         };
-        link.send(seq, &Message::Point(marker)).await.map_err(err)?;
+        wire.link.send(seq, &Message::Point(marker)).await.map_err(err)?;
         if !since.is_quiet() {
-            self.send_pass(link, disks, sizes, chunk_size, sent, &since, false).await?;
+            self.send_pass(wire, &since, false).await?;
         }
-        link.drain().await.map_err(err)?;
+        wire.link.drain().await.map_err(err)?;
         Ok(outcome)
     }
 }
