@@ -43,6 +43,11 @@ impl ChildGuard {
         assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
+    /// The process id (panics if the child was killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child was killed").id()
+    }
+
     /// Whether the process still runs (panics with its log if it exited).
     pub fn assert_alive(&mut self, what: &str) {
         let c = self.child.as_mut().expect("child was killed");
