@@ -9,28 +9,33 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
 use kube::runtime::controller::Controller;
-use kube::runtime::watcher;
-use siterecovery_api::ProtectedServer;
 use siterecovery_e2e::StopSignal;
 use siterecovery_e2e::operator::operator_client;
 use siterecovery_operator::context::Context;
 use siterecovery_operator::registration::{self as operator_registration, ApiServerInfo, RegistrationConfig};
 use siterecovery_operator::server;
 use siterecovery_operator::telemetry::Metrics;
+use siterecovery_operator::watch::Watches;
 
 /// The ProtectedServer reconciler, registration's reconciler and its HTTPS endpoint for
 /// the servers of `ns`; returns the endpoint's address and what stops them.
 pub async fn start_operator(admin: &kube::Client, op_ns: &str, ns: &str) -> anyhow::Result<(SocketAddr, StopSignal)> {
     let client = operator_client(admin, op_ns).await?;
     let stop = StopSignal::new();
-    let controller =
-        Controller::new(Api::<ProtectedServer>::namespaced(client.clone(), ns), watcher::Config::default());
+    let (watches, run_watches) = Watches::new(&client, Some(ns));
+    let watching = stop.signal();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = run_watches => {}
+            () = watching => {}
+        }
+    });
     let azure = siterecovery_store::backend::AzureConnector::new(Default::default()).map_err(anyhow::Error::msg)?;
-    let ctx = Context::new(client.clone(), Arc::new(Metrics::new()), controller.store(), azure);
+    let ctx = Context::new(client.clone(), Arc::new(Metrics::new()), watches.clone(), azure);
+    watches.ready().await;
     tokio::spawn(
-        controller
+        Controller::for_shared_stream(watches.servers.applied(None), ctx.servers.clone())
             .graceful_shutdown_on(stop.signal())
             .run(server::reconcile, server::error_policy, ctx.clone())
             .for_each(|_| async {}),
