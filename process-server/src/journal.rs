@@ -194,17 +194,27 @@ impl Journal {
             w.segment = next;
             w.offset = 0;
         }
-        let mut rec = frame.encode().to_vec();
-        let crc = crc32fast::hash(&rec);
-        rec.extend_from_slice(&crc.to_be_bytes());
+        // The record is written in three pieces rather than assembled: the body (a whole
+        // chunk) is not copied, so an append costs no memory beyond the frame itself.
+        let mut head = Vec::with_capacity(9 + frame.header.len());
+        head.extend_from_slice(&((frame.encoded_len() - 4) as u32).to_be_bytes());
+        head.push(frame.kind);
+        head.extend_from_slice(&(frame.header.len() as u32).to_be_bytes());
+        head.extend_from_slice(&frame.header);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&frame.body);
+        let crc = crc.finalize().to_be_bytes();
         let path = segment_path(&self.dir, w.segment);
-        if let Err(e) = w.file.write_all(&rec) {
+        let written =
+            w.file.write_all(&head).and_then(|()| w.file.write_all(&frame.body)).and_then(|()| w.file.write_all(&crc));
+        if let Err(e) = written {
             // Leave no partial record behind: the next append must start clean.
             let offset = w.offset;
             let _ = w.file.set_len(offset);
             return Err(JournalError::io("append to", &path, e));
         }
-        w.offset += rec.len() as u64;
+        w.offset += frame.encoded_len() as u64 + 4;
         Ok(Position { segment: w.segment, offset: w.offset })
     }
 

@@ -82,6 +82,8 @@ pub struct Shared {
     targets: Arc<dyn Targets>,
     cache_dir: PathBuf,
     budget: Arc<CacheBudget>,
+    /// Journal bytes the uploaders may hold in memory, all servers together.
+    upload_buffer: Arc<upload::UploadBuffer>,
     metrics: Arc<Metrics>,
     recent: recent::RecentChunks,
     /// The uploaders, stopped with the process server.
@@ -96,7 +98,12 @@ impl Shared {
         let (state, new) = self.registry.get_or_open(&self.cache_dir, server, target).await?;
         if new {
             self.budget.add(state.backlog.load(std::sync::atomic::Ordering::Relaxed));
-            let task = tokio::spawn(upload::run(state.clone(), self.budget.clone(), self.metrics.clone()));
+            let task = tokio::spawn(upload::run(
+                state.clone(),
+                self.budget.clone(),
+                self.upload_buffer.clone(),
+                self.metrics.clone(),
+            ));
             self.uploaders.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         }
         Ok(state)
@@ -164,6 +171,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         targets,
         cache_dir: config.cache_dir.clone(),
         budget: Arc::new(CacheBudget::new(config.cache_limit)),
+        upload_buffer: Arc::new(upload::UploadBuffer::new(upload::UPLOAD_BUFFER_BYTES)),
         metrics: metrics.clone(),
         recent: recent::RecentChunks::new(config.recent_chunk_bytes),
         uploaders: Default::default(),

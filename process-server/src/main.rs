@@ -50,8 +50,35 @@ struct Args {
     log_json: bool,
 }
 
+fn main() -> anyhow::Result<()> {
+    fixed_mmap_threshold();
+    run()
+}
+
+/// glibc's malloc serves a large allocation with its own mapping, given back when freed,
+/// but it raises that threshold to the size of every mapped block that is freed (up to 32
+/// MiB): after the first chunk buffer is freed, chunk buffers (4 MiB) come from the
+/// per-thread arenas instead, whose freed holes are rarely returned. Measured during a
+/// 1 GiB initial copy (docs/benchmarks.md, "Process-server memory"): peak RSS 700 MiB
+/// with the moving threshold, 383 MiB with it fixed at 1 MiB, for the same live data.
+/// glibc reads the setting from the environment only at start, and `mallopt` is not
+/// reachable without `unsafe`, so the process starts itself again once with it set. A
+/// value already in the environment is kept (an operator's choice; any value, even empty,
+/// turns this off); on other C libraries the variable means nothing and costs one exec.
+fn fixed_mmap_threshold() {
+    const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
+    if std::env::var_os(VAR).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    use std::os::unix::process::CommandExt as _;
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(VAR, "1048576").exec();
+    // Only reached if the exec failed: run as is.
+    eprintln!("could not restart with {VAR} set ({err}); continuing with glibc's moving threshold");
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     // The Azure SDK logs every failed attempt at info; its retries are ours to report.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

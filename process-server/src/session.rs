@@ -168,8 +168,10 @@ where
     let syncer = tokio::spawn(sync_loop(state.clone(), appended_rx, ack_tx));
     // Frames are read by their own task: a read interrupted by an ack in the select!
     // below would lose a half-read frame (reads are not cancel-safe; channels are). A
-    // full channel stops the reader, which stops reading the socket: backpressure.
-    let (frame_tx, mut frames) = mpsc::channel(4);
+    // full channel stops the reader, which stops reading the socket: backpressure. One
+    // slot keeps the reader a frame ahead; each more slot is a whole chunk in memory per
+    // agent (docs/process-servers.md, "Memory").
+    let (frame_tx, mut frames) = mpsc::channel(1);
     let reader = tokio::spawn(async move {
         loop {
             let r = read_frame(&mut rd).await;

@@ -226,7 +226,8 @@ impl ServerState {
         let mut received = Received { head: checkpoint.head.clone(), latest_point: checkpoint.latest_point.clone() };
         let mut pos = checkpoint.position;
         loop {
-            let batch = tokio::task::block_in_place(|| journal.read_from(pos, 1024, 1 << 30))?;
+            // Small batches: a large backlog is replayed without holding it in memory.
+            let batch = tokio::task::block_in_place(|| journal.read_from(pos, 64, REPLAY_BATCH_BYTES))?;
             let Some((_, last)) = batch.last() else { break };
             pos = *last;
             for (frame, _) in &batch {
@@ -264,6 +265,10 @@ impl ServerState {
         self.received.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+/// Journal bytes read at a time when a server's state is opened (the records are only
+/// applied to the head, then dropped).
+const REPLAY_BATCH_BYTES: u64 = 16 << 20;
 
 /// Without a checkpoint (a new server, or its cache volume was lost and it moved here):
 /// start from the latest recovery point in the store, so only differences are resent.

@@ -17,15 +17,47 @@ use crate::state::{CacheBudget, Checkpoint, ServerState, apply};
 
 /// Records per round; a round ends with a checkpoint.
 const BATCH_RECORDS: usize = 256;
-const BATCH_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Journal bytes the uploaders of all servers together may hold in memory: a round reads
+/// its records only once it holds that many bytes of this budget. Without it every
+/// uploader read up to 256 MiB per round, so memory grew with the number of servers
+/// that had a backlog (docs/process-servers.md, "Memory").
+pub const UPLOAD_BUFFER_BYTES: u64 = 128 * 1024 * 1024;
+
+/// The share of [`UPLOAD_BUFFER_BYTES`] one round asks for: two rounds' worth of uploads
+/// in flight (`parallelism` chunks at a time), at least 16 MiB, at most the whole buffer.
+pub fn round_bytes(parallelism: usize, chunk_size: u32, buffer: u64) -> u64 {
+    (2 * parallelism as u64 * u64::from(chunk_size)).max(16 << 20).min(buffer)
+}
+
+/// The journal bytes uploaders hold in memory, shared by all of them (fair: rounds are
+/// served in the order they asked).
+#[derive(Debug)]
+pub struct UploadBuffer {
+    bytes: u64,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl UploadBuffer {
+    /// A buffer of `bytes` (at least 1 MiB).
+    pub fn new(bytes: u64) -> Self {
+        let bytes = bytes.clamp(1 << 20, u64::from(u32::MAX));
+        Self { bytes, permits: Arc::new(tokio::sync::Semaphore::new(bytes as usize)) }
+    }
+
+    async fn acquire(&self, n: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let n = n.min(self.bytes).min(u64::from(u32::MAX)) as u32;
+        self.permits.clone().acquire_many_owned(n).await.expect("the semaphore is never closed")
+    }
+}
 
 /// Runs the uploader of `state` until the process ends.
-pub async fn run(state: Arc<ServerState>, budget: Arc<CacheBudget>, metrics: Arc<Metrics>) {
+pub async fn run(state: Arc<ServerState>, budget: Arc<CacheBudget>, buffer: Arc<UploadBuffer>, metrics: Arc<Metrics>) {
     let mut cp = state.start.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
     let mut known: HashMap<String, HashSet<ChunkHash>> = HashMap::new();
     let mut backoff = Duration::from_millis(200);
     loop {
-        match round(&state, &mut cp, &mut known, &budget, &metrics).await {
+        match round(&state, &mut cp, &mut known, &budget, &buffer, &metrics).await {
             Ok(true) => backoff = Duration::from_millis(200),
             Ok(false) => {
                 // Nothing to do: wait for the session to journal more.
@@ -47,19 +79,27 @@ async fn round(
     cp: &mut Checkpoint,
     known: &mut HashMap<String, HashSet<ChunkHash>>,
     budget: &CacheBudget,
+    buffer: &UploadBuffer,
     metrics: &Metrics,
 ) -> Result<bool, String> {
     let journal = &state.journal;
     let from = cp.position;
-    let batch = tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, BATCH_BYTES))
-        .map_err(|e| e.to_string())?;
+    if journal.durable() <= from {
+        return Ok(false);
+    }
+    let store = &state.target.store;
+    // Held until the round's uploads are done: what was read stays in memory until then.
+    // A round may read one record past its share (the last one it starts).
+    let want = round_bytes(store.options().parallelism, state.chunk_size, buffer.bytes);
+    let _held = buffer.acquire(want).await;
+    let batch =
+        tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want)).map_err(|e| e.to_string())?;
     let Some((_, end)) = batch.last() else { return Ok(false) };
     let end = *end;
     let messages: Vec<Message> =
         batch.iter().map(|(f, _)| Message::from_frame(f)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
 
     // Chunks first (in parallel), then the head in journal order with points on the way.
-    let store = &state.target.store;
     for disk in messages.iter().filter_map(|m| if let Message::Chunk(c, _) = m { Some(&c.disk) } else { None }) {
         if !known.contains_key(disk) {
             let set = if cp.trust_store {
@@ -176,4 +216,30 @@ pub(crate) fn manifest_of(
         chunk_size: cp.chunk_size,
         disks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_asks_for_two_rounds_of_uploads_within_the_buffer() {
+        let mib = 1u64 << 20;
+        assert_eq!(round_bytes(8, 4 << 20, UPLOAD_BUFFER_BYTES), 64 * mib, "defaults: two rounds fit");
+        assert_eq!(round_bytes(1, 4 << 20, UPLOAD_BUFFER_BYTES), 16 * mib, "at least 16 MiB");
+        assert_eq!(round_bytes(8, 64 << 20, UPLOAD_BUFFER_BYTES), UPLOAD_BUFFER_BYTES, "at most the buffer");
+    }
+
+    #[tokio::test]
+    async fn rounds_wait_for_the_buffer_and_get_it_in_turn() {
+        let buffer = UploadBuffer::new(64 << 20);
+        let first = buffer.acquire(48 << 20).await;
+        let second = tokio::time::timeout(Duration::from_millis(50), buffer.acquire(32 << 20)).await;
+        assert!(second.is_err(), "a round waits while the buffer is held");
+        drop(first);
+        let _second = buffer.acquire(32 << 20).await;
+        // Asking for more than the buffer is asking for all of it: it waits for the rest.
+        let whole = tokio::time::timeout(Duration::from_millis(50), buffer.acquire(1 << 40)).await;
+        assert!(whole.is_err(), "the second round still holds half");
+    }
 }
