@@ -85,7 +85,9 @@ if [ -n "${SR_BENCH_DP_REV:-}" ]; then
   agent_bin=target/bench/build-rev/release/siterecovery-agent ps_bin=target/bench/build-rev/release/siterecovery-process-server
 fi
 if [ ! -x target/release/dataplane ] || [ ! -x "$agent_bin" ] || [ ! -x "$ps_bin" ]; then
-  cargo build --release -p siterecovery-agent -p siterecovery-process-server -p siterecovery-bench --bin dataplane
+  # `--bin` applies to every package named: build the daemons and the harness separately.
+  cargo build --release -p siterecovery-agent -p siterecovery-process-server --bins
+  cargo build --release -p siterecovery-bench --bin dataplane
 fi
 # Run copies: target/release is shared with other builds, which may replace a binary
 # while the benchmark runs.
