@@ -15,7 +15,9 @@
 //! `SR_MEMORY_PS_ARGS` more process-server arguments (e.g. `--recent-chunk-bytes 0`);
 //! `SR_MEMORY_PS_ENV` more environment (e.g. `MALLOC_ARENA_MAX=2`); `SR_MEMORY_WRAP` a
 //! command to run the process server under (e.g. `heaptrack -o /tmp/ps`; RSS is then
-//! that of the wrapper's child and not sampled); `SR_MEMORY_PARALLELISM` uploads in flight
+//! that of the wrapper's child and not sampled; the test's SIGKILL at the end reaches only the
+//! wrapper, so the process server may outlive it and heaptrack's data is incomplete: not
+//! yet usable for attribution); `SR_MEMORY_PARALLELISM` uploads in flight
 //! per server (the targets file's `parallelism`, default 8); `SR_MEMORY_PS_BIN` another
 //! process-server binary (e.g. a copy built from an older commit, to compare).
 
