@@ -68,16 +68,17 @@ pub async fn run(
         .await;
 }
 
-/// What registration looks at in a server: its spec and deletion (the generation covers
-/// both), whether its agent has reported yet (a used token's plaintext is removed then,
-/// should the endpoint not have managed to), and the certificate expiry it records.
+/// What registration looks at in a server: its spec and deletion, and whether its agent
+/// has reported yet (a used token's plaintext is removed then, should the endpoint not
+/// have managed to). Not the certificate expiry it records itself: its own write would
+/// run it again for nothing (four Secret reads per server); an expiry changed by hand
+/// is put right at the next resync.
 fn registration_print(server: &ProtectedServer) -> u64 {
     let agent = server.status.as_ref().and_then(|s| s.agent.as_ref());
     crate::watch::fingerprint((
         server.metadata.generation,
         server.metadata.deletion_timestamp.is_some(),
         agent.is_some_and(|a| a.last_heartbeat_time.is_some()),
-        agent.and_then(|a| a.certificate_expiry_time.as_ref()).map(|t| t.0),
     ))
 }
 
