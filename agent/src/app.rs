@@ -164,7 +164,7 @@ impl Agent {
                 FreezeError::Failed { .. } => Fail::App("FreezeFailed", e.to_string()),
             })?;
             let stop = || !holding.load(Ordering::SeqCst);
-            let at = self.precopy(wire, self.config.max_passes, &stop).await.map_err(Fail::Session)?;
+            let at = self.precopy(wire, &stop).await.map_err(Fail::Session)?;
             // Checked after the quiet look: still held then means frozen at its instant.
             if stop() {
                 return Err(Fail::App(
@@ -309,7 +309,7 @@ impl Agent {
         let result = match freeze.frozen().await {
             Ok(()) => {
                 let stop = || !holding.load(Ordering::SeqCst);
-                let at = self.precopy(wire, self.config.max_passes, &stop).await;
+                let at = self.precopy(wire, &stop).await;
                 // Still held after the quiet look: the look saw the filesystems frozen.
                 at.map(|t| t.filter(|_| !stop()))
             }

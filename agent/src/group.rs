@@ -46,7 +46,7 @@ impl Agent {
         let began = tokio::time::Instant::now();
         let mut at = None;
         while at.is_none() && began.elapsed() < READY_BUDGET {
-            at = self.precopy(wire, self.config.max_passes, &|| false).await?;
+            at = self.precopy(wire, &|| false).await?;
             if at.is_none() {
                 (at, held) = self.converge_holding(wire).await?;
             }

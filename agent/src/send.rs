@@ -31,14 +31,13 @@ pub(crate) struct Wire<W> {
 impl Agent {
     /// Pre-copy: sends what changed until a look finds nothing written since the previous
     /// one, and returns that look's time (everything sent reflects that instant); `None`
-    /// after `passes` passes without such a look, or once `stop` holds.
+    /// after `maxPasses` passes without such a look, or once `stop` holds.
     pub(crate) async fn precopy<W: AsyncWrite + Unpin>(
         &mut self,
         wire: &mut Wire<W>,
-        passes: u32,
         stop: &(impl Fn() -> bool + Sync),
     ) -> Result<Option<jiff::Timestamp>, SessionError> {
-        for _ in 0..passes.max(1) {
+        for _ in 0..self.config.max_passes.max(1) {
             if stop() {
                 return Ok(None);
             }

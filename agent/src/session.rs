@@ -28,10 +28,6 @@ const LOG: &str = "siterecovery_agent";
 /// The sending half of a session's connection.
 type Conn = WriteHalf<TlsStream<TcpStream>>;
 
-/// Pre-copy passes of an interval's point before the convergence freeze, when the agent
-/// has filesystems to freeze.
-const PASSES_BEFORE_FREEZE: u32 = 2;
-
 impl Agent {
     /// Runs one session until it fails, or until `shutdown` (then `Ok`).
     pub(crate) async fn session(
@@ -250,16 +246,9 @@ impl Agent {
         }
         // An app-consistent point is this cycle's point (every point is at least
         // crash-consistent).
-        // With filesystems to freeze, a few unquiet passes are enough to know writes do
-        // not pause: the freeze then gives the point (each pass re-reads what changed,
-        // so eight passes under constant writes cost most of a minute of RPO).
-        let passes = match &self.config.app_consistency {
-            Some(a) if !a.mount_points.is_empty() => PASSES_BEFORE_FREEZE.min(self.config.max_passes),
-            _ => self.config.max_passes,
-        };
         let mut point = match app {
             Some(app::AppOutcome::Point) => None,
-            _ => self.precopy(wire, passes, &|| false).await?,
+            _ => self.precopy(wire, &|| false).await?,
         };
         // Writes never paused: a short freeze of the configured filesystems forces
         // convergence (docs/replication-protocol.md).
@@ -284,7 +273,7 @@ impl Agent {
             None => {
                 tracing::warn!(
                     target: LOG,
-                    passes,
+                    passes = self.config.max_passes,
                     "writes never paused; no recovery point this interval"
                 );
                 self.update(|s| s.points_skipped += 1);
