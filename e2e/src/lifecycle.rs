@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
-use siterecovery_api::{ProtectedServer, ReplicationPolicy};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use siterecovery_api::plan::RunState;
+use siterecovery_api::{ProtectedServer, RecoveryPlan, ReplicationPolicy};
 use siterecovery_store::{AzureBlobBackend, Keyring, Manifest, ServerRef, Store, StoreOptions};
 
 use crate::operator::{OperatorTest, TempDir};
@@ -312,4 +313,20 @@ impl World {
 /// Whether two files have the same content.
 pub fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
     Ok(std::fs::read(a)? == std::fs::read(b)?)
+}
+
+/// Sets `op` (with its `runId`) as `spec.operation` of RecoveryPlan `plan` and waits up to
+/// 4 minutes until that run succeeded.
+pub async fn operate(plans: &Api<RecoveryPlan>, plan: &str, op: serde_json::Value) -> anyhow::Result<()> {
+    let run = op["runId"].as_str().unwrap_or_default().to_string();
+    let patch = serde_json::json!({"spec": {"operation": op}});
+    plans.patch(plan, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    wait_for(plans, plan, Duration::from_secs(240), &format!("run {run} to succeed"), |p: &RecoveryPlan| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.operation.as_ref())
+            .is_some_and(|o| o.run_id.as_deref() == Some(run.as_str()) && o.state == RunState::Succeeded)
+    })
+    .await?;
+    Ok(())
 }

@@ -8,12 +8,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::ensure;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use siterecovery_api::plan::RunState;
 use siterecovery_api::server::ServerPhase;
 use siterecovery_api::{FailbackJob, ProtectedServer, RecoveryPlan};
-use siterecovery_e2e::lifecycle::{World, same_content, write_pattern};
+use siterecovery_e2e::lifecycle::{World, operate, same_content, write_pattern};
 use siterecovery_e2e::wait_for;
 
 fn phase(p: &ProtectedServer) -> Option<ServerPhase> {
@@ -44,15 +44,7 @@ async fn failback(w: &mut World) -> anyhow::Result<()> {
     }))?;
     plans.create(&PostParams::default(), &plan).await?;
     for (op, run) in [("UnplannedFailover", "dr-1"), ("Commit", "dr-2")] {
-        let patch = json!({"spec": {"operation": {"type": op, "runId": run, "recoveryPoint": null}}});
-        plans.patch("dr", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        wait_for(&plans, "dr", Duration::from_secs(180), &format!("{op} to succeed"), |p: &RecoveryPlan| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.operation.as_ref())
-                .is_some_and(|o| o.run_id.as_deref() == Some(run) && o.state == RunState::Succeeded)
-        })
-        .await?;
+        operate(&plans, "dr", json!({"type": op, "runId": run, "recoveryPoint": null})).await?;
     }
     let s = wait_for(&servers, "db-01", Duration::from_secs(60), "phase Committed", |p| {
         phase(p) == Some(ServerPhase::Committed)

@@ -13,21 +13,8 @@ use serde_json::json;
 use siterecovery_api::plan::RunState;
 use siterecovery_api::server::ServerPhase;
 use siterecovery_api::{ProtectedServer, RecoveryPlan, ReplicationPolicy};
-use siterecovery_e2e::lifecycle::{World, same_content, write_pattern};
+use siterecovery_e2e::lifecycle::{World, operate, same_content, write_pattern};
 use siterecovery_e2e::wait_for;
-
-async fn operate(plans: &Api<RecoveryPlan>, op: serde_json::Value) -> anyhow::Result<String> {
-    let run = op["runId"].as_str().unwrap_or_default().to_string();
-    plans.patch("dr", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"operation": op}}))).await?;
-    wait_for(plans, "dr", Duration::from_secs(180), &format!("run {run} to succeed"), |p: &RecoveryPlan| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.operation.as_ref())
-            .is_some_and(|o| o.run_id.as_deref() == Some(run.as_str()) && o.state == RunState::Succeeded)
-    })
-    .await?;
-    Ok(run)
-}
 
 /// Checks the failed-over disks of server `i` equal its point, and returns the point id.
 async fn check_recovered(w: &World, i: usize) -> anyhow::Result<String> {
@@ -108,6 +95,7 @@ async fn failover(w: &mut World) -> anyhow::Result<()> {
 
     operate(
         &plans,
+        "dr",
         json!({"type": "UnplannedFailover", "runId": "dr-1", "recoveryPoint": {"selector": "LatestAppConsistent"}}),
     )
     .await?;
@@ -130,7 +118,7 @@ async fn failover(w: &mut World) -> anyhow::Result<()> {
     ensure!(s.status.and_then(|s| s.failover).is_some_and(|f| f.state == RunState::Succeeded));
 
     // Change the recovery point once, to the first one.
-    operate(&plans, json!({"type": "ChangeRecoveryPoint", "runId": "dr-2", "recoveryPoint": {"selector": "Named", "pointName": first}})).await?;
+    operate(&plans, "dr", json!({"type": "ChangeRecoveryPoint", "runId": "dr-2", "recoveryPoint": {"selector": "Named", "pointName": first}})).await?;
     wait_for(&servers, "db-01", Duration::from_secs(60), "FailedOver at the first point", |p: &ProtectedServer| {
         let st = p.status.as_ref();
         st.and_then(|s| s.phase) == Some(ServerPhase::FailedOver)
@@ -144,7 +132,7 @@ async fn failover(w: &mut World) -> anyhow::Result<()> {
 
     // Commit makes it final.
     // A merge patch keeps fields it does not name: clear the previous recovery point.
-    operate(&plans, json!({"type": "Commit", "runId": "dr-3", "recoveryPoint": null})).await?;
+    operate(&plans, "dr", json!({"type": "Commit", "runId": "dr-3", "recoveryPoint": null})).await?;
     wait_for(&servers, "db-01", Duration::from_secs(60), "phase Committed", |p: &ProtectedServer| {
         p.status.as_ref().and_then(|s| s.phase) == Some(ServerPhase::Committed)
     })

@@ -9,29 +9,15 @@ use std::time::Duration;
 use anyhow::ensure;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use siterecovery_api::plan::RunState;
 use siterecovery_api::server::{FailoverStatus, ServerPhase};
 use siterecovery_api::{ProtectedServer, RecoveryPlan};
 use siterecovery_e2e::fixtures::{azurite_endpoint, azurite_sas};
-use siterecovery_e2e::lifecycle::{World, write_pattern};
+use siterecovery_e2e::lifecycle::{World, operate, write_pattern};
 use siterecovery_e2e::wait_for;
 use siterecovery_store::vhd::{DISK_TYPE_FIXED, FOOTER_LEN, parse_footer, vhd_data_size};
 use siterecovery_store::{AzureBlobBackend, BlobBackend};
 
 const CONTAINER: &str = "dr-data";
-
-async fn operate(plans: &Api<RecoveryPlan>, op: serde_json::Value) -> anyhow::Result<()> {
-    let run = op["runId"].as_str().unwrap_or_default().to_string();
-    plans.patch("dr", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"operation": op}}))).await?;
-    wait_for(plans, "dr", Duration::from_secs(240), &format!("run {run} to succeed"), |p: &RecoveryPlan| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.operation.as_ref())
-            .is_some_and(|o| o.run_id.as_deref() == Some(run.as_str()) && o.state == RunState::Succeeded)
-    })
-    .await?;
-    Ok(())
-}
 
 fn container() -> anyhow::Result<AzureBlobBackend> {
     Ok(AzureBlobBackend::with_sas(&azurite_endpoint(), CONTAINER, &azurite_sas())?)
@@ -99,13 +85,13 @@ async fn drill(w: &mut World) -> anyhow::Result<()> {
     plans.create(&PostParams::default(), &plan).await?;
 
     // Test failover: VHDs under test-failover/, equal to the point; cleanup deletes them.
-    operate(&plans, json!({"type": "TestFailover", "runId": "drill-1"})).await?;
+    operate(&plans, "dr", json!({"type": "TestFailover", "runId": "drill-1"})).await?;
     let status = servers.get("db-01").await?.status.unwrap_or_default();
     ensure!(status.phase == Some(ServerPhase::Protected), "replication goes on during a test failover");
     let tf = status.test_failover.ok_or_else(|| anyhow::anyhow!("no testFailover block"))?;
     let test_blobs = check_vhds(w, &tf).await?;
     ensure!(test_blobs.iter().all(|n| n.contains("/test-failover/")), "{test_blobs:?}");
-    operate(&plans, json!({"type": "TestFailoverCleanup", "runId": "drill-1-cleanup"})).await?;
+    operate(&plans, "dr", json!({"type": "TestFailoverCleanup", "runId": "drill-1-cleanup"})).await?;
     let c = container()?;
     for name in &test_blobs {
         ensure!(!c.exists(name).await?, "{name} is still there after cleanup");
@@ -118,6 +104,7 @@ async fn drill(w: &mut World) -> anyhow::Result<()> {
     w.agents.clear();
     operate(
         &plans,
+        "dr",
         json!({"type": "UnplannedFailover", "runId": "dr-1", "recoveryPoint": {"selector": "LatestProcessed"}}),
     )
     .await?;
@@ -135,6 +122,7 @@ async fn drill(w: &mut World) -> anyhow::Result<()> {
     ensure!(latest.iter().all(|n| n.contains("/failover/")), "{latest:?}");
     operate(
         &plans,
+        "dr",
         json!({"type": "ChangeRecoveryPoint", "runId": "dr-2", "recoveryPoint": {"selector": "Named", "pointName": first}}),
     )
     .await?;
