@@ -68,6 +68,17 @@ pub enum TrackerError {
         source: libbpf_rs::Error,
     },
 
+    /// The pin directory could not be created or cleared.
+    #[error(
+        "cannot use the pin directory {path}: {source}; it must be on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf) and writable by root"
+    )]
+    Pin {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+
     /// The thread that owns the eBPF program is gone.
     #[error("the tracking thread stopped unexpectedly: restart the tracker and resynchronise the disks by checksums")]
     WorkerGone,

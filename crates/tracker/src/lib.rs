@@ -12,6 +12,7 @@
 mod bpf;
 mod device;
 mod error;
+mod pin;
 mod privileges;
 mod worker;
 
@@ -24,7 +25,7 @@ pub use device::TrackedDevice;
 pub use error::TrackerError;
 
 /// Tuning knobs; [`TrackerOptions::new`] gives the defaults for a granularity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackerOptions {
     /// Tracking block size in bytes: a power of two, at least 4096 (e.g. 65536).
     pub granularity: u64,
@@ -33,12 +34,17 @@ pub struct TrackerOptions {
     pub ring_buffer_bytes: u32,
     /// How often the ring buffer is drained into the dirty bitmaps between takes.
     pub drain_interval: Duration,
+    /// A directory on a bpf filesystem (e.g. `/sys/fs/bpf/siterecovery/<server>`) where
+    /// the program and its maps are pinned, so tracking continues while no tracker runs
+    /// and the next one resumes it ([`BlockTracker::resumed`], [`BlockTracker::suspend`]).
+    /// `None`: tracking ends with the tracker.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl TrackerOptions {
     /// Defaults: 8 MiB ring buffer drained every 10 ms.
     pub fn new(granularity: u64) -> Self {
-        Self { granularity, ring_buffer_bytes: 8 << 20, drain_interval: Duration::from_millis(10) }
+        Self { granularity, ring_buffer_bytes: 8 << 20, drain_interval: Duration::from_millis(10), pin_dir: None }
     }
 
     fn validate(&self) -> Result<(), TrackerError> {
@@ -86,6 +92,7 @@ pub struct BlockTracker {
     granularity: u64,
     commands: Option<Sender<worker::Command>>,
     worker: Option<JoinHandle<()>>,
+    started: worker::Started,
 }
 
 impl BlockTracker {
@@ -101,8 +108,39 @@ impl BlockTracker {
         let devices = devices.iter().map(|p| TrackedDevice::resolve(p)).collect::<Result<Vec<_>, _>>()?;
         privileges::check()?;
         route_libbpf_logs();
-        let (worker, commands) = worker::spawn(devices.clone(), options)?;
-        Ok(Self { devices, granularity: options.granularity, commands: Some(commands), worker: Some(worker) })
+        let granularity = options.granularity;
+        let (worker, commands, started) = worker::spawn(devices.clone(), options)?;
+        Ok(Self { devices, granularity, commands: Some(commands), worker: Some(worker), started })
+    }
+
+    /// Whether this tracker continued pinned tracking that an earlier one suspended
+    /// ([`BlockTracker::suspend`]): its first take then holds every write since that
+    /// tracker's last take. `false` for a fresh start, and when the earlier tracker ended
+    /// without suspending (its first take then reports every device `lost`).
+    pub fn resumed(&self) -> bool {
+        self.started == worker::Started::Resumed
+    }
+
+    /// The last take of a pinned tracker: hands over the blocks written since the
+    /// previous take and stops, leaving the program attached and recording into its
+    /// pinned ring buffer for the next tracker to resume. Without a pin directory it is
+    /// a take followed by a drop.
+    pub fn suspend(mut self) -> Result<DirtySet, TrackerError> {
+        let (reply, answer) = mpsc::channel();
+        let sent = self.commands.as_ref().ok_or(TrackerError::WorkerGone)?.send(worker::Command::Suspend(reply));
+        sent.map_err(|_| TrackerError::WorkerGone)?;
+        let set = answer.recv().map_err(|_| TrackerError::WorkerGone)?;
+        drop(self.commands.take());
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+        set
+    }
+
+    /// Removes the tracking pinned under `pin_dir` (for good: the program detaches once
+    /// no tracker holds it). For when a server stops being protected.
+    pub fn remove_pins(pin_dir: &Path) -> Result<(), TrackerError> {
+        pin::remove(pin_dir)
     }
 
     /// The devices being tracked, as resolved at start.

@@ -11,11 +11,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, RingBufferBuilder};
+use libbpf_rs::{MapCore as _, MapFlags, MapHandle, RingBufferBuilder};
 use roaring::RoaringTreemap;
 
 use crate::bpf::{TrackerSkel, TrackerSkelBuilder};
-use crate::{DeviceDirty, DirtySet, TrackedDevice, TrackerError, TrackerOptions};
+use crate::{DeviceDirty, DirtySet, TrackedDevice, TrackerError, TrackerOptions, pin};
 
 /// Size of the kernel-side disk filter and drop counters (MAX_DISKS in tracker.bpf.c).
 pub(crate) const MAX_DISKS: usize = 64;
@@ -27,13 +27,15 @@ const EVENT_LEN: usize = 16;
 pub(crate) enum Command {
     /// Drain, then hand over the dirty set and start a new one.
     Take(Sender<Result<DirtySet, TrackerError>>),
+    /// Take, mark the pinned maps as cleanly suspended, and stop draining.
+    Suspend(Sender<Result<DirtySet, TrackerError>>),
 }
 
 /// Starts the worker and waits until the program is attached (or failed to be).
 pub(crate) fn spawn(
     devices: Vec<TrackedDevice>,
     options: TrackerOptions,
-) -> Result<(JoinHandle<()>, Sender<Command>), TrackerError> {
+) -> Result<(JoinHandle<()>, Sender<Command>, Started), TrackerError> {
     let slots = assign_slots(&devices)?;
     let (commands, inbox) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -42,7 +44,7 @@ pub(crate) fn spawn(
         .spawn(move || run(devices, slots, options, ready_tx, inbox))
         .map_err(|_| TrackerError::WorkerGone)?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok((handle, commands)),
+        Ok(Ok(started)) => Ok((handle, commands, started)),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(e)
@@ -71,60 +73,120 @@ fn run(
     devices: Vec<TrackedDevice>,
     slots: BTreeMap<u32, u32>,
     options: TrackerOptions,
-    ready: Sender<Result<(), TrackerError>>,
+    ready: Sender<Result<Started, TrackerError>>,
     inbox: Receiver<Command>,
 ) {
     let mut storage = MaybeUninit::uninit();
-    let skel = match load(&mut storage, &slots, &options) {
-        Ok(skel) => skel,
+    // A skeleton loaded here must live as long as the loop: unpinned, dropping it
+    // detaches the program.
+    let (_skel, maps, started) = match setup(&mut storage, &slots, &options) {
+        Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let acc = Rc::new(RefCell::new(Accumulator::new(&devices, &slots, options.granularity)));
+    let acc = match read_seen(&maps, &slots) {
+        Ok(seen) => {
+            let lost = started == Started::ResumedUnclean;
+            Rc::new(RefCell::new(Accumulator::new(&devices, &slots, options.granularity, seen, lost)))
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let mut builder = RingBufferBuilder::new();
     let sink = Rc::clone(&acc);
     let ring = builder
-        .add(&skel.maps.events, move |data: &[u8]| {
+        .add(&maps.events, move |data: &[u8]| {
             sink.borrow_mut().record(data);
             0
         })
         .map(|_| ())
         .and_then(|()| builder.build())
         .map_err(TrackerError::bpf("set up the ring buffer"));
-    let ring = match ring {
+    let ring = match ring.and_then(|ring| maps.set_suspended(false).map(|()| ring)) {
         Ok(ring) => ring,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    if ready.send(Ok(())).is_err() {
+    if ready.send(Ok(started)).is_err() {
         return;
     }
-    tracing::debug!(devices = devices.len(), "block tracker attached");
+    tracing::debug!(devices = devices.len(), ?started, "block tracker attached");
 
     loop {
         let command = inbox.recv_timeout(options.drain_interval);
         let drained = ring.consume().map_err(TrackerError::bpf("drain the ring buffer"));
         match command {
             Ok(Command::Take(reply)) => {
-                let set = drained.and_then(|()| {
-                    let drops = read_drops(&skel, &slots)?;
-                    Ok(acc.borrow_mut().take(&drops))
-                });
+                let _ = reply.send(drained.and_then(|()| take(&acc, &maps, &slots)));
+            }
+            Ok(Command::Suspend(reply)) => {
+                // Nothing is drained after this take: later writes wait in the ring
+                // buffer for the tracker that resumes the pins.
+                let set = drained
+                    .and_then(|()| take(&acc, &maps, &slots))
+                    .and_then(|set| maps.set_suspended(true).map(|()| set));
                 let _ = reply.send(set);
+                break;
             }
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = drained {
                     tracing::warn!(error = %e, "block tracker could not drain its ring buffer");
                 }
             }
-            // The BlockTracker was dropped: detach by dropping the skeleton.
+            // The BlockTracker was dropped: detach by dropping the skeleton (unless pinned).
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
+}
+
+/// Hands over the dirty set and records the drop counters it saw (in the `seen` map).
+fn take(acc: &RefCell<Accumulator>, maps: &pin::Maps, slots: &BTreeMap<u32, u32>) -> Result<DirtySet, TrackerError> {
+    let drops = read_drops(&maps.drops, slots)?;
+    let set = acc.borrow_mut().take(&drops);
+    for (slot, &n) in acc.borrow().seen_drops.iter().enumerate() {
+        pin::write_u64(&maps.seen, slot as u32, n)?;
+    }
+    Ok(set)
+}
+
+/// How a tracker began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Started {
+    /// The program was loaded and attached by this tracker.
+    Fresh,
+    /// Pinned tracking left by a tracker that suspended after its last take: every write
+    /// since that take is in this tracker's sets.
+    Resumed,
+    /// Pinned tracking whose previous owner ended without suspending (killed): what it
+    /// had drained but not handed out is gone, so the first take reports every device lost.
+    ResumedUnclean,
+}
+
+/// Resumes pinned tracking when `options.pin_dir` holds one for these disks, else loads
+/// and attaches the program (and pins it when asked).
+fn setup<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    slots: &BTreeMap<u32, u32>,
+    options: &TrackerOptions,
+) -> Result<(Option<TrackerSkel<'obj>>, pin::Maps, Started), TrackerError> {
+    if let Some(pin_dir) = &options.pin_dir
+        && let Some(maps) = pin::resume(pin_dir, slots)?
+    {
+        let started = if maps.was_suspended()? { Started::Resumed } else { Started::ResumedUnclean };
+        return Ok((None, maps, started));
+    }
+    let mut skel = load(storage, slots, options)?;
+    if let Some(pin_dir) = &options.pin_dir {
+        pin::pin(&mut skel, pin_dir)?;
+    }
+    let maps = pin::Maps::of(&skel)?;
+    Ok((Some(skel), maps, Started::Fresh))
 }
 
 fn load<'obj>(
@@ -147,19 +209,18 @@ fn load<'obj>(
 }
 
 /// Reads the per-slot drop counters (cumulative since load).
-fn read_drops(skel: &TrackerSkel<'_>, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
-    let mut drops = vec![0; slots.len()];
+fn read_drops(drops: &MapHandle, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
+    let mut out = vec![0; slots.len()];
     for &slot in slots.values() {
-        let value = skel
-            .maps
-            .drops
-            .lookup(&slot.to_ne_bytes(), MapFlags::ANY)
-            .map_err(TrackerError::bpf("read the drop counters"))?;
-        if let Some(v) = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()) {
-            drops[slot as usize] = u64::from_ne_bytes(v);
-        }
+        out[slot as usize] = pin::read_u64(drops, slot)?;
     }
-    Ok(drops)
+    Ok(out)
+}
+
+/// The drop counters as of the previous take (kept in the `seen` map, which a resumed
+/// tracker inherits).
+fn read_seen(maps: &pin::Maps, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
+    read_drops(&maps.seen, slots)
 }
 
 /// Dirty blocks since the last take, per tracked device.
@@ -175,10 +236,18 @@ struct Accumulator {
     malformed: u64,
     /// Records received since the last take.
     records: u64,
+    /// Report every device lost at the next take (resumed after an unclean end).
+    lost: bool,
 }
 
 impl Accumulator {
-    fn new(devices: &[TrackedDevice], slots: &BTreeMap<u32, u32>, granularity: u64) -> Self {
+    fn new(
+        devices: &[TrackedDevice],
+        slots: &BTreeMap<u32, u32>,
+        granularity: u64,
+        seen: Vec<u64>,
+        lost: bool,
+    ) -> Self {
         let mut by_slot = vec![Vec::new(); slots.len()];
         for (i, d) in devices.iter().enumerate() {
             by_slot[slots[&d.kernel_disk_dev()] as usize].push(i);
@@ -188,8 +257,9 @@ impl Accumulator {
             devices: devices.to_vec(),
             by_slot,
             dirty: vec![RoaringTreemap::new(); devices.len()],
-            seen_drops: vec![0; slots.len()],
+            seen_drops: seen,
             malformed: 0,
+            lost,
             records: 0,
         }
     }
@@ -218,7 +288,7 @@ impl Accumulator {
     /// cumulative kernel drop counters per slot; any increase since the previous take
     /// marks that disk's devices as lost.
     fn take(&mut self, drops: &[u64]) -> DirtySet {
-        let mut lost_slots = vec![self.malformed > 0; self.by_slot.len()];
+        let mut lost_slots = vec![self.malformed > 0 || std::mem::take(&mut self.lost); self.by_slot.len()];
         for (slot, (&now, seen)) in drops.iter().zip(self.seen_drops.iter_mut()).enumerate() {
             if now != *seen {
                 tracing::warn!(slot, dropped = now - *seen, "block tracker dropped writes");

@@ -57,6 +57,30 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
+/*
+ * The drop counters as of user space's last take, per slot. Only user space reads and
+ * writes it: it keeps that baseline with the pinned maps, so a tracker that resumes
+ * pinned maps after its process restarted (src/pin.rs) knows which drops it has not
+ * seen yet.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_DISKS);
+	__type(key, __u32);
+	__type(value, __u64);
+} seen SEC(".maps");
+
+/*
+ * 1 when the user-space tracker owning the pinned maps suspended cleanly after its last
+ * take (it drained nothing since), 0 while one runs. Only user space uses it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} suspended SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);

@@ -162,3 +162,26 @@ pub fn read_direct(path: &Path, len: u64) -> Vec<u8> {
     backing.truncate(len as usize);
     backing
 }
+
+/// A private bpf filesystem mounted on a temporary directory, unmounted on drop (which
+/// also releases whatever stayed pinned in it).
+pub struct BpfFs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BpfFs {
+    pub fn mount() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()));
+        Self { path: dir.path().to_owned(), _dir: dir }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        if !Command::new("umount").arg(&self.path).status().is_ok_and(|s| s.success()) {
+            eprintln!("could not unmount {}", self.path.display());
+        }
+    }
+}
