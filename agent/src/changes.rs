@@ -2,23 +2,35 @@
 //! nothing at all was written in between (the quiet window a crash-consistent point
 //! needs, see docs/replication-protocol.md "Recovery points").
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::disk::Disk;
+use crate::disk::{DELTA_BLOCK, Disk};
 
 /// What may have changed since the previous [`ChangeTracker::take`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dirty {
     /// Unknown: every chunk must be compared (first look, lost events, image rewritten).
     All,
-    /// These chunks, per disk in order; all empty means nothing was written.
-    Chunks(Vec<BTreeSet<u64>>),
+    /// These chunks, per disk in order, each with the blocks that may have been written;
+    /// all empty means nothing was written.
+    Chunks(Vec<BTreeMap<u64, Blocks>>),
+}
+
+/// Which [`DELTA_BLOCK`]s of a dirty chunk may have been written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blocks {
+    /// Unknown (a tracker without block detail, a chunk the process server lacks): read
+    /// the whole chunk.
+    Whole,
+    /// These blocks, counted from the start of the chunk: the rest of the chunk is as the
+    /// agent last read it.
+    Some(BTreeSet<u32>),
 }
 
 impl Dirty {
     /// Whether nothing was written since the previous look.
     pub fn is_quiet(&self) -> bool {
-        matches!(self, Dirty::Chunks(sets) if sets.iter().all(BTreeSet::is_empty))
+        matches!(self, Dirty::Chunks(sets) if sets.iter().all(BTreeMap::is_empty))
     }
 }
 
@@ -70,7 +82,7 @@ impl ChangeTracker for StampTracker {
         if std::mem::take(&mut self.settling) {
             return Ok(Dirty::All);
         }
-        Ok(Dirty::Chunks(vec![BTreeSet::new(); disks.len()]))
+        Ok(Dirty::Chunks(vec![BTreeMap::new(); disks.len()]))
     }
 
     fn proves_quiet(&self) -> bool {
@@ -132,9 +144,23 @@ impl ChangeTracker for EbpfTracker {
     }
 }
 
-/// Turns a set of dirty byte ranges into chunk indexes (for trackers that report blocks).
-pub fn chunks_of(blocks: impl IntoIterator<Item = u64>, block_size: u64, chunk_size: u32) -> BTreeSet<u64> {
-    blocks.into_iter().map(|b| b * block_size / u64::from(chunk_size)).collect()
+/// Turns dirty blocks of `block_size` bytes (as a tracker reports them, counted from the
+/// start of the disk) into dirty chunks and the [`DELTA_BLOCK`]s of each they touch.
+pub fn chunks_of(blocks: impl IntoIterator<Item = u64>, block_size: u64, chunk_size: u32) -> BTreeMap<u64, Blocks> {
+    let (cs, db) = (u64::from(chunk_size), DELTA_BLOCK as u64);
+    let mut out: BTreeMap<u64, Blocks> = BTreeMap::new();
+    for b in blocks {
+        let (start, end) = (b * block_size, (b + 1) * block_size);
+        for chunk in start / cs..end.div_ceil(cs) {
+            let base = chunk * cs;
+            let (from, to) = (start.max(base) - base, end.min(base + cs) - base);
+            let Blocks::Some(set) = out.entry(chunk).or_insert_with(|| Blocks::Some(BTreeSet::new())) else {
+                continue;
+            };
+            set.extend((from / db..to.div_ceil(db)).map(|i| i as u32));
+        }
+    }
+    out
 }
 
 /// How the agent tracks changes.
@@ -170,4 +196,25 @@ pub fn tracker_for(mode: Tracking, disks: &[Disk]) -> anyhow::Result<Box<dyn Cha
 /// Whether eBPF tracking can run here, and why not.
 pub fn ebpf_probe() -> Result<(), String> {
     siterecovery_tracker::BlockTracker::probe()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_blocks_become_chunks_and_their_delta_blocks() {
+        const KIB: u64 = 1024;
+        let some = |b: &[u32]| Blocks::Some(b.iter().copied().collect());
+        // 64 KiB tracking, 1 MiB chunks: block 17 is chunk 1's block 1.
+        let got = chunks_of([0, 1, 17, 31, 32], 64 * KIB, 1024 * 1024);
+        assert_eq!(got, BTreeMap::from([(0, some(&[0, 1])), (1, some(&[1, 15])), (2, some(&[0]))]));
+        // Coarser tracking marks every delta block it covers, across a chunk boundary.
+        let got = chunks_of([1], 256 * KIB, 384 * 1024);
+        assert_eq!(got, BTreeMap::from([(0, some(&[4, 5])), (1, some(&[0, 1]))]));
+        // Finer tracking marks the delta block it falls in; a chunk size that is not a
+        // multiple of 64 KiB ends in a short block.
+        let got = chunks_of([0, 1, 24, 30], 4 * KIB, 100 * 1024);
+        assert_eq!(got, BTreeMap::from([(0, some(&[0, 1])), (1, some(&[0]))]));
+    }
 }

@@ -6,8 +6,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use siterecovery_store::ChunkHash;
 use siterecovery_wire::Slot;
+
+use crate::tree::Blocks;
 
 /// One protected disk, open for reading.
 #[derive(Debug, Clone)]
@@ -30,7 +31,7 @@ pub struct Disk {
 const DIRECT_ALIGN: usize = 4096;
 
 /// Size of the blocks deltas are made of.
-pub const DELTA_BLOCK: usize = 64 * 1024;
+pub const DELTA_BLOCK: usize = crate::tree::BLOCK;
 
 /// A chunk as read: its slot (hash or zero) and, for data, the bytes.
 #[derive(Debug)]
@@ -41,22 +42,9 @@ pub struct ReadChunk {
     pub slot: Slot,
     /// The plaintext (empty for zero chunks).
     pub data: Vec<u8>,
-    /// A short hash of every [`DELTA_BLOCK`] of the chunk (0: an all-zero block), to
-    /// find what changed next time (empty for zero chunks).
-    pub blocks: Vec<u64>,
-}
-
-/// Short hashes of the delta blocks of `data` (0 for an all-zero block).
-pub fn block_hashes(data: &[u8]) -> Vec<u64> {
-    data.chunks(DELTA_BLOCK)
-        .map(|b| {
-            if b.iter().all(|&x| x == 0) {
-                0
-            } else {
-                u64::from_le_bytes(ChunkHash::of(b).0[..8].try_into().expect("8 bytes")) | 1
-            }
-        })
-        .collect()
+    /// The chaining value of every [`DELTA_BLOCK`] of the chunk and whether it is all
+    /// zeros, to find what changed next time and to hash it again from the blocks that did.
+    pub blocks: Blocks,
 }
 
 impl Disk {
@@ -116,12 +104,39 @@ impl Disk {
         // Short when the disk shrank under us: the rest reads as zeros; the next pass
         // notices the new size.
         self.read_at(&mut data, offset)?;
-        if data.iter().all(|&b| b == 0) {
-            return Ok(ReadChunk { index, slot: Slot::Zero, data: Vec::new(), blocks: Vec::new() });
+        let blocks = Blocks::of(&data);
+        let slot = blocks.slot(len as u64, Some(&data)).expect("the bytes are given");
+        if slot == Slot::Zero {
+            data = Vec::new();
         }
-        let hash = ChunkHash::of(&data);
-        let blocks = block_hashes(&data);
-        Ok(ReadChunk { index, slot: Slot::Data(hash), data, blocks })
+        Ok(ReadChunk { index, slot, data, blocks })
+    }
+
+    /// Reads the delta blocks `which` (indexes within chunk `index`, sorted) of a disk of
+    /// `size` bytes: `(block, bytes)` per block, adjacent blocks in one read. Offsets are
+    /// whole blocks and lengths whole blocks or the end of the disk, as direct reads need.
+    pub fn read_blocks(
+        &self,
+        index: u64,
+        chunk_size: u32,
+        size: u64,
+        which: &[u32],
+    ) -> std::io::Result<Vec<(u32, Vec<u8>)>> {
+        let start = index * u64::from(chunk_size);
+        let end = size.min(start + u64::from(chunk_size));
+        let block = DELTA_BLOCK as u64;
+        let mut out = Vec::with_capacity(which.len());
+        let mut rest = which;
+        while let Some(&first) = rest.first() {
+            let run = rest.iter().zip(first..).take_while(|(b, i)| **b == *i).count();
+            let offset = start + u64::from(first) * block;
+            let len = (end.saturating_sub(offset)).min(run as u64 * block) as usize;
+            let mut buf = vec![0u8; len];
+            self.read_at(&mut buf, offset)?;
+            out.extend((first..).zip(buf.chunks(DELTA_BLOCK).map(<[u8]>::to_vec)));
+            rest = &rest[run..];
+        }
+        Ok(out)
     }
 }
 

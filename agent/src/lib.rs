@@ -4,6 +4,7 @@
 //! app-consistent interval (docs/replication-protocol.md).
 
 pub mod app;
+mod blockcache;
 pub mod changes;
 pub mod disk;
 pub mod freeze;
@@ -11,11 +12,13 @@ mod group;
 pub mod link;
 pub mod metrics;
 mod pass;
+pub mod read;
 pub mod register;
 pub mod renew;
 pub mod report;
 mod send;
 mod session;
+pub mod tree;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,10 +29,11 @@ use siterecovery_wire::Slot;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
+pub use crate::blockcache::DEFAULT_LIMIT as DEFAULT_BLOCK_CACHE;
 use crate::changes::ChangeTracker;
 pub use crate::changes::chunks_of;
 pub use crate::pass::{DiskSize, PassRequest, PassStatus, pass_bytes};
-pub use crate::send::changed_ranges;
+pub use crate::read::changed_ranges;
 pub use crate::session::process_server_address;
 
 /// One disk to protect.
@@ -136,6 +140,12 @@ pub struct AgentStatus {
     pub bytes_sent: u64,
     /// Chunks read and compared.
     pub chunks_compared: u64,
+    /// Of those, chunks read by their dirty 64 KiB blocks alone.
+    pub chunks_read_partly: u64,
+    /// Bytes read from the disks.
+    pub bytes_read: u64,
+    /// Memory held by the block CVs of chunks read (bounded by the block cache setting).
+    pub block_cache_bytes: u64,
     /// Why the last resync ran.
     pub last_resync_reason: Option<String>,
     /// The process server (pod) the operator assigned this server to, as last read from
@@ -169,9 +179,9 @@ pub struct Agent {
     /// What this process believes the process server holds, per disk (kept across
     /// reconnections; only differences from the head are then resent).
     believed: Option<Vec<Vec<Slot>>>,
-    /// Block hashes of the chunks last read, with the chunk hash they describe: what a
-    /// delta against the process server's copy must carry.
-    blocks: std::collections::HashMap<(usize, u64), (siterecovery_store::ChunkHash, Vec<u64>)>,
+    /// Block CVs of the chunks last read (bounded), with what the chunk was: what finds
+    /// the changed blocks of a delta, and hashes a chunk read by its dirty blocks.
+    cache: blockcache::BlockCache,
     /// Set when a disk changed size: the next session's catch-up is reported as a resync.
     resized: Option<String>,
     /// Full comparison passes asked for from outside (manual resync).
@@ -191,12 +201,19 @@ impl Agent {
             tracker,
             status: Arc::new(Mutex::new(status)),
             believed: None,
-            blocks: Default::default(),
+            cache: blockcache::BlockCache::new(blockcache::DEFAULT_LIMIT),
             resized: None,
             requests: PassRequest::default(),
             next_app: None,
             pending_settings: None,
         }
+    }
+
+    /// Bounds the memory of the block CVs kept to read changed chunks by their dirty
+    /// blocks (default [`DEFAULT_BLOCK_CACHE`]; 0 reads every changed chunk whole).
+    pub fn with_block_cache(mut self, bytes: usize) -> Self {
+        self.cache = blockcache::BlockCache::new(bytes);
+        self
     }
 
     /// Handle to request a full comparison pass (e.g. a manual resync from the status).

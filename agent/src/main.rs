@@ -43,6 +43,11 @@ struct RunArgs {
     /// Log as JSON.
     #[arg(long, env = "SR_LOG_JSON")]
     log_json: bool,
+    /// Memory for the 64 KiB block hashes of chunks read, in MiB (33 bytes per 64 KiB:
+    /// 64 MiB covers about 120 GiB): a changed chunk held there is read by its dirty
+    /// blocks alone, others whole; 0 reads every changed chunk whole.
+    #[arg(long, env = "SR_AGENT_BLOCK_CACHE_MIB", default_value_t = 64)]
+    block_cache_mib: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -141,7 +146,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let _ = tx.send(true);
     });
-    let mut agent = Agent::new(config.clone(), tracker);
+    let mut agent = Agent::new(config.clone(), tracker).with_block_cache(args.block_cache_mib << 20);
     let renewal = Arc::new(Mutex::new(RenewalStatus::default()));
     if let Some(addr) = config.metrics_addr {
         let bound = siterecovery_agent::metrics::serve(addr, agent.status(), renewal.clone()).await?;

@@ -35,6 +35,14 @@ pub fn render(s: &AgentStatus, renewal: &RenewalStatus) -> String {
     metric("payload_bytes_total", "counter", "Plaintext bytes sent (before compression)", s.payload_bytes);
     metric("sent_bytes_total", "counter", "Bytes written to the connection", s.bytes_sent);
     metric("chunks_compared_total", "counter", "Chunks read and compared", s.chunks_compared);
+    metric(
+        "chunks_read_partly_total",
+        "counter",
+        "Chunks read by their dirty 64 KiB blocks alone",
+        s.chunks_read_partly,
+    );
+    metric("read_bytes_total", "counter", "Bytes read from the protected disks", s.bytes_read);
+    metric("block_cache_bytes", "gauge", "Memory held by cached 64 KiB block hashes", s.block_cache_bytes);
     render_renewal(&mut out, renewal);
     out.push_str("# EOF\n");
     out

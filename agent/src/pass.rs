@@ -81,7 +81,7 @@ pub fn pass_bytes(which: &Dirty, sizes: &[u64], chunk_size: u32) -> Vec<u64> {
             .map(|(d, &size)| {
                 let count = size.div_ceil(chunk);
                 sets.get(d)
-                    .map(|s| s.iter().filter(|&&i| i < count).map(|&i| (size - i * chunk).min(chunk)).sum())
+                    .map(|s| s.keys().filter(|&&i| i < count).map(|&i| (size - i * chunk).min(chunk)).sum())
                     .unwrap_or(0)
             })
             .collect(),

@@ -4,13 +4,16 @@
 //! "Recovery points").
 
 use futures::StreamExt as _;
-use siterecovery_wire::{ChunkData, Encoding, Message, Slot};
+use siterecovery_store::ChunkHash;
+use siterecovery_wire::{ChunkData, ChunkDelta, Encoding, Message, Slot};
 use tokio::io::AsyncWrite;
 
 use crate::changes::Dirty;
-use crate::disk::{self, Disk, ReadChunk};
+use crate::disk::Disk;
 use crate::link::Link;
 use crate::pass::{PassStatus, pass_bytes};
+use crate::read::{self, Body, Found, Plan, changed_ranges};
+use crate::tree::Blocks;
 use crate::{Agent, SessionError, err};
 
 /// One session's connection and disks, and what it believes the process server holds:
@@ -93,7 +96,8 @@ impl Agent {
     }
 
     /// Reads the chunks `which` names, and sends those that differ from `sent`; `counted`
-    /// adds them to the current [`PassStatus`].
+    /// adds them to the current [`PassStatus`]. A chunk whose dirty blocks are known and
+    /// whose blocks as the process server holds it are cached is read by those blocks.
     pub(crate) async fn send_pass<W: AsyncWrite + Unpin>(
         &mut self,
         wire: &mut Wire<W>,
@@ -102,98 +106,59 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let level = self.config.compression_level;
         let chunk_size = wire.chunk_size;
+        self.cache.use_chunk_size(chunk_size);
         for (d, disk) in wire.disks.iter().enumerate() {
             let size = wire.sizes[d];
             let count = size.div_ceil(u64::from(chunk_size));
-            let indexes: Vec<u64> = match which {
-                Dirty::All => (0..count).collect(),
-                Dirty::Chunks(sets) => {
-                    sets.get(d).map(|s| s.iter().copied().filter(|&i| i < count).collect()).unwrap_or_default()
-                }
-            };
-            let mut reads = futures::stream::iter(indexes)
-                .map(|index| {
-                    let disk = disk.clone();
-                    tokio::task::spawn_blocking(move || -> std::io::Result<(ReadChunk, Option<Vec<u8>>)> {
-                        let chunk = disk.read_chunk(index, chunk_size, size)?;
-                        let packed = match (&chunk.slot, level) {
-                            (Slot::Data(_), l) if l > 0 => {
-                                zstd::bulk::compress(&chunk.data, l).ok().filter(|z| z.len() < chunk.data.len())
-                            }
-                            _ => None,
-                        };
-                        Ok((chunk, packed))
+            let len_of = |index: u64| (size - index * u64::from(chunk_size)).min(u64::from(chunk_size));
+            // Planned up front: the cached blocks cloned here are bounded by the cache.
+            let plans: Vec<(u64, Plan)> = match which {
+                Dirty::All => (0..count).map(|i| (i, Plan::Whole)).collect(),
+                Dirty::Chunks(sets) => sets
+                    .get(d)
+                    .into_iter()
+                    .flatten()
+                    .filter(|&(&i, _)| i < count)
+                    .map(|(&i, blocks)| {
+                        let held = wire.sent[d][i as usize];
+                        (i, Plan::for_chunk(blocks, len_of(i), || self.cache.blocks_if((d, i), len_of(i), held)))
                     })
+                    .collect(),
+            };
+            let mut reads = futures::stream::iter(plans)
+                .map(|(index, plan)| {
+                    let disk = disk.clone();
+                    tokio::task::spawn_blocking(move || read::read(&disk, index, chunk_size, size, plan, level))
                 })
                 .buffered(2);
             while let Some(r) = reads.next().await {
-                let (chunk, packed) = r.map_err(err)?.map_err(err)?;
-                let len = ((size - chunk.index * u64::from(chunk_size)).min(u64::from(chunk_size))) as u32;
+                let found = r.map_err(err)?.map_err(err)?;
+                let len = len_of(found.index) as u32;
                 self.update(|s| {
                     s.chunks_compared += 1;
+                    s.bytes_read += found.bytes_read;
+                    if matches!(found.body, Body::Changed { .. }) {
+                        s.chunks_read_partly += 1;
+                    }
                     if let Some(p) = s.pass.as_mut().filter(|_| counted)
                         && let Some(b) = p.bytes_compared.get_mut(d)
                     {
                         *b += u64::from(len);
                     }
                 });
-                let i = chunk.index as usize;
-                let previous = match chunk.slot {
-                    Slot::Data(h) => self.blocks.insert((d, chunk.index), (h, chunk.blocks.clone())),
-                    _ => self.blocks.remove(&(d, chunk.index)),
-                };
-                if wire.sent[d][i] == chunk.slot {
+                let i = found.index as usize;
+                let previous = self.cache.insert((d, found.index), u64::from(len), found.slot, found.blocks.clone());
+                if wire.sent[d][i] == found.slot {
                     continue;
                 }
                 let seq = wire.link.next_seq();
-                let delta = match (wire.sent[d][i], chunk.slot) {
-                    (Slot::Data(old), Slot::Data(_)) => previous
-                        .filter(|(h, b)| *h == old && b.len() == chunk.blocks.len())
-                        .map(|(_, b)| (Some(old), b)),
-                    (Slot::Zero, Slot::Data(_)) => Some((None, vec![0; chunk.blocks.len()])),
-                    _ => None,
+                let slot = found.slot;
+                let (message, payload) = message(seq, &disk.id, len, wire.sent[d][i], found, previous, level)?;
+                if matches!(message, Message::Delta(..)) {
+                    self.update(|s| s.deltas_sent += 1);
                 }
-                .map(|(base, before)| (base, changed_ranges(&before, &chunk.blocks, len)))
-                .filter(|(_, ranges)| ranges.iter().map(|r| u64::from(r[1])).sum::<u64>() * 2 <= u64::from(len));
-                let payload;
-                let message = match (chunk.slot, delta) {
-                    (Slot::Data(h), Some((base, ranges))) => {
-                        let mut bytes = Vec::new();
-                        for &[off, n] in &ranges {
-                            bytes.extend_from_slice(&chunk.data[off as usize..(off + n) as usize]);
-                        }
-                        payload = bytes.len() as u64;
-                        let (encoding, body) = pack(bytes, level);
-                        self.update(|s| s.deltas_sent += 1);
-                        Message::Delta(
-                            siterecovery_wire::ChunkDelta {
-                                seq,
-                                disk: disk.id.clone(),
-                                index: chunk.index,
-                                len,
-                                base: base.map(|b| b.to_hex()),
-                                hash: h.to_hex(),
-                                ranges,
-                                encoding,
-                            },
-                            body,
-                        )
-                    }
-                    (slot, _) => {
-                        let (hash, encoding, body) = match (slot, packed) {
-                            (Slot::Data(h), Some(z)) => (Some(h.to_hex()), Encoding::Zstd, bytes::Bytes::from(z)),
-                            (Slot::Data(h), None) => (Some(h.to_hex()), Encoding::Raw, bytes::Bytes::from(chunk.data)),
-                            _ => (None, Encoding::Raw, bytes::Bytes::new()),
-                        };
-                        payload = if hash.is_some() { u64::from(len) } else { 0 };
-                        Message::Chunk(
-                            ChunkData { seq, disk: disk.id.clone(), index: chunk.index, len, hash, encoding },
-                            body,
-                        )
-                    }
-                };
                 wire.link.send(seq, &message).await.map_err(err)?;
-                wire.sent[d][i] = chunk.slot;
+                wire.sent[d][i] = slot;
                 self.update(|s| {
                     s.chunks_sent += 1;
                     s.payload_bytes += payload;
@@ -203,26 +168,85 @@ impl Agent {
                 });
             }
         }
+        let cached = self.cache.used() as u64;
+        self.update(|s| s.block_cache_bytes = cached);
         Ok(())
     }
 }
-/// The `[offset, length]` ranges of a chunk of `len` bytes whose delta blocks differ,
-/// adjacent blocks merged.
-pub fn changed_ranges(before: &[u64], after: &[u64], len: u32) -> Vec<[u32; 2]> {
-    let block = disk::DELTA_BLOCK as u32;
-    let mut out: Vec<[u32; 2]> = Vec::new();
-    for (i, (a, b)) in before.iter().zip(after).enumerate() {
-        if a == b {
-            continue;
+
+/// The message that brings the process server's copy of a chunk, `held`, to what `found`
+/// read, and its plaintext payload: a delta when the base is known and at most half the
+/// chunk changed, else the whole chunk. `previous` are the chunk's blocks as last read.
+fn message(
+    seq: u64,
+    disk: &str,
+    len: u32,
+    held: Slot,
+    found: Found,
+    previous: Option<(Slot, Blocks)>,
+    level: i32,
+) -> Result<(Message, u64), SessionError> {
+    let at_most_half = |ranges: &[[u32; 2]]| ranges.iter().map(|r| u64::from(r[1])).sum::<u64>() * 2 <= u64::from(len);
+    let whole = |hash: Option<ChunkHash>, encoding, body: Vec<u8>| {
+        let payload = if hash.is_some() { u64::from(len) } else { 0 };
+        let hash = hash.map(|h| h.to_hex());
+        let chunk = ChunkData { seq, disk: disk.to_owned(), index: found.index, len, hash, encoding };
+        (Message::Chunk(chunk, bytes::Bytes::from(body)), payload)
+    };
+    let delta = |base: Option<ChunkHash>, hash: ChunkHash, ranges: Vec<[u32; 2]>, bytes: Vec<u8>| {
+        let payload = bytes.len() as u64;
+        let (encoding, body) = pack(bytes, level);
+        let base = base.map(|b| b.to_hex());
+        let delta = ChunkDelta {
+            seq,
+            disk: disk.to_owned(),
+            index: found.index,
+            len,
+            base,
+            hash: hash.to_hex(),
+            ranges,
+            encoding,
+        };
+        (Message::Delta(delta, body), payload)
+    };
+    // What a delta applies to: `Some(None)` for a zero chunk.
+    let base = match held {
+        Slot::Data(h) => Some(Some(h)),
+        Slot::Zero => Some(None),
+        Slot::Missing => None,
+    };
+    let (data, packed) = match found.body {
+        Body::Changed { ranges, bytes } => {
+            // Read by blocks only against the blocks of what the process server holds, and
+            // only when at most half the chunk was dirty.
+            return match (found.slot, base) {
+                (Slot::Zero, _) => Ok(whole(None, Encoding::Raw, Vec::new())),
+                (Slot::Data(h), Some(base)) if at_most_half(&ranges) => Ok(delta(base, h, ranges, bytes)),
+                _ => Err(err("a chunk read by its dirty blocks has no base on the process server")),
+            };
         }
-        let off = i as u32 * block;
-        let n = block.min(len - off);
-        match out.last_mut() {
-            Some(last) if last[0] + last[1] == off => last[1] += n,
-            _ => out.push([off, n]),
+        Body::Whole { data, packed } => (data, packed),
+    };
+    let Slot::Data(hash) = found.slot else { return Ok(whole(None, Encoding::Raw, Vec::new())) };
+    let ranges = match (base, previous) {
+        (Some(Some(old)), Some((Slot::Data(p), before))) if p == old && before.cvs.len() == found.blocks.cvs.len() => {
+            Some(changed_ranges(&before.cvs, &found.blocks.cvs, len))
         }
+        (Some(None), _) => Some(changed_ranges(&vec![true; found.blocks.zero.len()], &found.blocks.zero, len)),
+        _ => None,
     }
-    out
+    .filter(|r| at_most_half(r));
+    Ok(match (ranges, packed) {
+        (Some(ranges), _) => {
+            let mut bytes = Vec::new();
+            for &[off, n] in &ranges {
+                bytes.extend_from_slice(&data[off as usize..(off + n) as usize]);
+            }
+            delta(base.flatten(), hash, ranges, bytes)
+        }
+        (None, Some(z)) => whole(Some(hash), Encoding::Zstd, z),
+        (None, None) => whole(Some(hash), Encoding::Raw, data),
+    })
 }
 
 /// zstd-compresses a body when that makes it smaller.

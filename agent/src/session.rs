@@ -14,7 +14,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use crate::changes::Dirty;
+use crate::changes::{Blocks, Dirty};
 use crate::disk::Disk;
 use crate::link::{Link, spawn_ack_reader};
 use crate::pass::{DiskSize, pass_message};
@@ -177,8 +177,9 @@ impl Agent {
                 sets.iter()
                     .zip(b.iter().zip(held))
                     .map(|(set, (b, h))| {
+                        // What the process server lacks is sent whole: no base to patch.
                         let mut s = set.clone();
-                        s.extend((0..h.len()).filter(|&i| b.get(i) != Some(&h[i])).map(|i| i as u64));
+                        s.extend((0..h.len()).filter(|&i| b.get(i) != Some(&h[i])).map(|i| (i as u64, Blocks::Whole)));
                         s
                     })
                     .collect(),

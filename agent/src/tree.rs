@@ -1,0 +1,175 @@
+//! A chunk's blake3 hash from the chaining values (CVs) of its 64 KiB blocks, so that a
+//! chunk of which a few blocks changed is hashed by reading only those blocks
+//! (docs/replication-protocol.md "A session").
+//!
+//! The result is exactly `blake3::hash(chunk)`: blake3 hashes its input as a left-balanced
+//! binary tree over 1 KiB chunks, in which every 64 KiB block that starts at a multiple
+//! of 64 KiB is a complete subtree (64 is a power of two). The root follows from the
+//! blocks' CVs by merging them along the same splits `blake3::hash` makes
+//! ([`left_subtree_len`]), which always fall on block boundaries once an input is longer
+//! than one block.
+
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
+use siterecovery_store::ChunkHash;
+use siterecovery_wire::Slot;
+
+/// Size of the blocks whose CVs are kept (the delta block).
+pub const BLOCK: usize = 64 * 1024;
+
+/// The CV of block `index` of a chunk, `data` being its bytes (a whole block, or fewer
+/// for the last block of a chunk; never empty).
+pub fn block_cv(data: &[u8], index: usize) -> ChainingValue {
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset((index * BLOCK) as u64);
+    hasher.update(data);
+    hasher.finalize_non_root()
+}
+
+/// The blake3 hash of a chunk of `len` bytes from the CVs of its blocks; `None` unless
+/// there is one CV per block and more than one block (a chunk of one block is the root
+/// itself: hash its bytes).
+pub fn chunk_hash(cvs: &[ChainingValue], len: u64) -> Option<ChunkHash> {
+    if len <= BLOCK as u64 || cvs.len() as u64 != len.div_ceil(BLOCK as u64) {
+        return None;
+    }
+    let (left, right, split) = halves(cvs, len);
+    let root = merge_subtrees_root(&subtree(left, split), &subtree(right, len - split), Mode::Hash);
+    Some(ChunkHash(*root.as_bytes()))
+}
+
+/// The CV of the subtree over `cvs`, `len` bytes long.
+fn subtree(cvs: &[ChainingValue], len: u64) -> ChainingValue {
+    if cvs.len() == 1 {
+        return cvs[0];
+    }
+    let (left, right, split) = halves(cvs, len);
+    merge_subtrees_non_root(&subtree(left, split), &subtree(right, len - split), Mode::Hash)
+}
+
+/// Splits a subtree of `len` bytes (more than one block) where blake3 does.
+fn halves(cvs: &[ChainingValue], len: u64) -> (&[ChainingValue], &[ChainingValue], u64) {
+    let split = left_subtree_len(len);
+    let (left, right) = cvs.split_at((split / BLOCK as u64) as usize);
+    (left, right, split)
+}
+
+/// What a read of a whole chunk tells: per block its CV and whether it is all zeros, and
+/// what the chunk is (zero, or data with its blake3 hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocks {
+    /// CV of every block, in order.
+    pub cvs: Vec<ChainingValue>,
+    /// Whether each block is all zeros.
+    pub zero: Vec<bool>,
+}
+
+impl Blocks {
+    /// Hashes every block of `chunk`.
+    pub fn of(chunk: &[u8]) -> Self {
+        let (cvs, zero) =
+            chunk.chunks(BLOCK).enumerate().map(|(i, b)| (block_cv(b, i), b.iter().all(|&x| x == 0))).unzip();
+        Self { cvs, zero }
+    }
+
+    /// The chunk these blocks make, `len` bytes long: zero when every block is, else its
+    /// hash (`data` is the chunk's bytes, needed only for a chunk of one block).
+    pub fn slot(&self, len: u64, data: Option<&[u8]>) -> Option<Slot> {
+        if self.zero.iter().all(|&z| z) {
+            return Some(Slot::Zero);
+        }
+        match chunk_hash(&self.cvs, len) {
+            Some(h) => Some(Slot::Data(h)),
+            None => data.filter(|d| d.len() as u64 == len).map(|d| Slot::Data(ChunkHash::of(d))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunk_hash_from_block_cvs_is_blake3_of_the_chunk() {
+        const KIB: usize = 1024;
+        const MIB: usize = 1024 * KIB;
+        let lens = [
+            BLOCK + 1,
+            BLOCK + 1024,
+            2 * BLOCK,
+            2 * BLOCK + 1,
+            3 * BLOCK,
+            3 * BLOCK - 7,
+            5 * BLOCK + 100,
+            7 * BLOCK,
+            MIB,
+            MIB + 4096,
+            MIB + BLOCK + 1,
+            3 * MIB + 1000,
+            4 * MIB - 1000,
+            4 * MIB - 1,
+            4 * MIB,
+            4 * MIB + 1,
+            8 * MIB,
+        ];
+        for (n, &len) in lens.iter().enumerate() {
+            let data = bytes(len, n as u64 + 3);
+            let blocks = Blocks::of(&data);
+            let expected = ChunkHash::of(&data);
+            assert_eq!(chunk_hash(&blocks.cvs, len as u64), Some(expected), "length {len}");
+            assert_eq!(blocks.slot(len as u64, None), Some(Slot::Data(expected)), "length {len}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_of_one_block_is_hashed_directly() {
+        for len in [1, 1000, 1024, 1025, 4096, BLOCK - 1, BLOCK] {
+            let data = bytes(len, 9);
+            let blocks = Blocks::of(&data);
+            assert_eq!(blocks.cvs.len(), 1);
+            assert_eq!(chunk_hash(&blocks.cvs, len as u64), None, "length {len}");
+            assert_eq!(blocks.slot(len as u64, None), None, "length {len}: needs the bytes");
+            assert_eq!(blocks.slot(len as u64, Some(&data)), Some(Slot::Data(ChunkHash::of(&data))));
+        }
+    }
+
+    #[test]
+    fn one_changed_block_changes_only_its_cv_and_the_hash_follows() {
+        let len = 4 * 1024 * 1024 - 1000;
+        let mut data = bytes(len, 5);
+        let before = Blocks::of(&data);
+        data[17 * BLOCK + 5] ^= 0xff;
+        let after = Blocks::of(&data);
+        let differ: Vec<usize> = (0..before.cvs.len()).filter(|&i| before.cvs[i] != after.cvs[i]).collect();
+        assert_eq!(differ, vec![17]);
+        // The same bytes at another block index have another CV: CVs depend on position.
+        assert_ne!(block_cv(&data[..BLOCK], 0), block_cv(&data[..BLOCK], 1));
+        let mut cvs = before.cvs.clone();
+        cvs[17] = block_cv(&data[17 * BLOCK..18 * BLOCK], 17);
+        assert_eq!(chunk_hash(&cvs, len as u64), Some(ChunkHash::of(&data)));
+    }
+
+    #[test]
+    fn zero_blocks_and_zero_chunks_are_recognised() {
+        let mut data = vec![0u8; 3 * BLOCK + 10];
+        let blocks = Blocks::of(&data);
+        assert_eq!(blocks.zero, vec![true; 4]);
+        assert_eq!(blocks.slot(data.len() as u64, None), Some(Slot::Zero));
+        data[BLOCK + 1] = 1;
+        let blocks = Blocks::of(&data);
+        assert_eq!(blocks.zero, vec![true, false, true, true]);
+        assert_eq!(blocks.slot(data.len() as u64, None), Some(Slot::Data(ChunkHash::of(&data))));
+        assert_eq!(Blocks::of(&[0u8; 100]).slot(100, None), Some(Slot::Zero));
+    }
+}
