@@ -546,7 +546,8 @@ async fn fetch_base(state: &ServerState, disk: &str, hash: &ChunkHash, len: usiz
     let unavailable =
         |why: String| refuse("BaseUnavailable", format!("base chunk of disk {disk}: {why}; send the chunk whole"));
     loop {
-        let get = state.target.store.get_chunk(&state.server, disk, hash, len);
+        let whole = siterecovery_store::ChunkRef::Data(*hash);
+        let get = state.target.store.fetch_chunk(&state.server, disk, &whole, len);
         match tokio::time::timeout(BASE_FETCH_TIMEOUT, get).await {
             Ok(Ok((plain, _))) => return Ok(Bytes::from(plain)),
             Ok(Err(siterecovery_store::StoreError::Backend(siterecovery_store::BackendError::NotFound { .. })))

@@ -299,6 +299,7 @@ async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<(Check
                 .map(|c| match c {
                     ChunkRef::Zero => Slot::Zero,
                     ChunkRef::Data(h) => Slot::Data(*h),
+                    ChunkRef::Chain(c) => Slot::Data(c.hash),
                 })
                 .collect(),
         })

@@ -1,13 +1,15 @@
-//! Retention and garbage collection. The rule: a chunk is deleted only when no retained
-//! manifest references it. Manifests are deleted first, chunks after, so a crash in
-//! between leaves unreferenced chunks (collected next time), never a dangling point.
+//! Retention and garbage collection. The rule: a chunk or patch is deleted only when no
+//! retained manifest references it (a chain references its base and every one of its
+//! patches). Manifests are deleted first, data after, so a crash in between leaves
+//! unreferenced objects (collected next time), never a dangling point.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::error::Result;
 use crate::layout::{ChunkHash, ServerRef};
+use crate::manifest::PatchChain;
 use crate::manifest::{ChunkRef, Manifest};
 use crate::store::Store;
 
@@ -22,7 +24,12 @@ pub struct GcReport {
     pub chunks_kept: u64,
     /// Chunks deleted.
     pub chunks_deleted: u64,
-    /// Objects under the server's `disks/` that are not chunks of this format; left alone.
+    /// Patches still referenced by a chain of a retained point.
+    pub patches_kept: u64,
+    /// Patches deleted.
+    pub patches_deleted: u64,
+    /// Objects under the server's `disks/` that are neither chunks nor patches of this
+    /// format; left alone.
     pub foreign_objects: u64,
 }
 
@@ -55,46 +62,79 @@ impl Store {
     #[tracing::instrument(skip_all, fields(server = %server))]
     pub async fn gc(&self, server: &ServerRef) -> Result<GcReport> {
         let points = self.list_points(server).await?;
-        let mut referenced: HashMap<&str, HashSet<ChunkHash>> = HashMap::new();
+        // Every object key a retained point needs.
+        let mut referenced: HashSet<String> = HashSet::new();
         for p in &points {
             for d in &p.disks {
-                let set = referenced.entry(d.id.as_str()).or_default();
-                set.extend(d.chunks.iter().filter_map(|c| match c {
-                    ChunkRef::Data(h) => Some(*h),
-                    ChunkRef::Zero => None,
-                }));
+                for c in &d.chunks {
+                    match c {
+                        ChunkRef::Zero => {}
+                        ChunkRef::Data(h) => drop(referenced.insert(server.chunk_key(&d.id, h))),
+                        ChunkRef::Chain(chain) => referenced.extend(chain_keys(server, &d.id, chain)),
+                    }
+                }
             }
         }
         let mut report = GcReport { points_retained: points.len() as u64, ..Default::default() };
         let disks_prefix = format!("{}disks/", server.prefix());
         let mut doomed = Vec::new();
         for key in self.backend.list(&disks_prefix).await? {
-            match parse_chunk_key(&key[disks_prefix.len()..]) {
-                Some((disk, hash)) if referenced.get(disk).is_some_and(|s| s.contains(&hash)) => {
-                    report.chunks_kept += 1
-                }
-                Some(_) => doomed.push(key),
-                None => report.foreign_objects += 1,
+            let Some(kind) = classify(&key[disks_prefix.len()..]) else {
+                report.foreign_objects += 1;
+                continue;
+            };
+            let keep = referenced.contains(&key);
+            match (kind, keep) {
+                (Kind::Chunk, true) => report.chunks_kept += 1,
+                (Kind::Chunk, false) => report.chunks_deleted += 1,
+                (Kind::Patch, true) => report.patches_kept += 1,
+                (Kind::Patch, false) => report.patches_deleted += 1,
+            }
+            if !keep {
+                doomed.push(key);
             }
         }
-        report.chunks_deleted = doomed.len() as u64;
         futures::stream::iter(doomed)
             .map(|key| async move { self.backend.delete(&key).await })
             .buffer_unordered(self.options.parallelism)
             .try_collect::<Vec<()>>()
             .await?;
-        tracing::info!(deleted = report.chunks_deleted, kept = report.chunks_kept, "garbage collected");
+        tracing::info!(
+            deleted = report.chunks_deleted,
+            kept = report.chunks_kept,
+            patches_deleted = report.patches_deleted,
+            patches_kept = report.patches_kept,
+            "garbage collected"
+        );
         Ok(report)
     }
 }
 
-/// `<disk>/chunks/<hash>` → (disk, hash).
-fn parse_chunk_key(rest: &str) -> Option<(&str, ChunkHash)> {
-    let (disk, name) = rest.split_once("/chunks/")?;
-    if disk.contains('/') {
+/// The objects a chain is made of: its base chunk (unless zeros) and every patch.
+fn chain_keys<'a>(server: &'a ServerRef, disk: &'a str, chain: &'a PatchChain) -> impl Iterator<Item = String> + 'a {
+    let base = chain.base.as_ref().map(|h| server.chunk_key(disk, h));
+    base.into_iter().chain(chain.steps().map(move |(before, after)| server.patch_key(disk, &after, before.as_ref())))
+}
+
+/// What an object under `disks/` is.
+enum Kind {
+    Chunk,
+    Patch,
+}
+
+/// `<disk>/chunks/<hash>` is a chunk, `<disk>/patches/<hash>-<hash|zero>` a patch;
+/// anything else is not an object of this format.
+fn classify(rest: &str) -> Option<Kind> {
+    let (disk, tail) = rest.split_once('/')?;
+    if disk.is_empty() {
         return None;
     }
-    Some((disk, ChunkHash::from_hex(name)?))
+    if let Some(name) = tail.strip_prefix("chunks/") {
+        return ChunkHash::from_hex(name).map(|_| Kind::Chunk);
+    }
+    let (result, base) = tail.strip_prefix("patches/")?.split_once('-')?;
+    (ChunkHash::from_hex(result).is_some() && (base == "zero" || ChunkHash::from_hex(base).is_some()))
+        .then_some(Kind::Patch)
 }
 
 /// Deletes everything stored for `server` (decommissioning): manifests first, so a crash

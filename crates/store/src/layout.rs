@@ -1,10 +1,11 @@
-//! Object names of layout `v1` (see `docs/storage-format.md`). All keys are built here so
+//! Object names of layout `v2` (see `docs/storage-format.md`). All keys are built here so
 //! the layout is defined in exactly one place.
 
 use crate::error::{Result, StoreError};
 
-/// Version of the layout and object encoding written by this crate.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the layout and object encoding written by this crate. Version 1 (whole
+/// chunks only) is still read.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Default chunk size: disks are cut into fixed 4 MiB chunks (the last one may be shorter).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
@@ -67,6 +68,18 @@ impl ServerRef {
         format!("{}{}", self.chunks_prefix(disk), hash.to_hex())
     }
 
+    /// Prefix of every patch of one disk: `servers/<ns>/<server>/disks/<disk>/patches/`.
+    pub fn patches_prefix(&self, disk: &str) -> String {
+        format!("{}disks/{disk}/patches/", self.prefix())
+    }
+
+    /// Key of the patch that turns chunk `base` (or zeros) into chunk `result`:
+    /// `…/patches/<result>-<base|zero>`.
+    pub fn patch_key(&self, disk: &str, result: &ChunkHash, base: Option<&ChunkHash>) -> String {
+        let base = base.map_or_else(|| "zero".to_string(), ChunkHash::to_hex);
+        format!("{}{}-{base}", self.patches_prefix(disk), result.to_hex())
+    }
+
     /// Prefix of the recovery-point manifests: `servers/<ns>/<server>/points/`.
     pub fn points_prefix(&self) -> String {
         format!("{}points/", self.prefix())
@@ -124,6 +137,9 @@ mod tests {
         let h = ChunkHash::of(b"x");
         assert_eq!(s.chunk_key("sda", &h), format!("servers/prod/db-1/disks/sda/chunks/{h}"));
         assert_eq!(s.point_key("p1"), "servers/prod/db-1/points/p1.json");
+        let b = ChunkHash::of(b"y");
+        assert_eq!(s.patch_key("sda", &h, Some(&b)), format!("servers/prod/db-1/disks/sda/patches/{h}-{b}"));
+        assert_eq!(s.patch_key("sda", &h, None), format!("servers/prod/db-1/disks/sda/patches/{h}-zero"));
         assert_eq!(ChunkHash::from_hex(&h.to_hex()), Some(h));
         assert_eq!(ChunkHash::from_hex("zz"), None);
     }

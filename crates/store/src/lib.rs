@@ -1,4 +1,4 @@
-//! The blob store of Site Recovery for Kubernetes: layout `v1` of replicated disks and
+//! The blob store of Site Recovery for Kubernetes: layout `v2` of replicated disks and
 //! recovery points (documented in `docs/storage-format.md`), object encoding (zstd then
 //! AES-256-GCM, integrity-checked on every read), restore and garbage collection, on a
 //! local directory or Azure Blob Storage.
@@ -25,6 +25,7 @@ mod keys;
 mod layout;
 mod manifest;
 mod page_blob;
+mod patch;
 mod restore;
 mod store;
 pub mod vhd;
@@ -35,7 +36,8 @@ pub use error::{Result, StoreError};
 pub use gc::{GcReport, delete_server_data};
 pub use keys::{Keyring, SECRET_ACTIVE, SECRET_KEY_PREFIX};
 pub use layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef, validate_segment};
-pub use manifest::{ChunkRef, DiskManifest, Manifest, PointKind};
+pub use manifest::{ChunkRef, DiskManifest, Manifest, PatchChain, PointKind};
 pub use page_blob::{VhdPurpose, VhdReport, recovered_prefix, recovered_vhd_name};
+pub use patch::{MAX_CHAIN_PATCHES, apply_patch, chain_may_grow, encode_patch};
 pub use restore::RestoreReport;
 pub use store::{DiskSource, NewPoint, Store, StoreOptions, WriteReport, generate_point_id};

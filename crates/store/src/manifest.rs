@@ -26,34 +26,107 @@ impl std::fmt::Display for PointKind {
     }
 }
 
-/// One chunk slot of a disk: stored data, or a run of zeros that was never stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One chunk slot of a disk: stored data, a run of zeros that was never stored, or a
+/// chain of patches on a stored chunk (format 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkRef {
     /// All bytes of this chunk are zero; nothing is stored.
     Zero,
-    /// The chunk stored under this content hash.
+    /// The chunk stored whole under this content hash (`chunks/<hash>`).
     Data(ChunkHash),
+    /// The chunk is its base (a stored chunk, or zeros) with patches applied in order.
+    Chain(PatchChain),
 }
 
-/// Serialized as the string `"zero"` or the 64-hex-character hash.
+impl ChunkRef {
+    /// The content hash of the chunk this entry makes, `None` for a zero chunk.
+    pub fn hash(&self) -> Option<ChunkHash> {
+        match self {
+            ChunkRef::Zero => None,
+            ChunkRef::Data(h) => Some(*h),
+            ChunkRef::Chain(c) => Some(c.hash),
+        }
+    }
+}
+
+/// `chunks/<base>` (or zeros) followed by `patches/<h_1>-<base>`, `patches/<h_2>-<h_1>`, …,
+/// `patches/<h_n>-<h_n-1>`: the chunk whose content hash is `hash` (= `h_n`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatchChain {
+    /// Content hash of the chunk the chain makes: the last patch's result.
+    pub hash: ChunkHash,
+    /// The whole chunk the first patch applies to; `None` for an all-zero chunk.
+    pub base: Option<ChunkHash>,
+    /// Result hash of each patch, in the order they apply; the last is `hash`.
+    pub patches: Vec<ChunkHash>,
+}
+
+impl PatchChain {
+    /// The hash each patch applies to, paired with the patch's result hash, in order.
+    pub fn steps(&self) -> impl Iterator<Item = (Option<ChunkHash>, ChunkHash)> + '_ {
+        let before = std::iter::once(self.base).chain(self.patches.iter().map(|h| Some(*h)));
+        before.zip(self.patches.iter().copied())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self.patches.last() {
+            None => Err(format!("chain of chunk {} lists no patch", self.hash)),
+            Some(last) if *last != self.hash => {
+                Err(format!("chain of chunk {} ends with patch {last}, not with the chunk", self.hash))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// The JSON form of a chain entry.
+#[derive(Serialize, Deserialize)]
+struct ChainJson {
+    hash: String,
+    base: String,
+    patches: Vec<String>,
+}
+
+/// Either JSON form of an entry: a string or a chain object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EntryJson {
+    Str(String),
+    Chain(ChainJson),
+}
+
+fn parse_hash<E: serde::de::Error>(s: &str) -> Result<ChunkHash, E> {
+    ChunkHash::from_hex(s).ok_or_else(|| E::custom(format!("chunk reference {s:?} is neither \"zero\" nor a hash")))
+}
+
+/// Serialized as the string `"zero"`, the 64-hex-character hash, or
+/// `{"hash": h_n, "base": h_0 | "zero", "patches": [h_1, …, h_n]}`.
 impl Serialize for ChunkRef {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             ChunkRef::Zero => s.serialize_str("zero"),
             ChunkRef::Data(h) => s.serialize_str(&h.to_hex()),
+            ChunkRef::Chain(c) => ChainJson {
+                hash: c.hash.to_hex(),
+                base: c.base.map_or_else(|| "zero".to_string(), |h| h.to_hex()),
+                patches: c.patches.iter().map(ChunkHash::to_hex).collect(),
+            }
+            .serialize(s),
         }
     }
 }
 
 impl<'de> Deserialize<'de> for ChunkRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        if s == "zero" {
-            return Ok(ChunkRef::Zero);
+        match EntryJson::deserialize(d)? {
+            EntryJson::Str(s) if s == "zero" => Ok(ChunkRef::Zero),
+            EntryJson::Str(s) => parse_hash(&s).map(ChunkRef::Data),
+            EntryJson::Chain(c) => Ok(ChunkRef::Chain(PatchChain {
+                hash: parse_hash(&c.hash)?,
+                base: if c.base == "zero" { None } else { Some(parse_hash(&c.base)?) },
+                patches: c.patches.iter().map(|p| parse_hash(p)).collect::<Result<_, _>>()?,
+            })),
         }
-        ChunkHash::from_hex(&s)
-            .map(ChunkRef::Data)
-            .ok_or_else(|| serde::de::Error::custom(format!("chunk reference {s:?} is neither \"zero\" nor a hash")))
     }
 }
 
@@ -79,7 +152,7 @@ impl DiskManifest {
 /// A recovery point. It exists once this manifest is stored; chunks are written first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Layout/format version, `1`.
+    /// Layout/format version: `2` is written, `1` (no patch chains) is still read.
     pub format: u32,
     /// Point id, also the manifest's file name.
     pub id: String,
@@ -110,7 +183,7 @@ impl Manifest {
 
     /// Checks internal consistency after decoding: the chunk count matches every disk size.
     pub(crate) fn check(&self) -> Result<(), String> {
-        if self.format != crate::layout::FORMAT_VERSION {
+        if !(1..=crate::layout::FORMAT_VERSION).contains(&self.format) {
             return Err(format!("unsupported format version {}", self.format));
         }
         if self.chunk_size == 0 {
@@ -125,6 +198,17 @@ impl Manifest {
                     d.size,
                     d.chunks.len()
                 ));
+            }
+            for (i, c) in d.chunks.iter().enumerate() {
+                if let ChunkRef::Chain(chain) = c {
+                    if self.format < 2 {
+                        return Err(format!(
+                            "disk {} chunk {i} is a patch chain in a format {} manifest",
+                            d.id, self.format
+                        ));
+                    }
+                    chain.check().map_err(|why| format!("disk {} chunk {i}: {why}", d.id))?;
+                }
             }
         }
         Ok(())

@@ -189,20 +189,14 @@ impl Store {
         report: &mut VhdReport,
     ) -> Result<()> {
         let chunk_size = point.chunk_size;
-        let work: Vec<(usize, crate::layout::ChunkHash)> = disk
-            .chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| match c {
-                ChunkRef::Data(h) => Some((i, *h)),
-                ChunkRef::Zero => None,
-            })
-            .collect();
+        // Owned entries: futures over borrowed ones would not be `Send` for every lifetime.
+        let work: Vec<(usize, ChunkRef)> =
+            disk.chunks.iter().cloned().enumerate().filter(|(_, c)| *c != ChunkRef::Zero).collect();
         report.chunks_zero = (disk.chunks.len() - work.len()) as u64;
         let done: Vec<(u64, u64)> = futures::stream::iter(work)
-            .map(|(index, hash)| async move {
+            .map(|(index, chunk)| async move {
                 let len = disk.chunk_len(index, chunk_size);
-                let (mut plain, downloaded) = self.get_chunk(server, &disk.id, &hash, len).await?;
+                let (mut plain, downloaded) = self.fetch_chunk(server, &disk.id, &chunk, len).await?;
                 // The last chunk of an odd-sized disk ends mid-page; the rest of the page is
                 // past the disk's end and reads as zeros.
                 plain.resize(len.next_multiple_of(PAGE), 0);

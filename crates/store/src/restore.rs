@@ -1,6 +1,7 @@
 //! Restore: materialise a disk of a recovery point onto an image file or block device,
-//! bit-exact, with bounded parallel chunk downloads. Every chunk is authenticated,
-//! decompressed and checked against its content hash before a byte is written.
+//! bit-exact, with bounded parallel chunk downloads. Every chunk is made by
+//! [`Store::fetch_chunk`] (authenticated, decompressed, patches applied, checked against
+//! its content hash) before a byte of it is written.
 
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -46,8 +47,9 @@ impl Store {
         let file = Arc::new(file);
         let chunk_size = point.chunk_size;
         let mut report = RestoreReport { size: disk.size, ..Default::default() };
+        // Owned entries: futures over borrowed ones would not be `Send` for every lifetime.
         let work: Vec<(usize, ChunkRef)> =
-            disk.chunks.iter().copied().enumerate().filter(|(_, c)| is_device || *c != ChunkRef::Zero).collect();
+            disk.chunks.iter().cloned().enumerate().filter(|(_, c)| is_device || *c != ChunkRef::Zero).collect();
         report.chunks_zero = disk.chunks.iter().filter(|c| **c == ChunkRef::Zero).count() as u64;
         let downloaded: Vec<u64> = futures::stream::iter(work)
             .map(|(index, chunk)| {
@@ -87,31 +89,6 @@ impl Store {
         Ok(reports)
     }
 
-    /// Downloads one chunk and returns its verified plaintext and the bytes downloaded.
-    /// A chunk that fails decryption, or whose content does not hash to its name or has
-    /// another length than `len`, is an error naming the object.
-    pub async fn get_chunk(
-        &self,
-        server: &ServerRef,
-        disk: &str,
-        hash: &ChunkHash,
-        len: usize,
-    ) -> Result<(Vec<u8>, u64)> {
-        let key = server.chunk_key(disk, hash);
-        let sealed = self.backend.get(&key).await?;
-        let n = sealed.len() as u64;
-        let codec = self.codec.clone();
-        let hash = *hash;
-        let plain = tokio::task::spawn_blocking(move || {
-            let plain = codec.open(&key, &sealed)?;
-            verify_chunk(&key, &hash, len, &plain)?;
-            Ok::<_, StoreError>(plain)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
-        Ok((plain, n))
-    }
-
     #[allow(clippy::too_many_arguments)]
     async fn restore_chunk(
         &self,
@@ -126,10 +103,7 @@ impl Store {
         let len = disk.chunk_len(index, chunk_size);
         let offset = index as u64 * u64::from(chunk_size);
         let path = target.to_path_buf();
-        let (plain, n) = match chunk {
-            ChunkRef::Zero => (vec![0u8; len], 0),
-            ChunkRef::Data(hash) => self.get_chunk(server, &disk.id, &hash, len).await?,
-        };
+        let (plain, n) = self.fetch_chunk(server, &disk.id, &chunk, len).await?;
         tokio::task::spawn_blocking(move || file.write_all_at(&plain, offset))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?

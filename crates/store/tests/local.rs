@@ -123,14 +123,15 @@ async fn a_chunk_swapped_for_another_is_caught_by_its_content_hash() {
     let src = odd_image(&f, "sda.img");
     let store = store(f.backend.clone(), keyring("k1", &["k1"]), K);
     let w = store.write_point(&f.server, crash_point(0), &[disk("sda", &src)]).await.unwrap();
-    let (ChunkRef::Data(a), ChunkRef::Data(b)) = (w.manifest.disks[0].chunks[0], w.manifest.disks[0].chunks[1]) else {
+    let (ChunkRef::Data(a), ChunkRef::Data(b)) = (&w.manifest.disks[0].chunks[0], &w.manifest.disks[0].chunks[1])
+    else {
         panic!("chunks 0 and 1 hold data")
     };
     // Re-seal chunk b's plaintext under chunk a's name with the right key: the AEAD check
     // passes, so only the content hash can notice.
     let codec = siterecovery_store::Codec::new(keyring("k1", &["k1"]), 3);
-    let key_a = f.server.chunk_key("sda", &a);
-    let key_b = f.server.chunk_key("sda", &b);
+    let key_a = f.server.chunk_key("sda", a);
+    let key_b = f.server.chunk_key("sda", b);
     let plain_b = codec.open(&key_b, &f.backend.get(&key_b).await.unwrap()).unwrap();
     f.backend.put(&key_a, codec.seal(&key_a, &plain_b).unwrap().into()).await.unwrap();
     let err = store.restore_disk(&f.server, &w.manifest, "sda", &f.dir.path().join("out")).await.unwrap_err();
