@@ -9,10 +9,14 @@
 # As root it also sets up the block-device phase: a loop device over a fresh image
 # (BENCH_BLOCKDEV_SIZE, default 1G) holding an ext4 mounted under target/bench/blockdev,
 # which the agent protects with eBPF tracking and its convergence freeze; the filesystem
-# is unmounted and the loop device detached on the way out, whatever happened.
+# is unmounted and the loop device detached on the way out, whatever happened. For the
+# `imagedev` phase it attaches a second loop device over a copy of the 2 GiB image (not
+# mounted: the agent protects the device with eBPF while the churn is written to it),
+# detached and removed on the way out likewise.
 #
 # Environment: BENCH_RPO_SECONDS (default 120), BENCH_RPO_RATE_MB (20),
-# BENCH_DP_PHASES (image,blockdev: either or both), BENCH_BLOCKDEV_SYNC (1: the
+# BENCH_DP_PHASES (image,imagedev,blockdev: any of them), BENCH_DP_PERF (1: `perf record`
+# the initial replications into target/bench/perf), BENCH_BLOCKDEV_SYNC (1: the
 # block-device writer calls fdatasync after every write),
 # BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
 # commit whose agent and process server to measure instead of the working tree's (built
@@ -109,7 +113,7 @@ mkdir -p target/bench
 setsid "$azurite_bin" --blobHost 127.0.0.1 --blobPort "$port" --inMemoryPersistence \
   --disableTelemetry --skipApiVersionCheck --loose >target/bench/dataplane-azurite.log 2>&1 </dev/null &
 azurite_pid=$!
-blk_image= blk_mnt=
+blk_image= blk_mnt= dev_image=
 # The block device, if any, goes first: a frozen or mounted filesystem must not outlive
 # the run (thaw in case an agent died holding a freeze).
 blockdev_down() {
@@ -124,8 +128,17 @@ blockdev_down() {
   done
   rm -f "$blk_image"
 }
+imagedev_down() {
+  [ -n "$dev_image" ] || return 0
+  local dev
+  for dev in $(losetup -n -O NAME -j "$dev_image" 2>/dev/null); do
+    losetup -d "$dev" || true
+  done
+  rm -f "$dev_image"
+}
 cleanup() {
   blockdev_down
+  imagedev_down
   kill -- "-$azurite_pid" 2>/dev/null || kill "$azurite_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -139,8 +152,22 @@ done
 log "Azurite (in memory) on $endpoint"
 
 # --- the block device: loop device + mounted ext4 (root only) ---------------------------
-phases=${BENCH_DP_PHASES:-image,blockdev}
+phases=${BENCH_DP_PHASES:-image,imagedev,blockdev}
 blk_args=()
+if [[ ",$phases," == *",imagedev,"* ]]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "imagedev phase skipped: it needs root (loop device, eBPF)"
+  else
+    dev_image=$PWD/target/bench/imagedev/disk.img
+    imagedev_down # leftovers of an interrupted run
+    mkdir -p "$(dirname "$dev_image")"
+    cp --sparse=always "$image" "$dev_image"
+    devloop=$(losetup --find --show "$dev_image")
+    log "imagedev: $devloop over a copy of the image ($(blockdev --getsize64 "$devloop") bytes)"
+    blk_args+=(--imagedev "$devloop")
+  fi
+fi
+[ "${BENCH_DP_PERF:-0}" = 1 ] && blk_args+=(--perf "$PWD/target/bench/perf")
 if [[ ",$phases," == *",blockdev,"* ]]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "block-device phase skipped: it needs root (loop device, mount, eBPF, fsfreeze)"
@@ -156,7 +183,7 @@ if [[ ",$phases," == *",blockdev,"* ]]; then
     loopdev=$(losetup --find --show "$blk_image")
     mount "$loopdev" "$blk_mnt"
     log "block device $loopdev ($(blockdev --getsize64 "$loopdev") bytes), ext4 mounted on $blk_mnt"
-    blk_args=(--blockdev "$loopdev" --blockdev-mount "$blk_mnt")
+    blk_args+=(--blockdev "$loopdev" --blockdev-mount "$blk_mnt")
     [ "${BENCH_BLOCKDEV_SYNC:-0}" = 1 ] && blk_args+=(--blockdev-sync)
   fi
 fi

@@ -7,6 +7,10 @@
 //! server. With `--blockdev` (root: the script sets up a loop device with a mounted ext4),
 //! also the RPO on that block device with eBPF tracking and the convergence freeze
 //! (`blockdev_*`, `rpo_blockdev_*`; the image file's RPO rows are `rpo_imagefile_*`).
+//! With `--imagedev` (root: a loop device over a copy of the image), also the initial
+//! replication and the incremental with the agent protecting that block device with eBPF
+//! tracking (`initial_blockdev_*`, `incremental_blockdev_*`), against the peers' runs on
+//! the same bytes.
 //! Prints a table and writes `target/bench/results.json`; asserts nothing.
 
 use std::path::{Path, PathBuf};
@@ -14,11 +18,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use siterecovery_bench::dataplane::blockdev;
 use siterecovery_bench::dataplane::compare::{Cmp, Judge, Ratio, json as results_json, table};
-use siterecovery_bench::dataplane::peers::{Restic, version};
-use siterecovery_bench::dataplane::phases::{self, percentile, report};
+use siterecovery_bench::dataplane::peers::{Backup, Restic, version};
+use siterecovery_bench::dataplane::phases::{self, Incremental, Ours, PeerRun, percentile, report};
 use siterecovery_bench::dataplane::rig::{Rig, RigPaths};
+use siterecovery_bench::dataplane::{blockdev, imagedev};
 use siterecovery_bench::metrics::load_average;
 use siterecovery_bench::report::{Goal, write_json};
 
@@ -74,9 +78,22 @@ struct Args {
     #[arg(long)]
     chunk_size: Option<u32>,
     /// Which phases to run: `image` (initial, incremental, restore and RPO on the image
-    /// file, against the peers) and `blockdev` (RPO on a loop device with eBPF).
-    #[arg(long, env = "BENCH_DP_PHASES", value_delimiter = ',', default_value = "image,blockdev")]
+    /// file, against the peers), `imagedev` (initial and incremental on a loop device over
+    /// a copy of the image, eBPF tracking) and `blockdev` (RPO on a loop device with eBPF).
+    #[arg(long, env = "BENCH_DP_PHASES", value_delimiter = ',', default_value = "image,imagedev,blockdev")]
     phases: Vec<String>,
+    /// Loop device over a copy of `--image`, for the `imagedev` phase (written to;
+    /// hack/bench-dataplane.sh sets one up as root); without it that phase is reported as
+    /// not measured.
+    #[arg(long)]
+    imagedev: Option<PathBuf>,
+    /// Seconds between the `imagedev` phase's first point and its churn.
+    #[arg(long, default_value_t = 10.0)]
+    imagedev_settle: f64,
+    /// Directory for `perf record` profiles of the initial replications (agent, process
+    /// server and Azurite; `perf` from Debian's linux-perf).
+    #[arg(long, env = "BENCH_DP_PERF_DIR")]
+    perf: Option<PathBuf>,
     /// Loop device holding a mounted ext4, for the `blockdev` phase (hack/bench-dataplane.sh
     /// sets one up as root); without it that phase is reported as not measured.
     #[arg(long, requires = "blockdev_mount")]
@@ -101,7 +118,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     for p in &args.phases {
-        anyhow::ensure!(matches!(p.as_str(), "image" | "blockdev"), "unknown phase {p:?} (image, blockdev)");
+        anyhow::ensure!(
+            matches!(p.as_str(), "image" | "imagedev" | "blockdev"),
+            "unknown phase {p:?} (image, imagedev, blockdev)"
+        );
     }
     let load_before = load_average();
     let work = std::path::absolute(&args.work)?;
@@ -120,11 +140,53 @@ async fn main() -> anyhow::Result<()> {
         disk: work.join("disk.img"),
         agent_extra: serde_json::Value::Null,
     };
-    let (mut rows, image) = if args.phases.iter().any(|p| p == "image") {
+    let has = |phase: &str| args.phases.iter().any(|p| p == phase);
+    let (mut rows, image, mut peers) = if has("image") {
         image_phases(&args, paths.clone(), stamp).await?
     } else {
-        (Vec::new(), serde_json::Value::Null)
+        (Vec::new(), serde_json::Value::Null, None)
     };
+
+    let dev_setup = match &args.imagedev {
+        Some(device) if has("imagedev") => Some(imagedev::Setup {
+            device: device.clone(),
+            fraction: args.churn_percent / 100.0,
+            timeout: Duration::from_secs(args.phase_timeout),
+            settle: Duration::from_secs_f64(args.imagedev_settle),
+            perf: args.perf.clone(),
+        }),
+        _ => {
+            if has("imagedev") {
+                eprintln!(
+                    "[dataplane] imagedev phase skipped: no --imagedev (it needs root; see hack/bench-dataplane.sh)"
+                );
+            }
+            None
+        }
+    };
+    let dev = match &dev_setup {
+        Some(s) => {
+            let run = report(
+                "block device (image copy)",
+                imagedev::run(&paths, &format!("sr-bench-{stamp}-dev"), s, args.azurite_pid).await,
+            );
+            if peers.is_none() {
+                // Without the image phase, the peers run here on the same bytes.
+                let restic = Restic::new(&args.rclone, &args.azurite, &format!("restic-bench-{stamp}-dev"), &work);
+                peers = report("restic init", restic.init()).and_then(|()| {
+                    let fraction = args.churn_percent / 100.0;
+                    report("peers", phases::peers_only(&restic, &args.image, &work, fraction, args.azurite_pid))
+                });
+            }
+            run
+        }
+        None => None,
+    };
+    if has("imagedev") {
+        let p = peers.as_ref();
+        let peer_view = imagedev::Peers { restic_initial: p.and_then(|p| p.0.as_ref()), incremental: p.map(|p| &p.1) };
+        rows.extend(imagedev::rows(dev.as_ref(), peer_view));
+    }
 
     let setup = match (&args.blockdev, &args.blockdev_mount) {
         (Some(device), Some(mount)) if args.phases.iter().any(|p| p == "blockdev") => Some(blockdev::Setup {
@@ -162,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
         "chunk_size": args.chunk_size.unwrap_or(siterecovery_store::DEFAULT_CHUNK_SIZE),
         "interval_seconds": args.interval,
         "image_file": image,
+        "imagedev": imagedev::context(dev_setup.as_ref(), dev.as_ref()),
         "blockdev": blockdev::context(setup.as_ref(), blk.as_ref()),
     });
     print!("{}", table(&rows));
@@ -170,8 +233,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The phases on the image file, against restic and rsync: their rows and context.
-async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Result<(Vec<Cmp>, serde_json::Value)> {
+/// The peers' initial backup and incremental runs, for the `imagedev` phase's rows.
+type PeerRuns = (Option<(PeerRun, Backup)>, Incremental);
+
+/// The phases on the image file, against restic and rsync: their rows and context, and
+/// the peers' runs.
+async fn image_phases(
+    args: &Args,
+    paths: RigPaths,
+    stamp: i64,
+) -> anyhow::Result<(Vec<Cmp>, serde_json::Value, Option<PeerRuns>)> {
     let work = paths.work.clone();
     let disk = paths.disk.clone();
     std::fs::copy(&args.image, &disk)?;
@@ -183,7 +254,8 @@ async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Resul
 
     eprintln!("[dataplane] initial replication: agent → process server → Azurite");
     let timeout = Duration::from_secs(args.phase_timeout);
-    let (initial, mut agent) = phases::initial(&mut rig, az, timeout).await;
+    let perf = args.perf.as_deref().map(|d| (d, "initial-image"));
+    let (initial, mut agent) = phases::initial(&mut rig, az, timeout, perf).await;
     // Without a complete first point, our later phases would measure against a partial
     // copy: they are skipped (reported as n/a), the peers still run.
     if initial.is_none() {
@@ -243,6 +315,8 @@ async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Resul
         ri.map(|r| r.0.timed.cpu_s),
         Ratio::OursOverPeer,
     ));
+    rows.push(Cmp::ours("initial_startup", "s", initial.as_ref().and_then(|o| o.first_read_s)));
+    rows.push(Cmp::ours("initial_point_to_store", "s", initial.as_ref().and_then(Ours::point_to_store_s)));
     rows.push(Cmp::ours("initial_cpu_agent", "s", initial.as_ref().map(|o| o.agent.cpu_s)));
     rows.push(Cmp::ours("initial_cpu_ps", "s", initial.as_ref().map(|o| o.ps_cpu_s)));
     rows.push(Cmp::ours("initial_cpu_azurite", "s", initial.as_ref().and_then(|o| o.azurite_cpu_s)).vs(
@@ -276,6 +350,9 @@ async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Resul
             .vs("rsync --inplace", inc.rsync.as_ref().map(|r| r.0.wall_s), Ratio::Speedup)
             .goal(Judge::Ratio(Goal::AtLeast(15.0))),
     );
+    rows.push(Cmp::ours("incremental_wait_for_interval", "s", io.and_then(|o| o.first_read_s)));
+    rows.push(Cmp::ours("incremental_replication", "s", io.and_then(Ours::replication_s)));
+    rows.push(Cmp::ours("incremental_point_to_store", "s", io.and_then(Ours::point_to_store_s)));
     rows.push(
         Cmp::ours("incremental_wire", "MiB", io.and_then(|o| o.wire_mib))
             .vs("changed bytes, zstd -3", (inc.churn.bytes > 0).then_some(changed_zstd), Ratio::OursOverPeer)
@@ -351,7 +428,7 @@ async fn image_phases(args: &Args, paths: RigPaths, stamp: i64) -> anyhow::Resul
         },
         "logs": {"work": work, "process_server": ps_log},
     });
-    Ok((rows, context))
+    Ok((rows, context, Some((restic_initial, inc))))
 }
 
 /// Cores, memory and CPU model.

@@ -3,6 +3,7 @@
 
 pub mod blockdev;
 pub mod compare;
+pub mod imagedev;
 pub mod peers;
 pub mod phases;
 pub mod procs;

@@ -34,7 +34,31 @@ pub struct Ours {
     pub uploaded_mib: f64,
     /// Replication sessions that ended in an error (the agent reconnected).
     pub sessions_failed: usize,
+    /// From the start of the phase until the agent's `/metrics` first showed a chunk read
+    /// after it (polled every 50 ms; a chunk counts once read, hashed and compressed): in
+    /// an incremental, the wait for the agent's next interval; `None` when not seen.
+    pub first_read_s: Option<f64>,
+    /// From the start of the phase until the instant the point names (its quiet look);
+    /// the rest of [`Ours::seconds`] is the point's marker, its acknowledgement and the
+    /// process server's uploads and manifest.
+    pub point_s: Option<f64>,
 }
+
+impl Ours {
+    /// The replication itself: first chunk read → point in the store.
+    pub fn replication_s(&self) -> Option<f64> {
+        self.first_read_s.map(|w| self.seconds - w)
+    }
+
+    /// The point's instant → the point in the store.
+    pub fn point_to_store_s(&self) -> Option<f64> {
+        self.point_s.map(|p| self.seconds - p)
+    }
+}
+
+/// The seed of the incremental phases' churn: the same bytes at the same offsets for the
+/// image file, the block device and the peers.
+pub const CHURN_SEED: u64 = 0x5eed;
 
 /// A peer run with the Azurite CPU it caused.
 #[derive(Debug, Clone, Default)]
@@ -53,15 +77,29 @@ pub fn azurite_cpu(pid: Option<u32>) -> Option<f64> {
 /// Starts the agent, waits until the process server has written its first point to the
 /// store, and leaves it running (its in-memory state, such as the block hashes deltas are
 /// computed from, is part of what later phases measure).
-pub async fn initial(rig: &mut Rig, azurite: Option<u32>, timeout: Duration) -> (Option<Ours>, Option<Proc>) {
+/// With `perf` set, agent, process server and Azurite are sampled by `perf record` into
+/// `<dir>/<name>.data` until the point is in the store.
+pub async fn initial(
+    rig: &mut Rig,
+    azurite: Option<u32>,
+    timeout: Duration,
+    perf: Option<(&Path, &str)>,
+) -> (Option<Ours>, Option<Proc>) {
     let started = Instant::now();
     let since = Timestamp::now();
     let mut agent = match rig.start_agent("run") {
         Ok(a) => a,
         Err(e) => return (report("ours, initial", Err(e)), None),
     };
+    let recorder = perf.and_then(|(dir, name)| {
+        let pids = [Some(agent.pid()), Some(rig.ps.pid()), azurite];
+        report("perf record", super::procs::PerfRecord::start(&pids, &dir.join(format!("{name}.data"))))
+    });
     let baseline = Baseline { cpu_s: 0.0, wire: 0, ..Baseline::take(rig, None, azurite).await };
     let ours = follow(rig, &mut agent, since, started, baseline, azurite, timeout).await;
+    if let Some(r) = recorder {
+        report("perf record", r.stop());
+    }
     (report("ours, initial", ours), Some(agent))
 }
 
@@ -105,7 +143,13 @@ pub async fn follow(
 ) -> anyhow::Result<Ours> {
     let deadline = started + timeout;
     let failed_before = failed_sessions(&agent.log);
+    // A fresh agent does not serve /metrics yet: it has read nothing.
+    let compared_before = rig.agent_chunks_compared().await.unwrap_or(0.0);
+    let mut first_read_s = None;
     let id = loop {
+        if first_read_s.is_none() && rig.agent_chunks_compared().await.is_ok_and(|n| n > compared_before) {
+            first_read_s = Some(started.elapsed().as_secs_f64());
+        }
         let newer = acknowledged_points(&agent.log).into_iter().find(|id| point_time(id).is_some_and(|t| t >= since));
         if let Some(id) = newer {
             break id;
@@ -139,6 +183,8 @@ pub async fn follow(
         received_mib: (now.received - base.received) / MIB,
         uploaded_mib: (now.uploaded - base.uploaded) / MIB,
         sessions_failed: failed_sessions(&agent.log) - failed_before,
+        first_read_s,
+        point_s: point_time(&id).map(|t| t.duration_since(since).as_secs_f64()),
     })
 }
 
@@ -166,6 +212,8 @@ pub struct Incremental {
     pub restic: Option<(PeerRun, Backup)>,
     /// rsync of the image onto its pre-churn copy, and rsync's bytes sent.
     pub rsync: Option<(Timed, Option<f64>)>,
+    /// BLAKE3 of the churned image (to check that another phase churned the same bytes).
+    pub churned: Option<blake3::Hash>,
 }
 
 /// Copies the image for rsync, churns `fraction` of it, then replicates the change with
@@ -184,7 +232,7 @@ pub async fn incremental(
     // As `cp -p` would: rsync's quick check then sees the churn as a newer file.
     std::fs::File::options().write(true).open(&copy)?.set_modified(std::fs::metadata(&disk)?.modified()?)?;
     let base = Baseline::take(rig, agent.as_deref(), azurite).await;
-    let mut out = Incremental { churn: churn(&disk, fraction, 0x5eed)?, ..Default::default() };
+    let mut out = Incremental { churn: churn(&disk, fraction, CHURN_SEED)?, ..Default::default() };
     let (since, started) = (Timestamp::now(), Instant::now());
     eprintln!(
         "[dataplane] churn: {} blocks of 64 KiB ({:.1} MiB, {:.1} MiB zstd -3) in {} of the image's 4 MiB regions",
@@ -199,7 +247,36 @@ pub async fn incremental(
     out.restic = report("restic, incremental", restic_backup(restic, &disk, azurite));
     out.rsync = report("rsync, incremental", rsync(&disk, &copy, &rig.paths.work));
     let _ = std::fs::remove_file(&copy);
+    out.churned = report("hashing the churned image", hash_file(&disk).map_err(Into::into));
     Ok(out)
+}
+
+/// The peers' part of the initial and incremental phases alone, on a copy of `image` in
+/// `work` (for runs without the `image` phase): restic's first backup, then the same
+/// churn as [`incremental`], restic's second backup and rsync.
+pub fn peers_only(
+    restic: &Restic,
+    image: &Path,
+    work: &Path,
+    fraction: f64,
+    azurite: Option<u32>,
+) -> anyhow::Result<(Option<(PeerRun, Backup)>, Incremental)> {
+    let disk = work.join("disk.img");
+    std::fs::copy(image, &disk)?;
+    eprintln!("[dataplane] peers: restic backup of a copy of the image");
+    let initial = report("restic, initial", restic_backup(restic, &disk, azurite));
+    let copy = work.join("rsync-copy.img");
+    std::fs::copy(&disk, &copy)?;
+    std::fs::File::options().write(true).open(&copy)?.set_modified(std::fs::metadata(&disk)?.modified()?)?;
+    let mut out = Incremental { churn: churn(&disk, fraction, CHURN_SEED)?, ..Default::default() };
+    eprintln!("[dataplane] peers: restic backup and rsync after the churn");
+    out.restic = report("restic, incremental", restic_backup(restic, &disk, azurite));
+    out.rsync = report("rsync, incremental", rsync(&disk, &copy, work));
+    out.churned = report("hashing the churned image", hash_file(&disk).map_err(Into::into));
+    for f in [&disk, &copy] {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok((initial, out))
 }
 
 /// A restore: rate and whether the bytes match.

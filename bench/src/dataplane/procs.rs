@@ -96,6 +96,47 @@ impl Drop for Proc {
     }
 }
 
+/// `perf record` sampling some processes (software `cpu-clock` events, so it also works on
+/// VMs without hardware counters), stopped with SIGINT so it writes its file.
+#[derive(Debug)]
+pub struct PerfRecord(std::process::Child);
+
+impl PerfRecord {
+    /// Samples the threads of `pids` (and threads they start) at 499 Hz into `out`.
+    pub fn start(pids: &[Option<u32>], out: &Path) -> anyhow::Result<Self> {
+        let pids: Vec<String> = pids.iter().flatten().map(u32::to_string).collect();
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let log = File::create(out.with_extension("log"))?;
+        let child = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "499", "-p", &pids.join(","), "-o"])
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting perf record (Debian package linux-perf)")?;
+        Ok(Self(child))
+    }
+
+    /// SIGINT, then waits for perf to write its file (at most 30 s).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill").arg("-INT").arg(self.0.id().to_string()).status();
+        for _ in 0..300 {
+            if let Some(status) = self.0.try_wait()? {
+                // perf ends by re-raising the SIGINT once its file is written.
+                use std::os::unix::process::ExitStatusExt as _;
+                anyhow::ensure!(status.success() || status.signal() == Some(2), "perf record exited ({status})");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        anyhow::bail!("perf record did not stop within 30 s")
+    }
+}
+
 /// The last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

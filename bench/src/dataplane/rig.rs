@@ -71,6 +71,8 @@ pub struct Rig {
     pub store: Store,
     /// The protected server.
     pub server: ServerRef,
+    /// The agents' `/metrics` address (`metricsAddr` in their `agent.json`).
+    pub agent_metrics: String,
     agent_config: PathBuf,
 }
 
@@ -143,6 +145,7 @@ impl Rig {
         }
 
         let agent_config = work.join("agent.json");
+        let agent_metrics = format!("127.0.0.1:{}", free_port()?);
         let mut config = json!({
             "namespace": NAMESPACE,
             "server": SERVER,
@@ -155,13 +158,14 @@ impl Rig {
             "intervalSeconds": paths.interval_s,
             "maxPasses": 8,
             "compressionLevel": 1,
+            "metricsAddr": agent_metrics,
         });
         if let (Some(config), Some(extra)) = (config.as_object_mut(), paths.agent_extra.as_object()) {
             config.extend(extra.clone());
         }
         std::fs::write(&agent_config, serde_json::to_vec_pretty(&config)?)?;
         let server = ServerRef::new(NAMESPACE, SERVER)?;
-        Ok(Self { paths, ps, ps_port, metrics, store, server, agent_config })
+        Ok(Self { paths, ps, ps_port, metrics, store, server, agent_metrics, agent_config })
     }
 
     /// The disk the agent protects.
@@ -190,6 +194,14 @@ impl Rig {
             points: value(&text, &format!("{p}recovery_points_total")),
             backlog: value(&text, &format!("{p}backlog_bytes")),
         })
+    }
+
+    /// Chunks the running agent has read and compared so far
+    /// (`siterecovery_agent_chunks_compared_total`; it counts a chunk once read, hashed and
+    /// compressed): an increase tells that a pass is under way.
+    pub async fn agent_chunks_compared(&self) -> anyhow::Result<f64> {
+        let text = scrape(&self.agent_metrics).await?;
+        Ok(value(&text, "siterecovery_agent_chunks_compared_total"))
     }
 
     /// Waits until the process server has written `points` recovery points to the store

@@ -66,11 +66,13 @@ pub struct Churn {
     pub regions_4mib: u64,
 }
 
-/// Writes `fraction` of the image at `path` in distinct random 64 KiB-aligned blocks,
-/// then fsyncs.
+/// Writes `fraction` of the image or block device at `path` in distinct random 64 KiB-aligned
+/// blocks, then fsyncs (on a block device that writes the page cache back to the device,
+/// where a block tracker sees it). The same seed on the same size writes the same bytes
+/// at the same offsets.
 pub fn churn(path: &Path, fraction: f64, seed: u64) -> std::io::Result<Churn> {
-    let file = std::fs::OpenOptions::new().write(true).open(path)?;
-    let size = file.metadata()?.len();
+    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let size = byte_len(&mut file)?;
     let slots = size / BLOCK as u64;
     let count = ((size as f64 * fraction) / BLOCK as f64).ceil() as u64;
     let mut rng = Rng::new(seed);
@@ -92,6 +94,14 @@ pub fn churn(path: &Path, fraction: f64, seed: u64) -> std::io::Result<Churn> {
     file.sync_all()?;
     out.regions_4mib = regions.len() as u64;
     Ok(out)
+}
+
+/// Size of a file or a block device (whose metadata says 0), from the end of it.
+pub fn byte_len(file: &mut std::fs::File) -> std::io::Result<u64> {
+    use std::io::Seek as _;
+    let len = file.seek(std::io::SeekFrom::End(0))?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    Ok(len)
 }
 
 /// A thread writing random 64 KiB blocks at a steady rate until stopped.
