@@ -2,6 +2,7 @@
 //! journals what they send durably before acknowledging it, and uploads recovery points
 //! to Blob storage through `siterecovery-store`. Protocol: docs/replication-protocol.md.
 
+pub mod chains;
 pub mod group;
 pub mod journal;
 pub mod kube;
@@ -85,7 +86,7 @@ pub struct Shared {
     /// Journal bytes the uploaders may hold in memory, all servers together.
     upload_buffer: Arc<upload::UploadBuffer>,
     metrics: Arc<Metrics>,
-    recent: recent::RecentChunks,
+    recent: Arc<recent::RecentChunks>,
     /// The uploaders, stopped with the process server.
     uploaders: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Consistency groups with a member connected here.
@@ -102,6 +103,7 @@ impl Shared {
                 state.clone(),
                 self.budget.clone(),
                 self.upload_buffer.clone(),
+                self.recent.clone(),
                 self.metrics.clone(),
             ));
             self.uploaders.lock().unwrap_or_else(|p| p.into_inner()).push(task);
@@ -173,7 +175,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         budget: Arc::new(CacheBudget::new(config.cache_limit)),
         upload_buffer: Arc::new(upload::UploadBuffer::new(upload::UPLOAD_BUFFER_BYTES)),
         metrics: metrics.clone(),
-        recent: recent::RecentChunks::new(config.recent_chunk_bytes),
+        recent: Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes)),
         uploaders: Default::default(),
         groups: Default::default(),
     });

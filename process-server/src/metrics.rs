@@ -23,8 +23,10 @@ pub struct Metrics {
     pub bytes_received: Counter,
     /// Bytes uploaded (sealed).
     pub bytes_uploaded: Counter,
-    /// Chunks uploaded.
+    /// Whole chunks uploaded.
     pub chunks_uploaded: Counter,
+    /// Patches uploaded (deltas stored as patch objects).
+    pub patches_uploaded: Counter,
     /// Recovery points written.
     pub points_written: Counter,
     /// Upload attempts that failed (retried).
@@ -54,7 +56,8 @@ impl Metrics {
         r.register("sessions_refused", "Agent sessions refused", self.sessions_refused.clone());
         r.register("received_bytes", "Plaintext chunk bytes received from agents", self.bytes_received.clone());
         r.register("uploaded_bytes", "Bytes uploaded to Blob storage", self.bytes_uploaded.clone());
-        r.register("uploaded_chunks", "Chunks uploaded to Blob storage", self.chunks_uploaded.clone());
+        r.register("uploaded_chunks", "Whole chunks uploaded to Blob storage", self.chunks_uploaded.clone());
+        r.register("uploaded_patches", "Patches uploaded to Blob storage", self.patches_uploaded.clone());
         r.register("recovery_points", "Recovery points written", self.points_written.clone());
         r.register("upload_errors", "Failed upload attempts (retried)", self.upload_errors.clone());
         r.register("backlog_bytes", "Bytes acknowledged to agents and not yet uploaded", self.backlog_bytes.clone());

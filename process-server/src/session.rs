@@ -303,8 +303,8 @@ async fn sync_loop(
     }
 }
 
-/// Validates one agent frame and journals it (not yet durable). A delta is journaled as
-/// the whole chunk it makes.
+/// Validates one agent frame and journals it (not yet durable). A delta is checked by
+/// applying it to its base and journaled as it came; the uploader stores it as a patch.
 async fn receive(
     shared: &Shared,
     state: &Arc<ServerState>,
@@ -312,7 +312,7 @@ async fn receive(
     frame: &Frame,
     last_seq: &mut u64,
 ) -> Result<(), Refuse> {
-    let mut m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    let m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
     if let Message::GroupReady(r) = m {
         let Some(member) = member else {
             return Err(refuse("ProtocolError", "a consistency-group answer from a server in no group"));
@@ -324,12 +324,9 @@ async fn receive(
     if seq <= *last_seq {
         return Err(refuse("ProtocolError", format!("sequence number {seq} after {}", *last_seq)));
     }
-    let mut rebuilt = None;
     match &m {
         Message::Delta(d, body) => {
-            let (chunk, plain) = rebuild(shared, state, d, body).await?;
-            m = Message::Chunk(chunk, plain);
-            rebuilt = Some(m.to_frame());
+            rebuild(shared, state, d, body).await?;
         }
         Message::Chunk(c, body) => {
             if let Some(plain) = check_chunk(state, c, body).await? {
@@ -366,15 +363,14 @@ async fn receive(
         shared.metrics.backpressure_waits.inc();
         shared.budget.wait_for_room().await;
     }
-    let frame = rebuilt.as_ref().unwrap_or(frame);
     journal(state, frame, &m).await?;
     if let (Message::Point(p), Some(member)) = (&m, member)
         && p.kind == siterecovery_store::PointKind::Group
     {
         member.journaled(&p.id, &p.members);
     }
-    if let Message::Chunk(c, _) = &m {
-        let n = u64::from(c.len);
+    if let Message::Chunk(ChunkData { len, .. }, _) | Message::Delta(ChunkDelta { len, .. }, _) = &m {
+        let n = u64::from(*len);
         state.progress.bytes_received.fetch_add(n, Ordering::Relaxed);
         shared.metrics.bytes_received.inc_by(n);
     }
@@ -430,8 +426,20 @@ async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) ->
     Ok(Some(plain))
 }
 
+/// `base` with `ranges` (checked to lie inside it) replaced by `bytes`, in order.
+pub(crate) fn patched(base: &[u8], ranges: &[[u32; 2]], bytes: &[u8]) -> Vec<u8> {
+    let mut chunk = base.to_vec();
+    let mut at = 0usize;
+    for &[off, n] in ranges {
+        let (off, n) = (off as usize, n as usize);
+        chunk[off..off + n].copy_from_slice(&bytes[at..at + n]);
+        at += n;
+    }
+    chunk
+}
+
 /// A body as plaintext of exactly `len` bytes.
-fn decode(body: &Bytes, encoding: Encoding, len: usize) -> Result<Bytes, String> {
+pub(crate) fn decode(body: &Bytes, encoding: Encoding, len: usize) -> Result<Bytes, String> {
     let plain = match encoding {
         Encoding::Raw => body.clone(),
         Encoding::Zstd => Bytes::from(zstd::bulk::decompress(body, len).map_err(|e| format!("zstd: {e}"))?),
@@ -459,13 +467,8 @@ fn expected_len(state: &ServerState, disk: &str, index: u64) -> Result<u64, Refu
 }
 
 /// Applies a delta to the process server's copy of its base chunk and checks the
-/// result hashes to what the agent claims.
-async fn rebuild(
-    shared: &Shared,
-    state: &ServerState,
-    d: &ChunkDelta,
-    body: &Bytes,
-) -> Result<(ChunkData, Bytes), Refuse> {
+/// result hashes to what the agent claims; the result goes to the recent chunks.
+async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &Bytes) -> Result<(), Refuse> {
     let len = expected_len(state, &d.disk, d.index)?;
     if u64::from(d.len) != len {
         return Err(refuse(
@@ -491,21 +494,14 @@ async fn rebuild(
         None => Bytes::from(vec![0u8; len as usize]),
         Some(h) => match shared.recent.get(&state.server, &d.disk, &h) {
             Some(b) => b,
-            None => fetch_base(state, &d.disk, &h, len as usize).await?,
+            None => fetch_base(state, &d.disk, d.index, &h, len as usize).await?,
         },
     };
     let claimed = ChunkHash::from_hex(&d.hash).expect("checked by from_frame");
     let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
     let plain = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
         let bytes = decode(&body, encoding, covered)?;
-        let mut chunk = base_plain.to_vec();
-        let mut at = 0usize;
-        for [off, n] in ranges {
-            let (off, n) = (off as usize, n as usize);
-            chunk[off..off + n].copy_from_slice(&bytes[at..at + n]);
-            at += n;
-        }
-        Ok(Bytes::from(chunk))
+        Ok(Bytes::from(patched(&base_plain, &ranges, &bytes)))
     })
     .await
     .map_err(|e| refuse("ProtocolError", e.to_string()))?
@@ -520,16 +516,8 @@ async fn rebuild(
             format!("delta of chunk {} of disk {} does not produce the chunk the agent claims", d.index, d.disk),
         ));
     }
-    shared.recent.insert(&state.server, &d.disk, claimed, plain.clone());
-    let chunk = ChunkData {
-        seq: d.seq,
-        disk: d.disk.clone(),
-        index: d.index,
-        len: d.len,
-        hash: Some(d.hash.clone()),
-        encoding: Encoding::Raw,
-    };
-    Ok((chunk, plain))
+    shared.recent.insert(&state.server, &d.disk, claimed, plain);
+    Ok(())
 }
 
 /// How long one read of a delta's base from the store may take. The store client retries
@@ -538,16 +526,23 @@ async fn rebuild(
 /// then sends.
 const BASE_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A base chunk that is no longer in memory: from the store, waiting a while for the
-/// uploader if it was received but not uploaded yet. Refused (the agent sends the chunk
-/// whole) when the store fails or does not answer within [`BASE_FETCH_TIMEOUT`].
-async fn fetch_base(state: &ServerState, disk: &str, hash: &ChunkHash, len: usize) -> Result<Bytes, Refuse> {
+/// A base chunk that is no longer in memory: from the store (as a whole chunk or the
+/// chain of patches the uploader stored it as), waiting a while for the uploader if it
+/// was received but not uploaded yet. Refused (the agent sends the chunk whole) when the
+/// store fails or does not answer within [`BASE_FETCH_TIMEOUT`].
+async fn fetch_base(
+    state: &ServerState,
+    disk: &str,
+    index: u64,
+    hash: &ChunkHash,
+    len: usize,
+) -> Result<Bytes, Refuse> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let unavailable =
         |why: String| refuse("BaseUnavailable", format!("base chunk of disk {disk}: {why}; send the chunk whole"));
     loop {
-        let whole = siterecovery_store::ChunkRef::Data(*hash);
-        let get = state.target.store.fetch_chunk(&state.server, disk, &whole, len);
+        let stored = state.stored_as(disk, index, *hash);
+        let get = state.target.store.fetch_chunk(&state.server, disk, &stored, len);
         match tokio::time::timeout(BASE_FETCH_TIMEOUT, get).await {
             Ok(Ok((plain, _))) => return Ok(Bytes::from(plain)),
             Ok(Err(siterecovery_store::StoreError::Backend(siterecovery_store::BackendError::NotFound { .. })))

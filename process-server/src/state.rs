@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use siterecovery_store::{ChunkRef, ServerRef, StoreError};
+use siterecovery_store::{ChunkHash, ChunkRef, ServerRef, StoreError};
 use siterecovery_wire::{DiskHead, Frame, Head, Message, Slot};
 use tokio::sync::Notify;
 
+use crate::chains::{ChainRecord, Chains};
 use crate::journal::{Journal, JournalError, Position};
 use crate::target::Target;
 
@@ -29,6 +30,8 @@ pub struct Checkpoint {
     pub latest_point: Option<String>,
     /// Head as uploaded.
     pub head: Head,
+    /// How the uploaded head's slots are stored where they are chains of patches.
+    pub chains: Chains,
     /// Whether chunks already in the store may be reused without uploading them again:
     /// only when the server's latest point there reads with the current keyring. A
     /// server recreated over leftovers written under a key that is gone must not build
@@ -43,6 +46,9 @@ struct CheckpointHeader {
     latest_point: Option<String>,
     #[serde(default)]
     trust_store: bool,
+    /// Absent in checkpoints written before patches: every slot was a whole chunk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chains: Vec<ChainRecord>,
 }
 
 impl Checkpoint {
@@ -69,11 +75,13 @@ impl Checkpoint {
         let frame = Frame::decode_payload(Bytes::copy_from_slice(&body[4..])).map_err(|e| corrupt(e.to_string()))?;
         let h: CheckpointHeader = serde_json::from_slice(&frame.header).map_err(|e| corrupt(e.to_string()))?;
         let head = Head::decode(frame.body).map_err(|e| corrupt(e.to_string()))?;
+        let chains = Chains::from_records(h.chains).map_err(corrupt)?;
         Ok(Some(Self {
             position: h.position,
             chunk_size: h.chunk_size,
             latest_point: h.latest_point,
             head,
+            chains,
             trust_store: h.trust_store,
         }))
     }
@@ -85,6 +93,7 @@ impl Checkpoint {
             chunk_size: self.chunk_size,
             latest_point: self.latest_point.clone(),
             trust_store: self.trust_store,
+            chains: self.chains.records(),
         };
         let frame = Frame {
             kind: 0,
@@ -130,6 +139,11 @@ pub fn apply(head: &mut Head, latest: &mut Option<String>, chunk_size: u32, m: &
                     None => Slot::Zero,
                     Some(h) => Slot::Data(siterecovery_store::ChunkHash::from_hex(h).expect("validated")),
                 };
+            }
+        }
+        Message::Delta(d, _) => {
+            if let Some(slot) = head.disk_mut(&d.disk).and_then(|x| x.slots.get_mut(d.index as usize)) {
+                *slot = Slot::Data(siterecovery_store::ChunkHash::from_hex(&d.hash).expect("validated"));
             }
         }
         Message::Layout(l) => {
@@ -182,6 +196,9 @@ pub struct ServerState {
     pub kick: Notify,
     /// Uploader's state at start (read once by the uploader).
     pub start: Mutex<Option<Checkpoint>>,
+    /// The chains of the head as uploaded, published by the uploader after each round:
+    /// where a delta's base is in the store.
+    pub uploaded: Mutex<Chains>,
     /// Counters.
     pub progress: Progress,
     /// Journal bytes not uploaded yet.
@@ -247,6 +264,7 @@ impl ServerState {
             session: tokio::sync::Mutex::new(()),
             cancel_session: Mutex::new(None),
             kick: Notify::new(),
+            uploaded: Mutex::new(checkpoint.chains.clone()),
             start: Mutex::new(Some(checkpoint)),
             progress: Progress::default(),
             backlog: AtomicU64::new(backlog),
@@ -258,6 +276,13 @@ impl ServerState {
     /// there when it took the server over).
     pub fn latest_written(&self) -> Option<(String, jiff::Timestamp, siterecovery_store::PointKind)> {
         self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where chunk `hash` of slot `index` of `disk` is in the store, as far as the
+    /// uploader got: its chain, or else the whole chunk (which may not be uploaded yet).
+    pub fn stored_as(&self, disk: &str, index: u64, hash: ChunkHash) -> ChunkRef {
+        let chains = self.uploaded.lock().unwrap_or_else(|p| p.into_inner());
+        chains.chain(disk, index, &hash).map_or(ChunkRef::Data(hash), |c| ChunkRef::Chain(c.clone()))
     }
 
     /// The received state, locked.
@@ -312,6 +337,7 @@ async fn from_latest_point(target: &Target, server: &ServerRef) -> Result<(Check
             chunk_size: m.chunk_size,
             latest_point: Some(m.id.clone()),
             head: Head { disks },
+            chains: Chains::of_manifest(&m),
             trust_store: true,
         },
         latest,

@@ -1,6 +1,6 @@
-//! The uploader of one server: reads its journal in order, uploads chunks (compressed and
-//! encrypted by the store) and writes a manifest at every point marker, then records a
-//! checkpoint and frees the journal. Failures are retried with backoff for as long as it
+//! The uploader of one server: reads its journal in order, uploads chunks and, for deltas,
+//! patches (compressed and encrypted by the store; storage format 2), writes a manifest at
+//! every point marker, then records a checkpoint and frees the journal. Failures are retried with backoff for as long as it
 //! takes: the data stays in the cache meanwhile, and nothing acknowledged is dropped.
 
 use std::collections::{HashMap, HashSet};
@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
-use siterecovery_store::{ChunkHash, ChunkRef, DiskManifest, FORMAT_VERSION, Manifest, StoreError};
-use siterecovery_wire::{Encoding, Message, Slot};
+use siterecovery_store::{ChunkHash, DiskManifest, FORMAT_VERSION, Manifest, StoreError};
+use siterecovery_wire::{ChunkDelta, Encoding, Message, Slot};
 
 use crate::metrics::Metrics;
+use crate::recent::RecentChunks;
+use crate::session::{decode, patched};
 use crate::state::{CacheBudget, Checkpoint, ServerState, apply};
 
 /// Records per round; a round ends with a checkpoint.
@@ -52,12 +55,19 @@ impl UploadBuffer {
 }
 
 /// Runs the uploader of `state` until the process ends.
-pub async fn run(state: Arc<ServerState>, budget: Arc<CacheBudget>, buffer: Arc<UploadBuffer>, metrics: Arc<Metrics>) {
+pub async fn run(
+    state: Arc<ServerState>,
+    budget: Arc<CacheBudget>,
+    buffer: Arc<UploadBuffer>,
+    recent: Arc<RecentChunks>,
+    metrics: Arc<Metrics>,
+) {
     let mut cp = state.start.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
     let mut known: HashMap<String, HashSet<ChunkHash>> = HashMap::new();
     let mut backoff = Duration::from_millis(200);
+    let up = Uploader { state: &state, recent: &recent, metrics: &metrics };
     loop {
-        match round(&state, &mut cp, &mut known, &budget, &buffer, &metrics).await {
+        match up.round(&mut cp, &mut known, &budget, &buffer).await {
             Ok(true) => backoff = Duration::from_millis(200),
             Ok(false) => {
                 // Nothing to do: wait for the session to journal more.
@@ -73,116 +83,260 @@ pub async fn run(state: Arc<ServerState>, budget: Arc<CacheBudget>, buffer: Arc<
     }
 }
 
-/// One round: returns whether anything was done.
-async fn round(
-    state: &ServerState,
-    cp: &mut Checkpoint,
-    known: &mut HashMap<String, HashSet<ChunkHash>>,
-    budget: &CacheBudget,
-    buffer: &UploadBuffer,
-    metrics: &Metrics,
-) -> Result<bool, String> {
-    let journal = &state.journal;
-    let from = cp.position;
-    if journal.durable() <= from {
-        return Ok(false);
-    }
-    let store = &state.target.store;
-    // Held until the round's uploads are done: what was read stays in memory until then.
-    // A round may read one record past its share (the last one it starts).
-    let want = round_bytes(store.options().parallelism, state.chunk_size, buffer.bytes);
-    let _held = buffer.acquire(want).await;
-    let batch =
-        tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want)).map_err(|e| e.to_string())?;
-    let Some((_, end)) = batch.last() else { return Ok(false) };
-    let end = *end;
-    let messages: Vec<Message> =
-        batch.iter().map(|(f, _)| Message::from_frame(f)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+/// One object to upload for a journal record.
+enum Job {
+    /// A whole chunk: as an agent sent it, or rebuilt from a delta.
+    Whole { disk: String, hash: ChunkHash, encoding: Encoding, body: Bytes },
+    /// A delta, stored as the patch from its base to its result.
+    Patch { delta: ChunkDelta, base: Option<ChunkHash>, hash: ChunkHash, body: Bytes },
+}
 
-    // Chunks first (in parallel), then the head in journal order with points on the way.
-    for disk in messages.iter().filter_map(|m| if let Message::Chunk(c, _) = m { Some(&c.disk) } else { None }) {
-        if !known.contains_key(disk) {
-            let set = if cp.trust_store {
-                store.stored_chunks(&state.server, disk).await.map_err(|e| e.to_string())?
-            } else {
-                Default::default()
+/// What one uploader works with.
+struct Uploader<'a> {
+    state: &'a ServerState,
+    recent: &'a RecentChunks,
+    metrics: &'a Metrics,
+}
+
+impl Uploader<'_> {
+    /// One round: returns whether anything was done. The records are walked in journal
+    /// order on a copy of the checkpoint, deciding for each chunk or delta what to
+    /// upload (a delta goes as a patch while its slot's chain may grow, else whole);
+    /// the uploads run in parallel, then the points' manifests in order, then the copy
+    /// becomes the checkpoint. A failure leaves the checkpoint as it was, and the round
+    /// is done again from the same place (uploads and manifests are idempotent).
+    async fn round(
+        &self,
+        cp: &mut Checkpoint,
+        known: &mut HashMap<String, HashSet<ChunkHash>>,
+        budget: &CacheBudget,
+        buffer: &UploadBuffer,
+    ) -> Result<bool, String> {
+        let state = self.state;
+        let journal = &state.journal;
+        let from = cp.position;
+        if journal.durable() <= from {
+            return Ok(false);
+        }
+        let store = &state.target.store;
+        // Held until the round's uploads are done: what was read stays in memory until then.
+        // A round may read one record past its share (the last one it starts).
+        let want = round_bytes(store.options().parallelism, state.chunk_size, buffer.bytes);
+        let _held = buffer.acquire(want).await;
+        let batch =
+            tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want)).map_err(|e| e.to_string())?;
+        let Some((_, end)) = batch.last() else { return Ok(false) };
+        let end = *end;
+        let messages: Vec<Message> =
+            batch.iter().map(|(f, _)| Message::from_frame(f)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+
+        for m in &messages {
+            let disk = match m {
+                Message::Chunk(c, _) => &c.disk,
+                Message::Delta(d, _) => &d.disk,
+                _ => continue,
             };
-            known.insert(disk.clone(), set);
-        }
-    }
-    let mut todo = Vec::new();
-    let mut queued: HashSet<(String, ChunkHash)> = HashSet::new();
-    for m in &messages {
-        if let Message::Chunk(c, body) = m
-            && let Some(h) = &c.hash
-        {
-            let hash = ChunkHash::from_hex(h).expect("validated before journaling");
-            if known.get(&c.disk).is_some_and(|k| k.contains(&hash)) || !queued.insert((c.disk.clone(), hash)) {
-                continue;
+            if !known.contains_key(disk) {
+                let set = if cp.trust_store {
+                    store.stored_chunks(&state.server, disk).await.map_err(|e| e.to_string())?
+                } else {
+                    Default::default()
+                };
+                known.insert(disk.clone(), set);
             }
-            todo.push((c.disk.clone(), hash, c.encoding, body.clone()));
         }
-    }
-    let server = &state.server;
-    let uploaded: Vec<(String, ChunkHash, u64)> = futures::stream::iter(todo)
-        .map(|(disk, hash, encoding, body)| async move {
-            // The session checked the body decodes to the chunk: a zstd frame is sealed as
-            // it came, without decompressing and compressing it again.
-            let n = match encoding {
-                Encoding::Raw => store.put_chunk(server, &disk, &hash, body.to_vec()).await,
-                Encoding::Zstd => store.put_compressed_chunk(server, &disk, &hash, body).await,
-            }
-            .map_err(|e| e.to_string())?;
-            Ok::<_, String>((disk, hash, n))
-        })
-        .buffer_unordered(store.options().parallelism)
-        .try_collect()
-        .await?;
-    for (disk, hash, n) in uploaded {
-        known.entry(disk).or_default().insert(hash);
-        state.progress.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
-        metrics.bytes_uploaded.inc_by(n);
-        metrics.chunks_uploaded.inc();
-    }
-
-    for m in &messages {
-        if let Message::Point(p) = m {
-            let manifest = match manifest_of(cp, p, store.active_key_id()) {
-                Ok(m) => m,
-                Err(why) => {
-                    // Sessions refuse such markers; one in the journal is a bug, not a reason to stall.
-                    tracing::error!(server = %server, point = %p.id, %why, "recovery point skipped");
-                    apply(&mut cp.head, &mut cp.latest_point, cp.chunk_size, m);
-                    continue;
+        let mut work = cp.clone();
+        let mut jobs = Vec::new();
+        let mut rebuilt_bytes = 0u64;
+        // Whole chunks queued this round: each goes up once.
+        let mut queued: HashSet<(String, ChunkHash)> = HashSet::new();
+        let mut manifests = Vec::new();
+        let stored =
+            |known: &HashMap<String, HashSet<ChunkHash>>, queued: &HashSet<(String, ChunkHash)>, disk: &str, h| {
+                known.get(disk).is_some_and(|k| k.contains(&h)) || queued.contains(&(disk.to_string(), h))
+            };
+        for m in &messages {
+            match m {
+                Message::Chunk(c, body) => {
+                    if let Some(hash) = c.hash.as_deref().and_then(ChunkHash::from_hex)
+                        && !stored(known, &queued, &c.disk, hash)
+                    {
+                        queued.insert((c.disk.clone(), hash));
+                        let (disk, encoding, body) = (c.disk.clone(), c.encoding, body.clone());
+                        jobs.push(Job::Whole { disk, hash, encoding, body });
+                    }
+                    work.chains.clear(&c.disk, c.index);
                 }
-            };
-            match store.put_manifest(server, &manifest).await {
+                Message::Delta(d, body) => {
+                    let hash = ChunkHash::from_hex(&d.hash).expect("validated before journaling");
+                    let base = d.base.as_deref().and_then(ChunkHash::from_hex);
+                    if stored(known, &queued, &d.disk, hash) {
+                        // The result is stored whole already (e.g. a change undone).
+                        work.chains.clear(&d.disk, d.index);
+                    } else if work.chains.may_grow(&d.disk, d.index, base.as_ref(), d.covered(), u64::from(d.len)) {
+                        work.chains.push(&d.disk, d.index, base, hash, d.covered());
+                        jobs.push(Job::Patch { delta: d.clone(), base, hash, body: body.clone() });
+                    } else {
+                        let plain = self.whole_of(&work, d, base, body, &mut jobs, known).await?;
+                        rebuilt_bytes += plain.len() as u64;
+                        queued.insert((d.disk.clone(), hash));
+                        let disk = d.disk.clone();
+                        jobs.push(Job::Whole { disk, hash, encoding: Encoding::Raw, body: plain });
+                        work.chains.clear(&d.disk, d.index);
+                    }
+                }
+                Message::Point(p) => match manifest_of(&work, p, store.active_key_id()) {
+                    Ok(manifest) => manifests.push((p, manifest)),
+                    // Sessions refuse such markers; one in the journal is a bug, not a reason to stall.
+                    Err(why) => tracing::error!(server = %state.server, point = %p.id, %why, "recovery point skipped"),
+                },
+                _ => {}
+            }
+            apply(&mut work.head, &mut work.latest_point, cp.chunk_size, m);
+            if let Message::Layout(_) = m {
+                work.chains.retain_in(&work.head);
+            }
+            // Chunks rebuilt from deltas are memory beyond the journal's share: upload
+            // them once they make one wave of parallel uploads.
+            let wave = store.options().parallelism as u64 * u64::from(state.chunk_size);
+            if rebuilt_bytes >= wave {
+                self.upload(std::mem::take(&mut jobs), known).await?;
+                rebuilt_bytes = 0;
+            }
+        }
+        self.upload(jobs, known).await?;
+
+        for (p, manifest) in manifests {
+            match store.put_manifest(&state.server, &manifest).await {
                 Ok(n) => {
                     *state.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((p.id.clone(), p.time, p.kind));
                     state.progress.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
                     state.progress.points_written.fetch_add(1, Ordering::Relaxed);
-                    metrics.points_written.inc();
-                    tracing::info!(server = %server, point = %p.id, kind = %p.kind, "recovery point written");
+                    self.metrics.points_written.inc();
+                    tracing::info!(server = %state.server, point = %p.id, kind = %p.kind, "recovery point written");
                 }
                 // Written before a crash, after which the marker was replayed.
                 Err(StoreError::PointExists { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
-        apply(&mut cp.head, &mut cp.latest_point, cp.chunk_size, m);
+        work.position = end;
+        let c = work.clone();
+        let dir = state.dir.clone();
+        tokio::task::spawn_blocking(move || c.store(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        *state.uploaded.lock().unwrap_or_else(|p| p.into_inner()) = work.chains.clone();
+        *cp = work;
+        tokio::task::block_in_place(|| journal.release(end)).map_err(|e| e.to_string())?;
+        let freed = batch.iter().map(|(f, _)| f.encoded_len() as u64 + 4).sum::<u64>();
+        let _ = state.backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(freed)));
+        budget.release(freed);
+        Ok(true)
     }
-    cp.position = end;
-    let c = cp.clone();
-    let dir = state.dir.clone();
-    tokio::task::spawn_blocking(move || c.store(&dir)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-    tokio::task::block_in_place(|| journal.release(end)).map_err(|e| e.to_string())?;
-    let freed = batch.iter().map(|(f, _)| f.encoded_len() as u64 + 4).sum::<u64>();
-    let _ = state.backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(freed)));
-    budget.release(freed);
-    Ok(true)
+
+    /// The whole chunk a delta makes, for a slot whose chain may not grow: its base from
+    /// the recent chunks, or else from the store as `work` says it is stored there (after
+    /// uploading the jobs queued so far, which that may name).
+    async fn whole_of(
+        &self,
+        work: &Checkpoint,
+        d: &ChunkDelta,
+        base: Option<ChunkHash>,
+        body: &Bytes,
+        jobs: &mut Vec<Job>,
+        known: &mut HashMap<String, HashSet<ChunkHash>>,
+    ) -> Result<Bytes, String> {
+        let state = self.state;
+        let len = d.len as usize;
+        let base_plain = match base {
+            None => Bytes::from(vec![0u8; len]),
+            Some(h) => match self.recent.get(&state.server, &d.disk, &h) {
+                Some(b) => b,
+                None => {
+                    self.upload(std::mem::take(jobs), known).await?;
+                    let entry = work.chains.entry(&d.disk, d.index, Slot::Data(h)).expect("a data slot");
+                    let (plain, _) = state
+                        .target
+                        .store
+                        .fetch_chunk(&state.server, &d.disk, &entry, len)
+                        .await
+                        .map_err(|e| format!("base of chunk {} of disk {}: {e}", d.index, d.disk))?;
+                    Bytes::from(plain)
+                }
+            },
+        };
+        let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
+        let plain = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
+            let bytes = decode(&body, encoding, covered)?;
+            Ok(Bytes::from(patched(&base_plain, &ranges, &bytes)))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let hash = ChunkHash::from_hex(&d.hash).expect("validated before journaling");
+        let p = plain.clone();
+        if tokio::task::spawn_blocking(move || ChunkHash::of(&p)).await.map_err(|e| e.to_string())? != hash {
+            return Err(format!(
+                "the journaled delta of chunk {} of disk {} does not make its chunk on the stored base",
+                d.index, d.disk
+            ));
+        }
+        self.recent.insert(&state.server, &d.disk, hash, plain.clone());
+        Ok(plain)
+    }
+
+    /// Uploads `jobs`, `parallelism` at a time; whole chunks become known as stored.
+    async fn upload(&self, jobs: Vec<Job>, known: &mut HashMap<String, HashSet<ChunkHash>>) -> Result<(), String> {
+        let (store, server) = (&self.state.target.store, &self.state.server);
+        let done: Vec<(Option<(String, ChunkHash)>, u64)> = futures::stream::iter(jobs)
+            .map(|job| async move {
+                match job {
+                    // The session checked the body decodes to the chunk: a zstd frame is
+                    // sealed as it came, without decompressing and compressing it again.
+                    Job::Whole { disk, hash, encoding, body } => {
+                        let n = match encoding {
+                            Encoding::Raw => store.put_chunk(server, &disk, &hash, body.to_vec()).await,
+                            Encoding::Zstd => store.put_compressed_chunk(server, &disk, &hash, body).await,
+                        }
+                        .map_err(|e| e.to_string())?;
+                        Ok::<_, String>((Some((disk, hash)), n))
+                    }
+                    Job::Patch { delta, base, hash, body } => {
+                        let (encoding, covered) = (delta.encoding, delta.covered() as usize);
+                        let data = tokio::task::spawn_blocking(move || decode(&body, encoding, covered))
+                            .await
+                            .map_err(|e| e.to_string())??;
+                        let n = store
+                            .put_patch(server, &delta.disk, &hash, base.as_ref(), &delta.ranges, &data)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok((None, n))
+                    }
+                }
+            })
+            .buffer_unordered(store.options().parallelism)
+            .try_collect()
+            .await?;
+        for (whole, n) in done {
+            match whole {
+                Some((disk, hash)) => {
+                    known.entry(disk).or_default().insert(hash);
+                    self.metrics.chunks_uploaded.inc();
+                }
+                None => {
+                    self.metrics.patches_uploaded.inc();
+                }
+            }
+            self.state.progress.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
+            self.metrics.bytes_uploaded.inc_by(n);
+        }
+        Ok(())
+    }
 }
 
-/// The manifest of a point marker: the uploaded head at that place in the journal.
+/// The manifest of a point marker: the uploaded head at that place in the journal, each
+/// slot a whole chunk, zeros, or its chain of patches.
 pub(crate) fn manifest_of(
     cp: &Checkpoint,
     p: &siterecovery_wire::PointMarker,
@@ -192,16 +346,12 @@ pub(crate) fn manifest_of(
     for d in &cp.head.disks {
         let mut chunks = Vec::with_capacity(d.slots.len());
         for (i, s) in d.slots.iter().enumerate() {
-            chunks.push(match s {
-                Slot::Zero => ChunkRef::Zero,
-                Slot::Data(h) => ChunkRef::Data(*h),
-                Slot::Missing => {
-                    return Err(format!(
-                        "point {} names disk {} whose chunk {i} was never received; the agent must finish the initial copy first",
-                        p.id, d.id
-                    ));
-                }
-            });
+            chunks.push(cp.chains.entry(&d.id, i as u64, *s).ok_or_else(|| {
+                format!(
+                    "point {} names disk {} whose chunk {i} was never received; the agent must finish the initial copy first",
+                    p.id, d.id
+                )
+            })?);
         }
         disks.push(DiskManifest { id: d.id.clone(), size: d.size, chunks });
     }
