@@ -92,7 +92,7 @@ pub async fn initial(
         Err(e) => return (report("ours, initial", Err(e)), None),
     };
     let recorder = perf.and_then(|(dir, name)| {
-        let pids = [Some(agent.pid()), Some(rig.ps.pid()), azurite];
+        let pids = [("agent", Some(agent.pid())), ("process-server", Some(rig.ps.pid())), ("azurite", azurite)];
         report("perf record", super::procs::PerfRecord::start(&pids, &dir.join(format!("{name}.data"))))
     });
     let baseline = Baseline { cpu_s: 0.0, wire: 0, ..Baseline::take(rig, None, azurite).await };

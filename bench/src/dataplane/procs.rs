@@ -96,21 +96,25 @@ impl Drop for Proc {
     }
 }
 
-/// `perf record` sampling some processes (software `cpu-clock` events, so it also works on
-/// VMs without hardware counters), stopped with SIGINT so it writes its file.
+/// `perf record` of the whole machine (software `cpu-clock` events, so it also works on
+/// VMs without hardware counters) while some processes work, stopped with SIGINT so it
+/// writes its file. System-wide because `-p` missed the threads the processes start
+/// (tokio's blocking pool); the processes' pids go to `<out>.pids` (`name pid` lines) so
+/// a report can keep their samples (`perf report --pid`).
 #[derive(Debug)]
 pub struct PerfRecord(std::process::Child);
 
 impl PerfRecord {
-    /// Samples the threads of `pids` (and threads they start) at 499 Hz into `out`.
-    pub fn start(pids: &[Option<u32>], out: &Path) -> anyhow::Result<Self> {
-        let pids: Vec<String> = pids.iter().flatten().map(u32::to_string).collect();
+    /// Samples every CPU at 499 Hz into `out`; `pids` names the processes of interest.
+    pub fn start(pids: &[(&str, Option<u32>)], out: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        let names: String = pids.iter().filter_map(|(n, p)| Some(format!("{n} {}\n", (*p)?))).collect();
+        std::fs::write(out.with_extension("pids"), names)?;
         let log = File::create(out.with_extension("log"))?;
         let child = Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", "499", "-p", &pids.join(","), "-o"])
+            .args(["record", "-q", "-a", "-e", "cpu-clock", "-F", "499", "-o"])
             .arg(out)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
