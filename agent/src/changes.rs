@@ -3,6 +3,7 @@
 //! needs, see docs/replication-protocol.md "Recovery points").
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use crate::disk::{DELTA_BLOCK, Disk};
 
@@ -43,6 +44,19 @@ pub trait ChangeTracker: Send + Sync {
     fn proves_quiet(&self) -> bool;
     /// Name for logs and status.
     fn name(&self) -> &'static str;
+    /// Stops tracking for an agent restart, when this tracker goes on recording without
+    /// the agent (eBPF pinned in a bpf filesystem): the blocks of [`EBPF_GRANULARITY`]
+    /// written since the previous take, per disk, for the next agent. `None` otherwise
+    /// (the next agent then compares every chunk).
+    fn suspend(&mut self) -> Option<Vec<Vec<u64>>> {
+        None
+    }
+    /// Whether this tracker continued one that a previous agent suspended, so every write
+    /// since is known: then `pending` (what that agent handed over) joins the first take,
+    /// which is not a full comparison. `false`: the first take compares everything.
+    fn resume(&mut self, _pending: Vec<Vec<u64>>) -> bool {
+        false
+    }
 }
 
 /// The portable tracker for image files: the file's modification time and size. Any
@@ -101,8 +115,11 @@ impl ChangeTracker for StampTracker {
 /// look after lost events.
 #[derive(Debug)]
 pub struct EbpfTracker {
-    tracker: siterecovery_tracker::BlockTracker,
+    /// `None` once suspended.
+    tracker: Option<siterecovery_tracker::BlockTracker>,
     started: bool,
+    /// Blocks a previous agent handed over, for the first take.
+    pending: Vec<Vec<u64>>,
 }
 
 /// Tracking block size: writes are recorded at this granularity.
@@ -111,17 +128,42 @@ pub const EBPF_GRANULARITY: u64 = 64 * 1024;
 impl EbpfTracker {
     /// Attaches to the devices of `disks` (block devices or partitions).
     pub fn start(disks: &[Disk]) -> Result<Self, siterecovery_tracker::TrackerError> {
+        Self::start_pinned(disks, None)
+    }
+
+    /// [`EbpfTracker::start`], pinned under `pin_dir` (a directory on a bpf filesystem) when
+    /// given, so tracking goes on while the agent restarts (docs/change-tracking.md
+    /// "Across restarts"). When pinning fails, tracking runs unpinned (and says so).
+    pub fn start_pinned(disks: &[Disk], pin_dir: Option<&Path>) -> Result<Self, siterecovery_tracker::TrackerError> {
         let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
-        let tracker = siterecovery_tracker::BlockTracker::start(&paths, EBPF_GRANULARITY)?;
-        Ok(Self { tracker, started: false })
+        let options = siterecovery_tracker::TrackerOptions {
+            pin_dir: pin_dir.map(Path::to_owned),
+            ..siterecovery_tracker::TrackerOptions::new(EBPF_GRANULARITY)
+        };
+        let tracker = match siterecovery_tracker::BlockTracker::start_with(&paths, options) {
+            Err(e) if pin_dir.is_some() => {
+                let t = siterecovery_tracker::BlockTracker::start(&paths, EBPF_GRANULARITY)?;
+                tracing::warn!(error = %e, "could not pin the change tracker: an agent restart will compare every chunk");
+                t
+            }
+            r => r?,
+        };
+        Ok(Self { tracker: Some(tracker), started: false, pending: Vec::new() })
+    }
+
+    fn tracker(&self) -> std::io::Result<&siterecovery_tracker::BlockTracker> {
+        self.tracker.as_ref().ok_or_else(|| std::io::Error::other("the change tracker was suspended"))
     }
 }
 
 impl ChangeTracker for EbpfTracker {
     fn take(&mut self, disks: &[Disk], chunk_size: u32) -> std::io::Result<Dirty> {
-        let set = self.tracker.take_dirty().map_err(std::io::Error::other)?;
+        let mut set = self.tracker()?.take_dirty().map_err(std::io::Error::other)?;
         if !std::mem::replace(&mut self.started, true) {
             return Ok(Dirty::All);
+        }
+        for (device, handed) in set.devices.iter_mut().zip(std::mem::take(&mut self.pending)) {
+            device.blocks.extend(handed);
         }
         if set.lost {
             tracing::warn!("the kernel dropped write records; comparing every chunk by checksum");
@@ -141,6 +183,34 @@ impl ChangeTracker for EbpfTracker {
 
     fn name(&self) -> &'static str {
         "ebpf"
+    }
+
+    fn suspend(&mut self) -> Option<Vec<Vec<u64>>> {
+        let tracker = self.tracker.take()?;
+        let pinned = tracker.pinned();
+        match tracker.suspend() {
+            Ok(set) if pinned && !set.lost && self.started => {
+                let mut blocks: Vec<Vec<u64>> = set.devices.into_iter().map(|d| d.blocks).collect();
+                for (b, handed) in blocks.iter_mut().zip(std::mem::take(&mut self.pending)) {
+                    b.extend(handed);
+                }
+                Some(blocks)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not suspend change tracking; the next agent compares every chunk");
+                None
+            }
+        }
+    }
+
+    fn resume(&mut self, pending: Vec<Vec<u64>>) -> bool {
+        let resumed = self.tracker.as_ref().is_some_and(|t| t.resumed() && t.devices().len() == pending.len());
+        if resumed {
+            self.started = true;
+            self.pending = pending;
+        }
+        resumed
     }
 }
 
@@ -177,12 +247,14 @@ pub enum Tracking {
 }
 
 /// The tracker `mode` asks for, for `disks`.
-pub fn tracker_for(mode: Tracking, disks: &[Disk]) -> anyhow::Result<Box<dyn ChangeTracker>> {
+/// `pin_dir`: where the eBPF tracker pins itself to outlive the agent (see
+/// [`EbpfTracker::start_pinned`]).
+pub fn tracker_for(mode: Tracking, disks: &[Disk], pin_dir: Option<&Path>) -> anyhow::Result<Box<dyn ChangeTracker>> {
     let all_devices = !disks.is_empty() && disks.iter().all(Disk::is_block_device);
     match mode {
         Tracking::Scan => Ok(Box::new(StampTracker::new(disks))),
-        Tracking::Ebpf => Ok(Box::new(EbpfTracker::start(disks)?)),
-        Tracking::Auto if all_devices => match EbpfTracker::start(disks) {
+        Tracking::Ebpf => Ok(Box::new(EbpfTracker::start_pinned(disks, pin_dir)?)),
+        Tracking::Auto if all_devices => match EbpfTracker::start_pinned(disks, pin_dir) {
             Ok(t) => Ok(Box::new(t)),
             Err(e) => {
                 tracing::warn!(error = %e, "eBPF change tracking unavailable; falling back to checksum scans, which cannot prove a quiet instant on block devices (no crash-consistent points)");

@@ -16,6 +16,7 @@ pub mod read;
 pub mod register;
 pub mod renew;
 pub mod report;
+pub mod restart;
 mod send;
 mod session;
 pub mod tree;
@@ -32,6 +33,7 @@ use tokio_rustls::TlsConnector;
 pub use crate::blockcache::DEFAULT_LIMIT as DEFAULT_BLOCK_CACHE;
 use crate::changes::ChangeTracker;
 pub use crate::changes::chunks_of;
+use crate::disk::Disk;
 pub use crate::pass::{DiskSize, PassRequest, PassStatus, pass_bytes};
 pub use crate::read::changed_ranges;
 pub use crate::session::process_server_address;
@@ -94,6 +96,23 @@ pub struct AgentConfig {
     /// credentials (`POST /renew`); written by `register`, absent in older files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_url: Option<String>,
+    /// Keeping change tracking across agent restarts (docs/replication-protocol.md
+    /// "Agent restarts"); without it every start compares every chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartConfig>,
+}
+
+/// Where an agent keeps what the next one needs after a clean restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestartConfig {
+    /// A directory on a bpf filesystem where the eBPF tracker pins itself, e.g.
+    /// `/sys/fs/bpf/siterecovery/<namespace>_<server>` (a bpf filesystem refuses names
+    /// with dots).
+    pub pin_dir: PathBuf,
+    /// The file a stopping agent writes for the next one (on a persistent, writable
+    /// volume), e.g. `/etc/siterecovery/agent-state.bin`.
+    pub state_file: PathBuf,
 }
 
 fn default_interval() -> f64 {
@@ -112,6 +131,9 @@ fn default_level() -> i32 {
 pub struct AgentStatus {
     /// Connected to the process server now.
     pub connected: bool,
+    /// This process continued from the state a cleanly stopped agent left (its first
+    /// pass read only what changed, not every chunk).
+    pub resumed_from_handover: bool,
     /// Every disk was copied once.
     pub initial_copy_done: bool,
     /// Latest recovery point acknowledged by the process server.
@@ -190,6 +212,8 @@ pub struct Agent {
     next_app: Option<Instant>,
     /// Settings from the process server received during a group round, to apply.
     pending_settings: Option<siterecovery_wire::Settings>,
+    /// The process server's chunk size as of the last welcome (what `believed` counts in).
+    chunk_size: Option<u32>,
 }
 
 impl Agent {
@@ -206,6 +230,7 @@ impl Agent {
             requests: PassRequest::default(),
             next_app: None,
             pending_settings: None,
+            chunk_size: None,
         }
     }
 
@@ -241,6 +266,7 @@ impl Agent {
                 tracing::warn!(mount = %m.display(), "thawed a filesystem left frozen (an agent killed during an app-consistent point?)");
             }
         }
+        self.take_over();
         let mut backoff = Duration::from_millis(250);
         while !*shutdown.borrow() {
             let result = self.session(TlsConnector::from(tls.current()), shutdown.clone()).await;
@@ -251,7 +277,7 @@ impl Agent {
             }
             self.update(|s| s.connected = false);
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "replication session ended");
                     self.update(|s| s.last_error = Some(e.to_string()));
@@ -263,6 +289,78 @@ impl Agent {
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+        self.hand_over();
         Ok(())
+    }
+
+    /// What is protected, as a handover records it.
+    fn protected(&self, chunk_size: u32) -> Option<restart::Protected> {
+        let disks = self.config.disks.iter().map(|d| {
+            let size = Disk::open(&d.id, &d.path).and_then(|disk| disk.size()).ok()?;
+            Some((d.id.clone(), d.path.clone(), size))
+        });
+        Some(restart::Protected {
+            namespace: self.config.namespace.clone(),
+            server: self.config.server.clone(),
+            chunk_size,
+            disks: disks.collect::<Option<_>>()?,
+        })
+    }
+
+    /// At start: resumes from what a cleanly stopped agent left, when the tracker
+    /// continued its tracking; the first pass then reads only what changed.
+    fn take_over(&mut self) {
+        let Some(restart) = &self.config.restart else { return };
+        let handover = match restart::Handover::take(&restart.state_file) {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "not resuming from the previous agent's state; comparing every chunk");
+                return;
+            }
+        };
+        if self.protected(handover.protected.chunk_size).as_ref() != Some(&handover.protected) {
+            tracing::info!("the previous agent protected other disks or sizes; comparing every chunk");
+            return;
+        }
+        let blocks: usize = handover.dirty_blocks.iter().map(Vec::len).sum();
+        if handover.granularity != changes::EBPF_GRANULARITY || !self.tracker.resume(handover.dirty_blocks) {
+            tracing::info!("change tracking did not continue across the restart; comparing every chunk");
+            return;
+        }
+        tracing::info!(saved = %handover.saved, blocks, "resuming from the previous agent: only what changed is read");
+        self.chunk_size = Some(handover.protected.chunk_size);
+        self.believed = Some(handover.believed);
+        self.update(|s| s.resumed_from_handover = true);
+    }
+
+    /// At a clean stop: leaves the next agent what it believes the process server holds
+    /// and the writes since, when everything taken from the tracker was sent and the
+    /// tracker goes on recording without the agent.
+    fn hand_over(&mut self) {
+        let Some(restart) = self.config.restart.clone() else { return };
+        let (Some(believed), Some(chunk_size)) = (self.believed.take(), self.chunk_size) else {
+            tracing::info!("stopping in the middle of a pass: the next agent compares every chunk");
+            return;
+        };
+        let Some(dirty_blocks) = self.tracker.suspend() else { return };
+        let Some(protected) = self.protected(chunk_size) else { return };
+        let handover = restart::Handover {
+            protected,
+            believed,
+            dirty_blocks,
+            granularity: changes::EBPF_GRANULARITY,
+            saved: jiff::Timestamp::now(),
+        };
+        match handover.save(&restart.state_file) {
+            Ok(()) => tracing::info!(
+                file = %restart.state_file.display(),
+                blocks = handover.dirty_blocks.iter().map(Vec::len).sum::<usize>(),
+                "handed over to the next agent"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not save the state for the next agent; it will compare every chunk")
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use siterecovery_agent::disk::Disk;
 use siterecovery_agent::register::{self, RegisterError, RegisterRequest};
 use siterecovery_agent::renew::{self, RenewalStatus, Renewer};
 use siterecovery_agent::report::Reporter;
-use siterecovery_agent::{Agent, AgentConfig, DiskConfig};
+use siterecovery_agent::{Agent, AgentConfig, DiskConfig, RestartConfig};
 
 /// Replicates this server's disks to its process server.
 #[derive(Debug, Parser)]
@@ -134,7 +134,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let config = load_config(&args.config)?;
     let disks: Vec<Disk> = config.disks.iter().map(|d| Disk::open(&d.id, &d.path)).collect::<Result<_, _>>()?;
-    let tracker = tracker_for(config.tracking, &disks)?;
+    let mut config = config;
+    if config.restart.is_none() {
+        config.restart = default_restart(&config, &args.config);
+    }
+    let pin_dir = config.restart.as_ref().map(|r| r.pin_dir.as_path());
+    let tracker = tracker_for(config.tracking, &disks, pin_dir)?;
     tracing::info!(tracker = tracker.name(), disks = disks.len(), "tracking changes");
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -161,6 +166,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => tracing::info!("no kube section in the configuration: not reporting status"),
     }
     agent.run(rx).await
+}
+
+/// Where tracking is pinned and the restart state kept when the configuration does not
+/// say: the host's bpf filesystem at /sys/fs/bpf (when mounted there) and the
+/// configuration's directory. `None` (every start compares every chunk) without a bpf
+/// filesystem.
+fn default_restart(config: &AgentConfig, config_file: &Path) -> Option<RestartConfig> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let bpffs = mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"));
+    if !bpffs {
+        tracing::info!("no bpf filesystem at /sys/fs/bpf: an agent restart will compare every chunk");
+        return None;
+    }
+    let dir = config_file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Some(RestartConfig {
+        // Names on a bpf filesystem cannot contain dots (namespaces never do; servers may).
+        pin_dir: PathBuf::from(format!(
+            "/sys/fs/bpf/siterecovery/{}_{}",
+            config.namespace,
+            config.server.replace('.', "_")
+        )),
+        state_file: dir.join("agent-state.bin"),
+    })
 }
 
 fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {

@@ -441,6 +441,7 @@ pub fn write_bundle(
             app_consistency: None,
             kube: Some(kube),
             registration_url,
+            restart: None,
         },
     };
     let mut json = serde_json::to_vec_pretty(&config).map_err(local)?;

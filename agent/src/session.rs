@@ -148,6 +148,10 @@ impl Agent {
             return Err(err("the process server's head does not match the disks sent in the hello"));
         }
         let chunk_size = welcome.chunk_size;
+        if self.chunk_size.replace(chunk_size).is_some_and(|before| before != chunk_size) {
+            // What this agent believed was counted in other chunks.
+            self.believed = None;
+        }
         tracing::info!(
             target: LOG,
             process_server = %c.process_server, chunk_size, latest_point = ?welcome.latest_point,

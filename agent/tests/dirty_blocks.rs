@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use rand::RngExt as _;
 use siterecovery_agent::changes::EbpfTracker;
 use siterecovery_agent::disk::Disk;
-use siterecovery_agent::{Agent, AgentConfig, AgentStatus, DiskConfig};
+use siterecovery_agent::{Agent, AgentConfig, AgentStatus, DiskConfig, RestartConfig};
 use siterecovery_operator::registration::certs::Ca;
 use siterecovery_process_server::target::StaticTargets;
 use siterecovery_process_server::{Config, TlsFiles};
@@ -75,6 +75,8 @@ fn content(len: usize) -> Vec<u8> {
 struct Bed {
     store: Store,
     server: ServerRef,
+    config: AgentConfig,
+    cache: usize,
     status: Arc<Mutex<AgentStatus>>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -83,6 +85,11 @@ struct Bed {
 
 impl Bed {
     async fn start(dir: &Path, device: &Path, cache: usize) -> Self {
+        Self::start_with(dir, device, cache, None).await
+    }
+
+    /// [`Bed::start`] with the agent keeping its tracking across restarts as `restart` says.
+    async fn start_with(dir: &Path, device: &Path, cache: usize, restart: Option<RestartConfig>) -> Self {
         let ca = Ca::generate(Timestamp::now(), DAY * 365).unwrap();
         let ps_cert = ca.issue_serving(&["localhost".into()], Timestamp::now(), DAY).unwrap();
         let agent_cert = ca.issue_client("prod", "db-01", Timestamp::now(), DAY).unwrap();
@@ -141,14 +148,45 @@ impl Bed {
             app_consistency: None,
             kube: None,
             registration_url: None,
+            restart,
         };
-        let disks = vec![Disk::open("data", device).unwrap()];
-        let tracker = Box::new(EbpfTracker::start(&disks).unwrap());
-        let mut agent = Agent::new(config, tracker).with_block_cache(cache);
-        let status = agent.status();
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move { agent.run(rx).await });
-        Self { store, server: ServerRef::new("prod", "db-01").unwrap(), status, stop, task, _ps: ps }
+        let (status, stop, task) = spawn_agent(&config, cache);
+        Self { store, server: ServerRef::new("prod", "db-01").unwrap(), config, cache, status, stop, task, _ps: ps }
+    }
+
+    /// Starts a new agent process, as after a restart (the previous one must be stopped).
+    fn start_agent(&mut self) {
+        (self.status, self.stop, self.task) = spawn_agent(&self.config, self.cache);
+    }
+
+    /// Ends the agent without letting it stop cleanly, as SIGKILL would.
+    async fn kill_agent(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the agent's last point is in the store and restores it; it must equal
+    /// `image` (the loop device's backing file).
+    async fn restored_equals(&self, last: &AgentStatus, image: &Path, out: &Path) {
+        let (store, server) = (&self.store, &self.server);
+        let id = last.last_point.clone().expect("a point");
+        // The process server uploads a point after acknowledging it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let point = loop {
+            match store.load_point(server, &id).await {
+                Ok(p) => break p,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "point {id} never reached the store: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        store.restore_point(server, &point, &[("data".to_string(), out.to_owned())]).await.unwrap();
+        let (a, b) = (std::fs::read(image).unwrap(), std::fs::read(out).unwrap());
+        assert_eq!(a.len(), b.len());
+        assert!(
+            a == b,
+            "the restored point differs from the device at byte {:?}",
+            a.iter().zip(&b).position(|(x, y)| x != y)
+        );
     }
 
     fn status(&self) -> AgentStatus {
@@ -180,6 +218,23 @@ impl Bed {
         let _ = tokio::time::timeout(Duration::from_secs(20), &mut self.task).await;
         self.status()
     }
+}
+
+type AgentTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// An agent with the eBPF tracker (pinned as `config.restart` says) and a block cache of
+/// `cache` bytes, running until told to stop.
+fn spawn_agent(
+    config: &AgentConfig,
+    cache: usize,
+) -> (Arc<Mutex<AgentStatus>>, tokio::sync::watch::Sender<bool>, AgentTask) {
+    let disks: Vec<Disk> = config.disks.iter().map(|d| Disk::open(&d.id, &d.path).unwrap()).collect();
+    let pin_dir = config.restart.as_ref().map(|r| r.pin_dir.as_path());
+    let tracker = Box::new(EbpfTracker::start_pinned(&disks, pin_dir).unwrap());
+    let mut agent = Agent::new(config.clone(), tracker).with_block_cache(cache);
+    let status = agent.status();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    (status, stop, tokio::spawn(async move { agent.run(rx).await }))
 }
 
 /// Writes `blocks` (64 KiB block indexes of the device) with new content, one write each,
@@ -239,26 +294,77 @@ async fn an_incremental_reads_only_the_blocks_written() {
     assert!(after.block_cache_bytes > 0 && after.block_cache_bytes <= siterecovery_agent::DEFAULT_BLOCK_CACHE as u64);
 
     let last = bed.stop_agent().await;
-    let (store, server) = (&bed.store, &bed.server);
-    let id = last.last_point.expect("a point");
-    // The process server uploads a point after acknowledging it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let point = loop {
-        match store.load_point(server, &id).await {
-            Ok(p) => break p,
-            Err(e) => assert!(tokio::time::Instant::now() < deadline, "point {id} never reached the store: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let out = dir.join("restored");
-    store.restore_point(server, &point, &[("data".to_string(), out.clone())]).await.unwrap();
-    let (a, b) = (std::fs::read(&image).unwrap(), std::fs::read(&out).unwrap());
-    assert_eq!(a.len(), b.len());
-    assert!(
-        a == b,
-        "the restored point differs from the device at byte {:?}",
-        a.iter().zip(&b).position(|(x, y)| x != y)
-    );
+    bed.restored_equals(&last, &image, &dir.join("restored")).await;
+}
+
+/// A private bpf filesystem, unmounted (releasing what stayed pinned) on drop.
+struct BpfFs(tempfile::TempDir);
+
+impl BpfFs {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).status().unwrap();
+        assert!(status.success(), "mounting a bpf filesystem");
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// A clean restart (an upgrade, a rollout) compares nothing: the stopping agent hands
+/// over what it believes the process server holds, the pinned tracker records the writes
+/// made while no agent runs, and the next agent reads only the chunks they touched. After
+/// a kill there is no handover and the next agent compares every chunk. Both restore equal
+/// to the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_reads_only_what_changed_while_stopped() {
+    if !ebpf_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = dir.join("data.img");
+    std::fs::write(&image, content(48 * MIB as usize)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(64 * MIB).unwrap();
+    let device = Loop::attach(&image);
+    let bpffs = BpfFs::mount();
+    let restart = RestartConfig { pin_dir: bpffs.0.path().join("prod_db-01"), state_file: dir.join("agent-state.bin") };
+    let mut bed = Bed::start_with(dir, &device.0, siterecovery_agent::DEFAULT_BLOCK_CACHE, Some(restart.clone())).await;
+    bed.wait("the initial copy and a point", 120, |s| s.initial_copy_done && s.points > 0).await;
+    assert!(!bed.status().resumed_from_handover);
+
+    bed.stop_agent().await;
+    assert!(restart.state_file.exists(), "a cleanly stopped agent leaves its state");
+    // Written while no agent runs: three chunks.
+    write_blocks(&device.0, &[3, 300, 700]);
+
+    bed.start_agent();
+    let after = bed.wait("two points after the restart", 120, |s| s.points >= 2).await;
+    assert!(after.resumed_from_handover, "{after:#?}");
+    assert!(!restart.state_file.exists(), "a state is used once");
+    assert_eq!(after.last_resync_reason, None, "no comparison of every chunk");
+    // The block cache starts empty: the three chunks are read whole.
+    assert!(after.bytes_read >= 3 * BLOCK && after.bytes_read <= 3 * CHUNK, "read {} bytes", after.bytes_read);
+    let last = bed.stop_agent().await;
+    bed.restored_equals(&last, &image, &dir.join("restored")).await;
+
+    // Killed: no handover, and the pinned tracker was never suspended.
+    bed.start_agent();
+    bed.wait("a point", 120, |s| s.points >= 1).await;
+    bed.kill_agent().await;
+    assert!(!restart.state_file.exists());
+    write_blocks(&device.0, &[5]);
+    bed.start_agent();
+    let after = bed.wait("a point after the kill", 120, |s| s.points >= 1).await;
+    assert!(!after.resumed_from_handover);
+    assert_eq!(after.last_resync_reason.as_deref(), Some("AgentStarted"));
+    assert_eq!(after.bytes_read, 64 * MIB, "every chunk compared");
+    let last = bed.stop_agent().await;
+    bed.restored_equals(&last, &image, &dir.join("restored-after-kill")).await;
 }
 
 /// The issue's case on a 2 GiB device: 328 random 64 KiB writes, then the incremental,

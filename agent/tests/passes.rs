@@ -112,6 +112,7 @@ async fn passes_are_counted_for_the_status_report() {
             api_server_ca: None,
         }),
         registration_url: None,
+        restart: None,
     };
     let disks = vec![Disk::open("os", &image).unwrap()];
     let mut agent = Agent::new(config.clone(), Box::new(StampTracker::new(&disks)));

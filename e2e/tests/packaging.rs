@@ -320,7 +320,7 @@ fn agent_daemonset_runs_with_tracking_capabilities_not_privileged() -> anyhow::R
     }
     let paths: Vec<_> =
         pod["volumes"].as_array().context("volumes")?.iter().map(|v| v["hostPath"]["path"].clone()).collect();
-    assert_eq!(paths, ["/etc/siterecovery", "/dev", "/sys/kernel/btf"].map(Value::from));
+    assert_eq!(paths, ["/etc/siterecovery", "/dev", "/sys/kernel/btf", "/sys/fs/bpf"].map(Value::from));
 
     let mut secret = ALL_ON.to_vec();
     secret.extend(["--set", "agent.daemonSet.configSecret=node-1-agent", "--set", "agent.daemonSet.privileged=true"]);

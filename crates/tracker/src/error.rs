@@ -70,7 +70,7 @@ pub enum TrackerError {
 
     /// The pin directory could not be created or cleared.
     #[error(
-        "cannot use the pin directory {path}: {source}; it must be on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf) and writable by root"
+        "cannot use the pin directory {path}: {source}; it must be on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf), writable by root, and its names there free of dots"
     )]
     Pin {
         /// The directory.

@@ -93,6 +93,7 @@ pub struct BlockTracker {
     commands: Option<Sender<worker::Command>>,
     worker: Option<JoinHandle<()>>,
     started: worker::Started,
+    pinned: bool,
 }
 
 impl BlockTracker {
@@ -108,9 +109,14 @@ impl BlockTracker {
         let devices = devices.iter().map(|p| TrackedDevice::resolve(p)).collect::<Result<Vec<_>, _>>()?;
         privileges::check()?;
         route_libbpf_logs();
-        let granularity = options.granularity;
+        let (granularity, pinned) = (options.granularity, options.pin_dir.is_some());
         let (worker, commands, started) = worker::spawn(devices.clone(), options)?;
-        Ok(Self { devices, granularity, commands: Some(commands), worker: Some(worker), started })
+        Ok(Self { devices, granularity, commands: Some(commands), worker: Some(worker), started, pinned })
+    }
+
+    /// Whether the program is pinned (tracking goes on after this tracker ends).
+    pub fn pinned(&self) -> bool {
+        self.pinned
     }
 
     /// Whether this tracker continued pinned tracking that an earlier one suspended

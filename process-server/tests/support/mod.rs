@@ -210,6 +210,7 @@ pub fn agent_config(
         app_consistency: None,
         kube: None,
         registration_url: None,
+        restart: None,
     }
 }
 
