@@ -247,6 +247,15 @@ fn write_blocks(device: &Path, blocks: &[u64]) {
     f.sync_all().unwrap();
 }
 
+/// A loop device over a 64 MiB image in `dir`: 48 MiB of data, then zeros; 16 chunks.
+fn small_device(dir: &Path) -> (PathBuf, Loop) {
+    let image = dir.join("data.img");
+    std::fs::write(&image, content(48 * MIB as usize)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(64 * MIB).unwrap();
+    let device = Loop::attach(&image);
+    (image, device)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_reads_only_the_blocks_written() {
     if !ebpf_available() {
@@ -254,11 +263,7 @@ async fn an_incremental_reads_only_the_blocks_written() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // 64 MiB: 48 MiB of data, then zeros; 16 chunks.
-    let image = dir.join("data.img");
-    std::fs::write(&image, content(48 * MIB as usize)).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(64 * MIB).unwrap();
-    let device = Loop::attach(&image);
+    let (image, device) = small_device(dir);
     let mut bed = Bed::start(dir, &device.0, siterecovery_agent::DEFAULT_BLOCK_CACHE).await;
     let copied = bed.wait("the initial copy and a point", 120, |s| s.initial_copy_done && s.points > 0).await;
     assert_eq!(copied.bytes_read, 64 * MIB, "the initial copy reads the device once");
@@ -327,10 +332,7 @@ async fn a_clean_restart_reads_only_what_changed_while_stopped() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let image = dir.join("data.img");
-    std::fs::write(&image, content(48 * MIB as usize)).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(64 * MIB).unwrap();
-    let device = Loop::attach(&image);
+    let (image, device) = small_device(dir);
     let bpffs = BpfFs::mount();
     let restart = RestartConfig { pin_dir: bpffs.0.path().join("prod_db-01"), state_file: dir.join("agent-state.bin") };
     let mut bed = Bed::start_with(dir, &device.0, siterecovery_agent::DEFAULT_BLOCK_CACHE, Some(restart.clone())).await;
