@@ -316,6 +316,12 @@ async fn image_phases(
         Ratio::OursOverPeer,
     ));
     rows.push(Cmp::ours("initial_startup", "s", initial.as_ref().and_then(|o| o.first_read_s)));
+    let chunk_mib = f64::from(args.chunk_size.unwrap_or(siterecovery_store::DEFAULT_CHUNK_SIZE)) / MIB;
+    let whole_pass = (size_mib / chunk_mib).ceil();
+    rows.push(Cmp::ours("initial_first_pass", "s", initial.as_ref().and_then(|o| o.compared_by(whole_pass))));
+    rows.push(Cmp::ours("initial_second_pass", "s", initial.as_ref().and_then(|o| o.compared_by(2.0 * whole_pass))));
+    rows.push(Cmp::ours("initial_ps_received_all", "s", initial.as_ref().and_then(Ours::received_all_by)));
+    rows.push(Cmp::ours("initial_ps_uploaded_all", "s", initial.as_ref().and_then(Ours::uploaded_all_by)));
     rows.push(Cmp::ours("initial_point_to_store", "s", initial.as_ref().and_then(Ours::point_to_store_s)));
     rows.push(Cmp::ours("initial_cpu_agent", "s", initial.as_ref().map(|o| o.agent.cpu_s)));
     rows.push(Cmp::ours("initial_cpu_ps", "s", initial.as_ref().map(|o| o.ps_cpu_s)));
@@ -419,6 +425,8 @@ async fn image_phases(
         "image": {"path": args.image, "size_mib": size_mib},
         "churn": {"percent": args.churn_percent, "blocks_64k": inc.churn.blocks, "bytes": inc.churn.bytes,
                   "zstd3_bytes": inc.churn.zstd_bytes, "regions_4mib_touched": inc.churn.regions_4mib},
+        "initial_timeline": initial.as_ref().map(|o| &o.timeline),
+        "incremental_timeline": io.map(|o| &o.timeline),
         "rpo": {"seconds": args.rpo_seconds, "rate_mb_s": args.rpo_rate_mb,
                 "acked_samples": rp.map(|r| r.acked.clone()), "stored_samples": rp.map(|r| r.stored.clone())},
         "versions": {

@@ -22,6 +22,8 @@ use super::rig::{Rig, RigPaths};
 use super::workload::{Churn, byte_len, churn, hash_file};
 
 const MIB: f64 = 1024.0 * 1024.0;
+/// The product's chunk size, MiB (the benchmark's default).
+const CHUNK_MIB: f64 = siterecovery_store::DEFAULT_CHUNK_SIZE as f64 / MIB;
 
 /// The device and the phase's settings.
 #[derive(Debug, Clone)]
@@ -132,6 +134,9 @@ pub fn rows(run: Option<&Run>, peers: Peers<'_>) -> Vec<Cmp> {
             .goal(Judge::Ratio(Goal::AtLeast(2.0))),
         Cmp::ours("initial_blockdev_throughput", "MiB/s", init.map(|o| size / o.seconds)),
         Cmp::ours("initial_blockdev_startup", "s", init.and_then(|o| o.first_read_s)),
+        Cmp::ours("initial_blockdev_first_pass", "s", init.and_then(|o| o.compared_by(size / CHUNK_MIB))),
+        Cmp::ours("initial_blockdev_ps_received_all", "s", init.and_then(Ours::received_all_by)),
+        Cmp::ours("initial_blockdev_ps_uploaded_all", "s", init.and_then(Ours::uploaded_all_by)),
         Cmp::ours("initial_blockdev_point_to_store", "s", init.and_then(Ours::point_to_store_s)),
         Cmp::ours("initial_blockdev_cpu_agent_plus_ps", "s", init.map(|o| o.agent.cpu_s + o.ps_cpu_s)).vs(
             "restic+rclone",
@@ -184,5 +189,7 @@ pub fn context(setup: Option<&Setup>, run: Option<&Run>) -> serde_json::Value {
         "churn": run.map(|r| json!({"blocks_64k": r.churn.blocks, "bytes": r.churn.bytes,
                                      "zstd3_bytes": r.churn.zstd_bytes, "regions_4mib_touched": r.churn.regions_4mib})),
         "churned_blake3": run.and_then(|r| r.churned).map(|h| h.to_hex().to_string()),
+        "initial_timeline": run.and_then(|r| r.initial.as_ref()).map(|o| &o.timeline),
+        "incremental_timeline": run.and_then(|r| r.incremental.as_ref()).map(|o| &o.timeline),
     })
 }

@@ -42,6 +42,10 @@ pub struct Ours {
     /// the rest of [`Ours::seconds`] is the point's marker, its acknowledgement and the
     /// process server's uploads and manifest.
     pub point_s: Option<f64>,
+    /// Every poll (about every 50 ms): seconds since the start of the phase, chunks the
+    /// agent had compared, MiB the process server had received (plaintext) and uploaded,
+    /// each counted from the start of the phase.
+    pub timeline: Vec<[f64; 4]>,
 }
 
 impl Ours {
@@ -53,6 +57,25 @@ impl Ours {
     /// The point's instant → the point in the store.
     pub fn point_to_store_s(&self) -> Option<f64> {
         self.point_s.map(|p| self.seconds - p)
+    }
+
+    /// Seconds until the agent had compared `chunks` chunks (a whole pass over a disk of
+    /// that many chunks, in an initial copy).
+    pub fn compared_by(&self, chunks: f64) -> Option<f64> {
+        self.timeline.iter().find(|s| s[1] >= chunks).map(|s| s[0])
+    }
+
+    /// Seconds until the process server had received everything it received in the phase.
+    pub fn received_all_by(&self) -> Option<f64> {
+        let all = self.timeline.last()?[2];
+        self.timeline.iter().find(|s| s[2] >= all).map(|s| s[0])
+    }
+
+    /// Seconds until the process server had uploaded all chunk data of the phase (within
+    /// 1 MiB: the manifests come last).
+    pub fn uploaded_all_by(&self) -> Option<f64> {
+        let all = self.timeline.last()?[3];
+        self.timeline.iter().find(|s| s[3] >= all - 1.0).map(|s| s[0])
     }
 }
 
@@ -146,10 +169,21 @@ pub async fn follow(
     // A fresh agent does not serve /metrics yet: it has read nothing.
     let compared_before = rig.agent_chunks_compared().await.unwrap_or(0.0);
     let mut first_read_s = None;
+    let mut timeline = Vec::new();
+    let mut compared = compared_before;
     let id = loop {
-        if first_read_s.is_none() && rig.agent_chunks_compared().await.is_ok_and(|n| n > compared_before) {
-            first_read_s = Some(started.elapsed().as_secs_f64());
+        compared = rig.agent_chunks_compared().await.unwrap_or(compared);
+        let t = started.elapsed().as_secs_f64();
+        if first_read_s.is_none() && compared > compared_before {
+            first_read_s = Some(t);
         }
+        let c = rig.counters().await.unwrap_or_default();
+        timeline.push([
+            t,
+            compared - compared_before,
+            (c.received - base.received) / MIB,
+            (c.uploaded - base.uploaded) / MIB,
+        ]);
         let newer = acknowledged_points(&agent.log).into_iter().find(|id| point_time(id).is_some_and(|t| t >= since));
         if let Some(id) = newer {
             break id;
@@ -167,6 +201,14 @@ pub async fn follow(
     while rig.store.load_point(&rig.server, &id).await.is_err() {
         anyhow::ensure!(Instant::now() < deadline, "point {id} acknowledged but not in the store after {timeout:?}");
         rig.ps.check_alive()?;
+        let c = rig.counters().await.unwrap_or_default();
+        let t = started.elapsed().as_secs_f64();
+        timeline.push([
+            t,
+            compared - compared_before,
+            (c.received - base.received) / MIB,
+            (c.uploaded - base.uploaded) / MIB,
+        ]);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -185,6 +227,7 @@ pub async fn follow(
         sessions_failed: failed_sessions(&agent.log) - failed_before,
         first_read_s,
         point_s: point_time(&id).map(|t| t.duration_since(since).as_secs_f64()),
+        timeline,
     })
 }
 
