@@ -425,3 +425,60 @@ impl Registry {
         self.servers.lock().await.values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use siterecovery_wire::DiskInfo;
+
+    #[test]
+    fn a_checkpoint_keeps_its_chains_and_one_without_them_reads_as_whole_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = |i: u8| ChunkHash::of(&[i]);
+        let mut head = Head::default();
+        head.adopt(&[DiskInfo { id: "sda".into(), size: 3 << 20 }], 1 << 20);
+        head.disks[0].slots = vec![Slot::Zero, Slot::Data(h(1)), Slot::Data(h(3))];
+        let mut chains = Chains::default();
+        chains.push("sda", 2, Some(h(2)), h(3), 4096);
+        let cp = Checkpoint {
+            position: Position { segment: 3, offset: 77 },
+            chunk_size: 1 << 20,
+            latest_point: Some("p".into()),
+            head,
+            chains,
+            trust_store: true,
+        };
+        cp.store(dir.path()).unwrap();
+        let back = Checkpoint::load(dir.path()).unwrap().unwrap();
+        assert_eq!((back.position, &back.head, &back.chains), (cp.position, &cp.head, &cp.chains));
+        assert_eq!(back.chains.entry("sda", 1, back.head.disks[0].slots[1]), Some(ChunkRef::Data(h(1))));
+        assert!(matches!(back.chains.entry("sda", 2, back.head.disks[0].slots[2]), Some(ChunkRef::Chain(_))));
+
+        // Written before patches existed: no chains field, every data slot whole.
+        let old = Checkpoint { chains: Chains::default(), ..cp };
+        old.store(dir.path()).unwrap();
+        let text = std::fs::read(dir.path().join("checkpoint")).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains("chains"), "no field for no chains");
+        assert!(Checkpoint::load(dir.path()).unwrap().unwrap().chains.is_empty());
+    }
+
+    #[test]
+    fn a_delta_sets_its_slot_to_its_result() {
+        let mut head = Head::default();
+        head.adopt(&[DiskInfo { id: "sda".into(), size: 2 << 20 }], 1 << 20);
+        let hash = ChunkHash::of(b"x");
+        let d = siterecovery_wire::ChunkDelta {
+            seq: 1,
+            disk: "sda".into(),
+            index: 1,
+            len: 1 << 20,
+            base: None,
+            hash: hash.to_hex(),
+            ranges: vec![[0, 1]],
+            encoding: siterecovery_wire::Encoding::Raw,
+        };
+        let mut latest = None;
+        apply(&mut head, &mut latest, 1 << 20, &Message::Delta(d, Bytes::from_static(b"x")));
+        assert_eq!(head.disks[0].slots, vec![Slot::Missing, Slot::Data(hash)]);
+    }
+}

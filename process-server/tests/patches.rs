@@ -173,3 +173,136 @@ async fn deltas_acknowledged_but_not_uploaded_survive_a_sigkill() {
     agent.stop().await;
     drop(ps);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_server_that_lost_its_cache_continues_from_the_chains_of_the_latest_point() {
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-1").await;
+    let store = store_of(targets);
+    let server = ServerRef::new("prod", "lost").unwrap();
+
+    const CHUNKS: u64 = 8;
+    let a = dir.join("a.img");
+    write_pattern(&a, 0, (CHUNKS * MIB) as usize, 9);
+    let disks = [("sda", a.as_path())];
+    let files = pki.agent_files(&pki.ca, "prod", "lost", "lost");
+    let agent = start_agent(agent_config(pki, files, "prod", "lost", ps.addr, &disks, 0.2));
+    let s = agent.wait("the initial copy", 60, |s| s.points >= 1).await;
+    scatter(&a, CHUNKS, 1);
+    let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= s.deltas_sent + CHUNKS).await;
+    let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
+    let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-1")).await;
+    assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Chain(_))), "{point:?}");
+
+    // The cache volume is lost: a new process server knows the server only from the store.
+    ps.guard.kill9();
+    agent.wait("the agent to notice the lost connection", 30, |s| !s.connected).await;
+    std::fs::remove_dir_all(dir.join("cache/prod/lost")).unwrap();
+    let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
+    let restarted = agent.wait("a reconnection", 60, |s| s.connected).await;
+
+    // Deltas on those chains: their bases come from the store through the chains (nothing
+    // is in memory), and since the chains' sizes are unknown the changes are stored whole.
+    scatter(&a, CHUNKS, 2);
+    let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= restarted.deltas_sent + CHUNKS).await;
+    assert_eq!(sent.chunks_sent - restarted.chunks_sent, CHUNKS, "only the changes went: {sent:#?}");
+    let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
+    let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-2")).await;
+    assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Data(_))), "{point:?}");
+    agent.stop().await;
+    drop(ps);
+}
+
+/// 1 % of a 2 GiB image changed in random 64 KiB writes, as in the data-plane benchmark
+/// (`docs/benchmarks.md`): what the process server uploads for it (patches and whole
+/// chunks, against the whole-chunk objects of the chunks touched) and how long from the
+/// end of the writes to the point in the store. The image is the benchmark's
+/// (`SR_MEASURE_IMAGE`, default `target/bench/dataplane-cache/base.img`, built by `make
+/// bench`), copied. Debug builds make the times indicative only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: copies 2 GiB; run with --ignored --nocapture"]
+async fn measure_an_incremental_of_one_percent_scattered_writes() {
+    let source = std::env::var("SR_MEASURE_IMAGE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/dataplane-cache/base.img"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = Pki::new(dir);
+    let targets = local_targets(dir, &dir.join("store"), 4 << 20);
+    let ps = start_ps(dir, &pki, &targets, 4 << 30).await;
+    let store = store_of(&targets);
+    let server = ServerRef::new("prod", "measure").unwrap();
+    let a = dir.join("a.img");
+    std::fs::copy(&source, &a).unwrap();
+    let size = std::fs::metadata(&a).unwrap().len();
+    let disks = [("sda", a.as_path())];
+    let files = pki.agent_files(&pki.ca, "prod", "measure", "measure");
+    let agent = start_agent(agent_config(&pki, files, "prod", "measure", ps.addr, &disks, 1.0));
+    let s = agent.wait("the initial copy", 1800, |s| s.points >= 1).await;
+    let base = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 60).await;
+    let uploaded = || async {
+        let servers = ps.shared.servers().await;
+        servers.first().map_or(0, |s| s.progress.bytes_uploaded.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let (whole_before, _) = objects(&store, &server.chunks_prefix("sda")).await;
+    let up_before = uploaded().await;
+
+    // 1 % in distinct 64 KiB-aligned blocks, half random and half repetitive content.
+    let blocks = size / (64 << 10);
+    let n = blocks / 100;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut chosen = std::collections::BTreeSet::new();
+    while (chosen.len() as u64) < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chosen.insert(x % blocks);
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+    for (i, b) in chosen.iter().enumerate() {
+        let mut block = vec![(i % 251) as u8; 64 << 10];
+        for (j, byte) in block[..32 << 10].iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *byte = (x >> (j % 8)) as u8;
+        }
+        std::os::unix::fs::FileExt::write_all_at(&f, &block, b * (64 << 10)).unwrap();
+    }
+    f.sync_all().unwrap();
+    let start = Instant::now();
+    let before = agent.status();
+    let s = agent
+        .wait("a point after the writes", 600, |s| s.points > before.points && s.deltas_sent > before.deltas_sent)
+        .await;
+    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 600).await;
+    let took = start.elapsed();
+    let touched: std::collections::BTreeSet<u64> = chosen.iter().map(|b| b * (64 << 10) / (4 << 20)).collect();
+    let mut whole_of_touched = 0u64;
+    for i in &touched {
+        if let ChunkRef::Data(h) = &base.disks[0].chunks[*i as usize] {
+            whole_of_touched += store.backend().get(&server.chunk_key("sda", h)).await.unwrap().len() as u64;
+        }
+    }
+    let (whole_after, _) = objects(&store, &server.chunks_prefix("sda")).await;
+    let (patches, patch_bytes) = objects(&store, &server.patches_prefix("sda")).await;
+    let chains = point.disks[0].chunks.iter().filter(|c| matches!(c, ChunkRef::Chain(_))).count();
+    println!(
+        "{n} blocks of 64 KiB in {} of {} chunks; agent sent {} deltas, {} frame bytes ({} payload)\n\
+         uploaded {} bytes: {patches} patches ({patch_bytes} bytes), {} whole chunks; the touched chunks' whole objects: \
+         {whole_of_touched} bytes\nend of writes -> point in the store: {took:?}; chains in the point: {chains}",
+        touched.len(),
+        point.disks[0].chunks.len(),
+        s.deltas_sent - before.deltas_sent,
+        s.bytes_sent - before.bytes_sent,
+        s.payload_bytes - before.payload_bytes,
+        uploaded().await - up_before,
+        whole_after - whole_before,
+    );
+    let out = dir.join("restore");
+    assert_restores_equal(&store, &server, &point, &disks, &out).await;
+    agent.stop().await;
+    drop(ps);
+}
