@@ -19,7 +19,7 @@ pub struct Metrics {
     pub sessions: Counter,
     /// Sessions refused (identity, protocol, target).
     pub sessions_refused: Counter,
-    /// Plaintext bytes of chunk data received.
+    /// Plaintext bytes received: whole chunks, and the ranges deltas change.
     pub bytes_received: Counter,
     /// Bytes uploaded (sealed).
     pub bytes_uploaded: Counter,
@@ -54,7 +54,11 @@ impl Metrics {
         let r = r.sub_registry_with_prefix("siterecovery_process_server");
         r.register("sessions", "Agent sessions accepted", self.sessions.clone());
         r.register("sessions_refused", "Agent sessions refused", self.sessions_refused.clone());
-        r.register("received_bytes", "Plaintext chunk bytes received from agents", self.bytes_received.clone());
+        r.register(
+            "received_bytes",
+            "Plaintext bytes received from agents: whole chunks, and the changed ranges of deltas",
+            self.bytes_received.clone(),
+        );
         r.register("uploaded_bytes", "Bytes uploaded to Blob storage", self.bytes_uploaded.clone());
         r.register("uploaded_chunks", "Whole chunks uploaded to Blob storage", self.chunks_uploaded.clone());
         r.register("uploaded_patches", "Patches uploaded to Blob storage", self.patches_uploaded.clone());

@@ -369,8 +369,13 @@ async fn receive(
     {
         member.journaled(&p.id, &p.members);
     }
-    if let Message::Chunk(ChunkData { len, .. }, _) | Message::Delta(ChunkDelta { len, .. }, _) = &m {
-        let n = u64::from(*len);
+    // Changed bytes (the churn the status reports): a whole chunk, or a delta's ranges.
+    let changed = match &m {
+        Message::Chunk(c, _) => Some(u64::from(c.len)),
+        Message::Delta(d, _) => Some(d.covered()),
+        _ => None,
+    };
+    if let Some(n) = changed {
         state.progress.bytes_received.fetch_add(n, Ordering::Relaxed);
         shared.metrics.bytes_received.inc_by(n);
     }

@@ -166,7 +166,7 @@ pub struct Received {
 /// Progress counters of one server (for metrics and status).
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// Bytes of chunk data received (plaintext).
+    /// Plaintext bytes received: whole chunks, and the ranges deltas change (churn).
     pub bytes_received: AtomicU64,
     /// Bytes uploaded (sealed chunks and manifests).
     pub bytes_uploaded: AtomicU64,
