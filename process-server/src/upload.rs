@@ -91,6 +91,14 @@ enum Job {
     Patch { delta: ChunkDelta, base: Option<ChunkHash>, hash: ChunkHash, body: Bytes },
 }
 
+/// What rebuilding the chunk of a delta gave.
+enum Rebuilt {
+    /// The chunk, checked against the delta's hash.
+    Chunk(Bytes),
+    /// The base is damaged or missing in the store (why): no retry will help.
+    BaseUnusable(String),
+}
+
 /// What one uploader works with.
 struct Uploader<'a> {
     state: &'a ServerState,
@@ -177,12 +185,23 @@ impl Uploader<'_> {
                         work.chains.push(&d.disk, d.index, base, hash, d.covered());
                         jobs.push(Job::Patch { delta: d.clone(), base, hash, body: body.clone() });
                     } else {
-                        let plain = self.whole_of(&work, d, base, body, &mut jobs, known).await?;
-                        rebuilt_bytes += plain.len() as u64;
-                        queued.insert((d.disk.clone(), hash));
-                        let disk = d.disk.clone();
-                        jobs.push(Job::Whole { disk, hash, encoding: Encoding::Raw, body: plain });
-                        work.chains.clear(&d.disk, d.index);
+                        match self.whole_of(&work, d, base, body, &mut jobs, known).await? {
+                            Rebuilt::Chunk(plain) => {
+                                rebuilt_bytes += plain.len() as u64;
+                                queued.insert((d.disk.clone(), hash));
+                                let disk = d.disk.clone();
+                                jobs.push(Job::Whole { disk, hash, encoding: Encoding::Raw, body: plain });
+                                work.chains.clear(&d.disk, d.index);
+                            }
+                            // Waiting would stall this server's replication for good over
+                            // one chunk that cannot be restored anyway: the patch goes on
+                            // the chain past its bound, and a restore names what is broken.
+                            Rebuilt::BaseUnusable(why) => {
+                                tracing::error!(server = %state.server, disk = %d.disk, index = d.index, %why, "storing a change as a patch past its chain's bound: its base cannot be read from the store");
+                                work.chains.push(&d.disk, d.index, base, hash, d.covered());
+                                jobs.push(Job::Patch { delta: d.clone(), base, hash, body: body.clone() });
+                            }
+                        }
                     }
                 }
                 Message::Point(p) => match manifest_of(&work, p, store.active_key_id()) {
@@ -238,7 +257,8 @@ impl Uploader<'_> {
 
     /// The whole chunk a delta makes, for a slot whose chain may not grow: its base from
     /// the recent chunks, or else from the store as `work` says it is stored there (after
-    /// uploading the jobs queued so far, which that may name).
+    /// uploading the jobs queued so far, which that may name). `Err` is worth retrying;
+    /// a base the store holds damaged or not at all is [`Rebuilt::BaseUnusable`].
     async fn whole_of(
         &self,
         work: &Checkpoint,
@@ -247,7 +267,7 @@ impl Uploader<'_> {
         body: &Bytes,
         jobs: &mut Vec<Job>,
         known: &mut HashMap<String, HashSet<ChunkHash>>,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Rebuilt, String> {
         let state = self.state;
         let len = d.len as usize;
         let base_plain = match base {
@@ -257,13 +277,13 @@ impl Uploader<'_> {
                 None => {
                     self.upload(std::mem::take(jobs), known).await?;
                     let entry = work.chains.entry(&d.disk, d.index, Slot::Data(h)).expect("a data slot");
-                    let (plain, _) = state
-                        .target
-                        .store
-                        .fetch_chunk(&state.server, &d.disk, &entry, len)
-                        .await
-                        .map_err(|e| format!("base of chunk {} of disk {}: {e}", d.index, d.disk))?;
-                    Bytes::from(plain)
+                    match state.target.store.fetch_chunk(&state.server, &d.disk, &entry, len).await {
+                        Ok((plain, _)) => Bytes::from(plain),
+                        Err(e) if e.is_retryable() => {
+                            return Err(format!("base of chunk {} of disk {}: {e}", d.index, d.disk));
+                        }
+                        Err(e) => return Ok(Rebuilt::BaseUnusable(e.to_string())),
+                    }
                 }
             },
         };
@@ -277,13 +297,10 @@ impl Uploader<'_> {
         let hash = ChunkHash::from_hex(&d.hash).expect("validated before journaling");
         let p = plain.clone();
         if tokio::task::spawn_blocking(move || ChunkHash::of(&p)).await.map_err(|e| e.to_string())? != hash {
-            return Err(format!(
-                "the journaled delta of chunk {} of disk {} does not make its chunk on the stored base",
-                d.index, d.disk
-            ));
+            return Ok(Rebuilt::BaseUnusable("the delta does not make its chunk on the stored base".into()));
         }
         self.recent.insert(&state.server, &d.disk, hash, plain.clone());
-        Ok(plain)
+        Ok(Rebuilt::Chunk(plain))
     }
 
     /// Uploads `jobs`, `parallelism` at a time; whole chunks become known as stored.
