@@ -8,7 +8,7 @@ use siterecovery_store::ChunkHash;
 use siterecovery_wire::{ChunkData, ChunkDelta, Encoding, Message, Slot};
 use tokio::io::AsyncWrite;
 
-use crate::changes::Dirty;
+use crate::changes::{self, Dirty};
 use crate::disk::Disk;
 use crate::link::Link;
 use crate::pass::{PassStatus, pass_bytes};
@@ -104,6 +104,7 @@ impl Agent {
         which: &Dirty,
         counted: bool,
     ) -> Result<(), SessionError> {
+        static WHOLE: changes::Blocks = changes::Blocks::Whole;
         let level = self.config.compression_level;
         let chunk_size = wire.chunk_size;
         self.cache.use_chunk_size(chunk_size);
@@ -111,68 +112,88 @@ impl Agent {
             let size = wire.sizes[d];
             let count = size.div_ceil(u64::from(chunk_size));
             let len_of = |index: u64| (size - index * u64::from(chunk_size)).min(u64::from(chunk_size));
-            // Planned up front: the cached blocks cloned here are bounded by the cache.
-            let plans: Vec<(u64, Plan)> = match which {
-                Dirty::All => (0..count).map(|i| (i, Plan::Whole)).collect(),
-                Dirty::Chunks(sets) => sets
-                    .get(d)
-                    .into_iter()
-                    .flatten()
-                    .filter(|&(&i, _)| i < count)
-                    .map(|(&i, blocks)| {
+            let dirty: Vec<(u64, &changes::Blocks)> = match which {
+                Dirty::All => (0..count).map(|i| (i, &WHOLE)).collect(),
+                Dirty::Chunks(sets) => {
+                    sets.get(d).into_iter().flatten().map(|(&i, b)| (i, b)).filter(|&(i, _)| i < count).collect()
+                }
+            };
+            // Planned a batch at a time: a plan holds a copy of the chunk's cached blocks.
+            for batch in dirty.chunks(PLAN_BATCH) {
+                let plans: Vec<(u64, Plan)> = batch
+                    .iter()
+                    .map(|&(i, blocks)| {
                         let held = wire.sent[d][i as usize];
                         (i, Plan::for_chunk(blocks, len_of(i), || self.cache.blocks_if((d, i), len_of(i), held)))
                     })
-                    .collect(),
-            };
-            let mut reads = futures::stream::iter(plans)
-                .map(|(index, plan)| {
-                    let disk = disk.clone();
-                    tokio::task::spawn_blocking(move || read::read(&disk, index, chunk_size, size, plan, level))
-                })
-                .buffered(2);
-            while let Some(r) = reads.next().await {
-                let found = r.map_err(err)?.map_err(err)?;
-                let len = len_of(found.index) as u32;
-                self.update(|s| {
-                    s.chunks_compared += 1;
-                    s.bytes_read += found.bytes_read;
-                    if matches!(found.body, Body::Changed { .. }) {
-                        s.chunks_read_partly += 1;
-                    }
-                    if let Some(p) = s.pass.as_mut().filter(|_| counted)
-                        && let Some(b) = p.bytes_compared.get_mut(d)
-                    {
-                        *b += u64::from(len);
-                    }
-                });
-                let i = found.index as usize;
-                let previous = self.cache.insert((d, found.index), u64::from(len), found.slot, found.blocks.clone());
-                if wire.sent[d][i] == found.slot {
-                    continue;
+                    .collect();
+                let mut reads = futures::stream::iter(plans)
+                    .map(|(index, plan)| {
+                        let disk = disk.clone();
+                        tokio::task::spawn_blocking(move || read::read(&disk, index, chunk_size, size, plan, level))
+                    })
+                    .buffered(2);
+                while let Some(r) = reads.next().await {
+                    let found = r.map_err(err)?.map_err(err)?;
+                    let len = len_of(found.index) as u32;
+                    self.send_found(&mut wire.link, &mut wire.sent[d], (d, &disk.id), len, found, counted).await?;
                 }
-                let seq = wire.link.next_seq();
-                let slot = found.slot;
-                let (message, payload) = message(seq, &disk.id, len, wire.sent[d][i], found, previous, level)?;
-                if matches!(message, Message::Delta(..)) {
-                    self.update(|s| s.deltas_sent += 1);
-                }
-                wire.link.send(seq, &message).await.map_err(err)?;
-                wire.sent[d][i] = slot;
-                self.update(|s| {
-                    s.chunks_sent += 1;
-                    s.payload_bytes += payload;
-                    if let Some(p) = s.pass.as_mut().filter(|_| counted) {
-                        p.bytes_resent += payload;
-                    }
-                });
             }
         }
         let cached = self.cache.used() as u64;
         self.update(|s| s.block_cache_bytes = cached);
         Ok(())
     }
+
+    /// Records what a read of a chunk of disk `d` (`len` bytes) found, and sends it unless
+    /// `sent` (what the process server holds of that disk) has it already.
+    async fn send_found<W: AsyncWrite + Unpin>(
+        &mut self,
+        link: &mut Link<W>,
+        sent: &mut [Slot],
+        (d, disk): (usize, &str),
+        len: u32,
+        found: Found,
+        counted: bool,
+    ) -> Result<(), SessionError> {
+        self.update(|s| {
+            s.chunks_compared += 1;
+            s.bytes_read += found.bytes_read;
+            if matches!(found.body, Body::Changed { .. }) {
+                s.chunks_read_partly += 1;
+            }
+            if let Some(p) = s.pass.as_mut().filter(|_| counted)
+                && let Some(b) = p.bytes_compared.get_mut(d)
+            {
+                *b += u64::from(len);
+            }
+        });
+        let i = found.index as usize;
+        let previous = self.cache.insert((d, found.index), u64::from(len), found.slot, found.blocks.clone());
+        if sent[i] == found.slot {
+            return Ok(());
+        }
+        let seq = link.next_seq();
+        let slot = found.slot;
+        let (message, payload) = message(seq, disk, len, sent[i], found, previous, self.config.compression_level)?;
+        if matches!(message, Message::Delta(..)) {
+            self.update(|s| s.deltas_sent += 1);
+        }
+        link.send(seq, &message).await.map_err(err)?;
+        sent[i] = slot;
+        self.update(|s| {
+            s.chunks_sent += 1;
+            s.payload_bytes += payload;
+            if let Some(p) = s.pass.as_mut().filter(|_| counted) {
+                p.bytes_resent += payload;
+            }
+        });
+        Ok(())
+    }
 }
+
+/// Chunks planned at once (see [`Plan`]): bounds the copies of cached blocks in flight.
+const PLAN_BATCH: usize = 64;
 
 /// The message that brings the process server's copy of a chunk, `held`, to what `found`
 /// read, and its plaintext payload: a delta when the base is known and at most half the
