@@ -21,7 +21,9 @@
 # BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
 # commit whose agent and process server to measure instead of the working tree's (built
 # from `git archive` into target/bench/, so work in progress in the tree stays out of
-# recorded figures). Extra arguments go to the `dataplane` binary (`dataplane --help`).
+# recorded figures). SR_BENCH_DP_AGENT_BIN / SR_BENCH_DP_PS_BIN measure other agent /
+# process-server binaries (an experiment built elsewhere) instead. Extra arguments go to
+# the `dataplane` binary (`dataplane --help`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/.."
@@ -87,6 +89,10 @@ if [ -n "${SR_BENCH_DP_REV:-}" ]; then
   source="commit $rev"
   (cd "$src" && CARGO_TARGET_DIR=$PWD/../build-rev cargo build -q --release -p siterecovery-agent -p siterecovery-process-server)
   agent_bin=target/bench/build-rev/release/siterecovery-agent ps_bin=target/bench/build-rev/release/siterecovery-process-server
+fi
+agent_bin=${SR_BENCH_DP_AGENT_BIN:-$agent_bin} ps_bin=${SR_BENCH_DP_PS_BIN:-$ps_bin}
+if [ -n "${SR_BENCH_DP_AGENT_BIN:-}${SR_BENCH_DP_PS_BIN:-}" ]; then
+  source="$source, with ${SR_BENCH_DP_AGENT_BIN:+agent $SR_BENCH_DP_AGENT_BIN }${SR_BENCH_DP_PS_BIN:+process server $SR_BENCH_DP_PS_BIN}"
 fi
 if [ ! -x target/release/dataplane ] || [ ! -x "$agent_bin" ] || [ ! -x "$ps_bin" ]; then
   # `--bin` applies to every package named: build the daemons and the harness separately.
