@@ -429,3 +429,95 @@ async fn measure_an_incremental_after_random_writes() {
         bed.stop_agent().await;
     }
 }
+
+/// Points taken while a writer never stops for long are still one instant when chunks
+/// are read by their dirty blocks: the writer counts i = 1, 2, … into 4 KiB slot
+/// `i % 64` (eight slots per 4 MiB chunk, 512 KiB apart, each write synchronous), so
+/// every instant has every slot j at the largest v ≤ top with v % 64 == j, untorn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_read_by_dirty_blocks_are_one_instant() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const SLOTS: u64 = 64;
+    const STRIDE: u64 = 512 * KIB;
+    const PAGE: usize = 4096;
+    if !ebpf_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let image = dir.join("slots.img");
+    std::fs::File::create(&image).unwrap().set_len(SLOTS * STRIDE).unwrap();
+    let device = Loop::attach(&image);
+    let mut bed = Bed::start(dir, &device.0, siterecovery_agent::DEFAULT_BLOCK_CACHE).await;
+    let copied = bed.wait("the initial copy and a point", 120, |s| s.initial_copy_done && s.points > 0).await;
+
+    let done = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (path, done, written) = (device.0.clone(), done.clone(), written.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_DSYNC).open(path).unwrap();
+            let mut i = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                for _ in 0..20 {
+                    i += 1;
+                    let page: Vec<u8> = i.to_le_bytes().iter().copied().cycle().take(PAGE).collect();
+                    f.write_all_at(&page, (i % SLOTS) * STRIDE).unwrap();
+                }
+                written.store(i, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        })
+    };
+    let mut points: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while points.len() < 4 {
+        let s = bed.status();
+        if let Some(p) = s.last_point.clone()
+            && s.points > copied.points
+            && written.load(Ordering::Relaxed) > 0
+            && points.last() != Some(&p)
+        {
+            points.push(p);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "too few points while writing: {points:?}, {s:#?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let last = bed.stop_agent().await;
+    assert!(last.chunks_read_partly > 0, "no chunk was read by its dirty blocks: {last:#?}");
+
+    let mut within = 0;
+    for id in &points {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let point = loop {
+            match bed.store.load_point(&bed.server, id).await {
+                Ok(p) => break p,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "point {id} never reached the store: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let out = dir.join(format!("restore-{id}"));
+        bed.store.restore_point(&bed.server, &point, &[("data".to_string(), out.clone())]).await.unwrap();
+        let f = std::fs::File::open(&out).unwrap();
+        let slots: Vec<u64> = (0..SLOTS)
+            .map(|j| {
+                let mut buf = vec![0u8; PAGE];
+                f.read_exact_at(&mut buf, j * STRIDE).unwrap();
+                let first = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                assert!(buf.chunks(8).all(|w| w == &first.to_le_bytes()[..]), "point {id}: slot {j} is torn");
+                first
+            })
+            .collect();
+        let top = *slots.iter().max().unwrap();
+        for (j, &v) in slots.iter().enumerate() {
+            let j = j as u64;
+            let expected = if top < j { 0 } else { top - (top - j) % SLOTS };
+            assert_eq!(v, expected, "point {id}: slot {j} is not from the instant the top was {top}");
+        }
+        within += usize::from(top > SLOTS);
+    }
+    assert!(within >= 2, "points must fall inside the writing: {points:?}");
+}
