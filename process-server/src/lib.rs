@@ -2,6 +2,7 @@
 //! journals what they send durably before acknowledging it, and uploads recovery points
 //! to Blob storage through `siterecovery-store`. Protocol: docs/replication-protocol.md.
 
+pub mod ahead;
 pub mod chains;
 pub mod group;
 pub mod journal;

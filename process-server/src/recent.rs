@@ -1,9 +1,10 @@
 //! Recently received chunk contents, the bases deltas apply to. One budget for the
 //! whole process server; the oldest entries go first. A miss costs a download from the
-//! store, never correctness.
+//! store, never correctness. Downloads of bases ahead of their deltas (`ahead.rs`) are
+//! announced here, so a session that needs one waits for it instead of fetching it twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use siterecovery_store::{ChunkHash, ServerRef};
@@ -15,6 +16,29 @@ type Key = (String, String, String, ChunkHash);
 pub struct RecentChunks {
     budget: u64,
     inner: Mutex<Inner>,
+    fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<Option<String>>>>>,
+}
+
+/// A download of a chunk in progress; those waiting for it go on when it is dropped.
+#[derive(Debug)]
+pub struct Fetching {
+    key: Key,
+    fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<Option<String>>>>>,
+    done: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Fetching {
+    /// The download failed in a way waiting for the uploader cannot mend (the store is
+    /// down or holds the chunk damaged): those waiting are told why.
+    pub fn fail(self, why: String) {
+        self.done.send_replace(Some(why));
+    }
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -31,7 +55,7 @@ fn key(server: &ServerRef, disk: &str, hash: ChunkHash) -> Key {
 impl RecentChunks {
     /// A cache of at most `budget` bytes.
     pub fn new(budget: u64) -> Self {
-        Self { budget, inner: Mutex::default() }
+        Self { budget, inner: Mutex::default(), fetching: Arc::default() }
     }
 
     /// Remembers a chunk.
@@ -60,5 +84,78 @@ impl RecentChunks {
     pub fn get(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> Option<Bytes> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.map.get(&key(server, disk, *hash)).cloned()
+    }
+
+    /// Whether a chunk is neither here nor being downloaded.
+    pub fn needs_fetch(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> bool {
+        let k = key(server, disk, *hash);
+        !self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.contains_key(&k)
+            && !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&k)
+    }
+
+    /// Announces a download of a chunk that is neither here nor being downloaded; `None`
+    /// otherwise. The download inserts the chunk, then drops what this returns.
+    pub fn begin_fetch(&self, server: &ServerRef, disk: &str, hash: ChunkHash) -> Option<Fetching> {
+        let k = key(server, disk, hash);
+        if self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.contains_key(&k) {
+            return None;
+        }
+        let mut f = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if f.contains_key(&k) {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        f.insert(k.clone(), rx);
+        Some(Fetching { key: k, fetching: self.fetching.clone(), done: tx })
+    }
+
+    /// Waits for a download of this chunk announced with [`Self::begin_fetch`], if one is
+    /// in progress; returns why it failed if it said so ([`Fetching::fail`]).
+    pub async fn wait_fetch(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> Option<String> {
+        let rx = self.fetching.lock().unwrap_or_else(|p| p.into_inner()).get(&key(server, disk, *hash)).cloned();
+        let mut rx = rx?;
+        // Ends when the download's `Fetching` is dropped (its sender goes with it).
+        while rx.changed().await.is_ok() {}
+        rx.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_session_waits_for_a_base_being_fetched_instead_of_fetching_it_again() {
+        let recent = Arc::new(RecentChunks::new(1 << 20));
+        let server = ServerRef::new("ns", "s").unwrap();
+        let h = ChunkHash::of(b"base");
+        let fetching = recent.begin_fetch(&server, "sda", h).expect("nobody fetches it yet");
+        assert!(recent.begin_fetch(&server, "sda", h).is_none(), "one download at a time");
+        let waiter = {
+            let (recent, server) = (recent.clone(), server.clone());
+            tokio::spawn(async move {
+                recent.wait_fetch(&server, "sda", &h).await;
+                recent.get(&server, "sda", &h)
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "it waits while the download runs");
+        recent.insert(&server, "sda", h, Bytes::from_static(b"base"));
+        drop(fetching);
+        assert_eq!(waiter.await.unwrap(), Some(Bytes::from_static(b"base")));
+        assert!(recent.begin_fetch(&server, "sda", h).is_none(), "it is here now");
+        assert_eq!(recent.wait_fetch(&server, "sda", &h).await, None);
+
+        // A download that fails says why to those waiting.
+        let other = ChunkHash::of(b"other");
+        let fetching = recent.begin_fetch(&server, "sda", other).unwrap();
+        let waiter = {
+            let (recent, server) = (recent.clone(), server.clone());
+            tokio::spawn(async move { recent.wait_fetch(&server, "sda", &other).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        fetching.fail("the store is down".into());
+        assert_eq!(waiter.await.unwrap().as_deref(), Some("the store is down"));
+        assert!(recent.needs_fetch(&server, "sda", &other), "a failed download can be tried again");
     }
 }

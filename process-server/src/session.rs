@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Shared;
+use crate::ahead::Ahead;
 use crate::group::Member;
 use crate::state::{ServerState, apply};
 
@@ -167,20 +168,29 @@ where
     let (ack_tx, mut ack_rx) = mpsc::channel::<Result<u64, String>>(16);
     let syncer = tokio::spawn(sync_loop(state.clone(), appended_rx, ack_tx));
     // Frames are read by their own task: a read interrupted by an ack in the select!
-    // below would lose a half-read frame (reads are not cancel-safe; channels are). A
-    // full channel stops the reader, which stops reading the socket: backpressure. One
-    // slot keeps the reader a frame ahead; each more slot is a whole chunk in memory per
-    // agent (docs/process-servers.md, "Memory").
-    let (frame_tx, mut frames) = mpsc::channel(1);
-    let reader = tokio::spawn(async move {
-        loop {
-            let r = read_frame(&mut rd).await;
-            let end = !matches!(r, Ok(Some(_)));
-            if frame_tx.send(r).await.is_err() || end {
-                return;
+    // below would lose a half-read frame (reads are not cancel-safe; channels are). The
+    // reader stays at most a chunk's worth of frames ahead (one whole chunk, or many
+    // deltas, whose bases it starts downloading: `ahead.rs`); past that it stops reading
+    // the socket: backpressure (docs/process-servers.md, "Memory").
+    let (frame_tx, mut frames) = mpsc::unbounded_channel();
+    let reader = {
+        let (state, recent) = (state.clone(), shared.recent.clone());
+        // Two chunks: the one being handled and one queued, as with a channel of one frame.
+        let ahead = Ahead::new(state.chunk_size.saturating_mul(2));
+        tokio::spawn(async move {
+            loop {
+                let r = match read_frame(&mut rd).await {
+                    Ok(Some(f)) => Ok(Some(ahead.admit(&state, &recent, f).await)),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                let end = !matches!(r, Ok(Some(_)));
+                if frame_tx.send(r).is_err() || end {
+                    return;
+                }
             }
-        }
-    });
+        })
+    };
     let mut last_seq = 0u64;
     let outcome: Result<(), Refuse> = loop {
         tokio::select! {
@@ -222,13 +232,13 @@ where
                 }
             },
             frame = frames.recv() => {
-                let frame = match frame {
-                    Some(Ok(Some(f))) => f,
+                let queued = match frame {
+                    Some(Ok(Some(q))) => q,
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(WireError::Truncated)) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
                     Some(Err(e)) => break Err(refuse("ProtocolError", e.to_string())),
                 };
-                match receive(shared, &state, member.as_ref(), &frame, &mut last_seq).await {
+                match receive(shared, &state, member.as_ref(), &queued.frame, &mut last_seq).await {
                     Ok(()) => { let _ = appended_tx.send(last_seq); }
                     Err(r) => break Err(r),
                 }
@@ -499,7 +509,17 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
         None => Bytes::from(vec![0u8; len as usize]),
         Some(h) => match shared.recent.get(&state.server, &d.disk, &h) {
             Some(b) => b,
-            None => fetch_base(state, &d.disk, d.index, &h, len as usize).await?,
+            None => {
+                // Being read ahead: wait for that rather than download it a second time.
+                if let Some(why) = shared.recent.wait_fetch(&state.server, &d.disk, &h).await {
+                    let why = format!("base chunk of disk {}: {why}; send the chunk whole", d.disk);
+                    return Err(refuse("BaseUnavailable", why));
+                }
+                match shared.recent.get(&state.server, &d.disk, &h) {
+                    Some(b) => b,
+                    None => fetch_base(state, &d.disk, d.index, &h, len as usize).await?,
+                }
+            }
         },
     };
     let claimed = ChunkHash::from_hex(&d.hash).expect("checked by from_frame");
@@ -529,7 +549,7 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
 /// a store that does not answer for up to a minute, and the session (every ack of this
 /// agent) waits meanwhile; refusing sooner costs only the whole chunk, which the agent
 /// then sends.
-const BASE_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BASE_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A base chunk that is no longer in memory: from the store (as a whole chunk or the
 /// chain of patches the uploader stored it as), waiting a while for the uploader if it

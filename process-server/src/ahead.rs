@@ -1,0 +1,91 @@
+//! What a session reads ahead of the frame it is handling: frames up to a byte budget
+//! (a whole chunk or two, or many small deltas), and for each queued delta whose base is
+//! not in memory, that base from the store. Deltas are checked against their base one
+//! after the other, in order; without this every base that is not among the recent
+//! chunks was a store round trip in series (most of an incremental's time on the process
+//! server once chunks are many times the recent-chunk budget).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use siterecovery_store::{BackendError, ChunkHash, StoreError};
+use siterecovery_wire::{Frame, Message};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::recent::RecentChunks;
+use crate::state::ServerState;
+
+/// Bases of queued deltas downloaded at once, per session. They go into the recent
+/// chunks; a queued delta holds its slot until it is handled, so at most this many
+/// bases wait there for their delta.
+pub const BASES_AHEAD: usize = 8;
+
+/// The read-ahead of one session.
+#[derive(Debug)]
+pub struct Ahead {
+    bytes: Arc<Semaphore>,
+    budget: u32,
+    slots: Arc<Semaphore>,
+}
+
+/// A frame read ahead; what it holds of the budget is given back when it is dropped.
+#[derive(Debug)]
+pub struct Queued {
+    /// The frame.
+    pub frame: Frame,
+    _bytes: OwnedSemaphorePermit,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Ahead {
+    /// Frames of up to `budget` bytes together may be queued or being handled (each frame
+    /// counts at most the whole budget, so a large one is never refused).
+    pub fn new(budget: u32) -> Self {
+        let budget = budget.max(1);
+        Self { bytes: Arc::new(Semaphore::new(budget as usize)), budget, slots: Arc::new(Semaphore::new(BASES_AHEAD)) }
+    }
+
+    /// Waits until `frame` fits in the budget, and starts downloading its base if it is a
+    /// delta whose base is neither in `recent` nor being downloaded.
+    pub async fn admit(&self, state: &Arc<ServerState>, recent: &Arc<RecentChunks>, frame: Frame) -> Queued {
+        let cost = (frame.encoded_len() as u64).clamp(1, u64::from(self.budget)) as u32;
+        let bytes = self.bytes.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed");
+        let slot = self.fetch_base(state, recent, &frame).await;
+        Queued { frame, _bytes: bytes, _slot: slot }
+    }
+
+    /// For a delta whose base must come from the store: waits for a slot (one of the
+    /// [`BASES_AHEAD`] queued deltas before it is handled), then starts the download.
+    async fn fetch_base(
+        &self,
+        state: &Arc<ServerState>,
+        recent: &Arc<RecentChunks>,
+        frame: &Frame,
+    ) -> Option<OwnedSemaphorePermit> {
+        let Ok(Message::Delta(d, _)) = Message::from_frame(frame) else { return None };
+        let base = ChunkHash::from_hex(d.base.as_deref()?)?;
+        if !recent.needs_fetch(&state.server, &d.disk, &base) {
+            return None;
+        }
+        // The slot first: a download announced but waiting for a slot would hold up the
+        // session, which waits for announced downloads and frees slots.
+        let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let fetching = recent.begin_fetch(&state.server, &d.disk, base)?;
+        let (state, recent) = (state.clone(), recent.clone());
+        tokio::spawn(async move {
+            // Where the uploader has the base, or whole; not uploaded yet is a miss here,
+            // which the session handles as without read-ahead (it waits for the uploader).
+            let stored = state.stored_as(&d.disk, d.index, base);
+            let get = state.target.store.fetch_chunk(&state.server, &d.disk, &stored, d.len as usize);
+            let timeout = crate::session::BASE_FETCH_TIMEOUT;
+            match tokio::time::timeout(timeout, get).await {
+                Ok(Ok((plain, _))) => recent.insert(&state.server, &d.disk, base, Bytes::from(plain)),
+                // Not uploaded yet: the session waits for the uploader itself.
+                Ok(Err(StoreError::Backend(BackendError::NotFound { .. }))) => {}
+                Ok(Err(e)) => fetching.fail(e.to_string()),
+                Err(_) => fetching.fail(format!("the store did not answer within {timeout:?}")),
+            }
+        });
+        Some(slot)
+    }
+}
