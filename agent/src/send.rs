@@ -280,3 +280,82 @@ fn pack(bytes: Vec<u8>, level: i32) -> (Encoding, bytes::Bytes) {
     }
     (Encoding::Raw, bytes::Bytes::from(bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::BLOCK;
+
+    const LEN: u32 = 8 * BLOCK as u32;
+
+    fn chunk(seed: u8) -> Vec<u8> {
+        (0..LEN as usize).map(|i| (i as u8).wrapping_mul(seed) | 1).collect()
+    }
+
+    fn whole(data: Vec<u8>) -> Found {
+        let blocks = Blocks::of(&data);
+        let slot = blocks.slot(u64::from(LEN), Some(&data)).unwrap();
+        Found { index: 3, slot, blocks, bytes_read: u64::from(LEN), body: Body::Whole { data, packed: None } }
+    }
+
+    fn ranges(m: &Message) -> Option<(Option<String>, Vec<[u32; 2]>)> {
+        match m {
+            Message::Delta(d, _) => Some((d.base.clone(), d.ranges.clone())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_chunk_read_whole_goes_as_a_delta_against_the_blocks_last_read() {
+        let old = chunk(3);
+        let before = whole(old.clone());
+        let Slot::Data(old_hash) = before.slot else { panic!("data") };
+        let mut new = old.clone();
+        new[2 * BLOCK + 7] ^= 1;
+        new[3 * BLOCK] ^= 1;
+        let (m, payload) =
+            message(1, "d", LEN, before.slot, whole(new.clone()), Some((before.slot, before.blocks.clone())), 0)
+                .unwrap();
+        assert_eq!(ranges(&m), Some((Some(old_hash.to_hex()), vec![[2 * BLOCK as u32, 2 * BLOCK as u32]])));
+        assert_eq!(payload, 2 * BLOCK as u64);
+        // Without the blocks last read (not cached), or against another base: whole.
+        let (m, payload) = message(1, "d", LEN, before.slot, whole(new.clone()), None, 0).unwrap();
+        assert!(matches!(m, Message::Chunk(..)) && payload == u64::from(LEN));
+        let other = whole(chunk(5));
+        let (m, _) = message(1, "d", LEN, other.slot, whole(new), Some((before.slot, before.blocks)), 0).unwrap();
+        assert!(matches!(m, Message::Chunk(..)));
+        // More than half changed: whole.
+        let before = whole(old.clone());
+        let mut most = old;
+        most[..5 * BLOCK].fill(9);
+        let (m, _) = message(1, "d", LEN, before.slot, whole(most), Some((before.slot, before.blocks)), 0).unwrap();
+        assert!(matches!(m, Message::Chunk(..)));
+    }
+
+    #[test]
+    fn a_zero_chunk_is_the_base_of_its_non_zero_blocks_and_a_chunk_read_by_blocks_keeps_its_ranges() {
+        let mut data = vec![0u8; LEN as usize];
+        data[5 * BLOCK..6 * BLOCK].fill(4);
+        let (m, _) = message(1, "d", LEN, Slot::Zero, whole(data.clone()), None, 0).unwrap();
+        assert_eq!(ranges(&m), Some((None, vec![[5 * BLOCK as u32, BLOCK as u32]])));
+
+        let found = whole(data);
+        let changed = Found {
+            body: Body::Changed { ranges: vec![[5 * BLOCK as u32, BLOCK as u32]], bytes: vec![4; BLOCK] },
+            ..found
+        };
+        let (m, payload) = message(1, "d", LEN, Slot::Zero, changed, None, 0).unwrap();
+        assert_eq!(ranges(&m), Some((None, vec![[5 * BLOCK as u32, BLOCK as u32]])));
+        assert_eq!(payload, BLOCK as u64);
+        // A chunk read by its blocks that became all zeros goes as a zero chunk.
+        let zero = Found {
+            index: 3,
+            slot: Slot::Zero,
+            blocks: Blocks::of(&vec![0; LEN as usize]),
+            bytes_read: BLOCK as u64,
+            body: Body::Changed { ranges: vec![[0, BLOCK as u32]], bytes: vec![0; BLOCK] },
+        };
+        let (m, payload) = message(1, "d", LEN, whole(chunk(3)).slot, zero, None, 0).unwrap();
+        assert!(matches!(&m, Message::Chunk(c, _) if c.hash.is_none()) && payload == 0);
+    }
+}
