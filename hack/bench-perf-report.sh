@@ -18,8 +18,10 @@ report() {
 
 # cpu-clock samples carry their period in nanoseconds of CPU.
 echo "== whole machine: CPU seconds by process (pid, command of its first sample)"
-perf script -i "$data" -F pid,comm,period 2>/dev/null |
-  awk '{ p = $1; c[p] += $NF; if (!(p in n)) n[p] = $2; t += $NF }
+names=$(perf script -i "$data" -F comm,pid 2>/dev/null | awk '!($NF in n) { n[$NF] = $1; print $NF, $1 }')
+perf script -i "$data" -F pid,period 2>/dev/null |
+  awk -v names="$names" 'BEGIN { k = split(names, a, "\n"); for (i = 1; i <= k; i++) { split(a[i], f, " "); n[f[1]] = f[2] } }
+       { c[$1] += $2; t += $2 }
        END { for (p in c) printf "%8.2f s  %6.1f %%  %s %s\n", c[p] / 1e9, 100 * c[p] / t, p, n[p]; printf "%8.2f s  total\n", t / 1e9 }' |
   sort -rn | head -15
 while read -r name pid; do
