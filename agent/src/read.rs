@@ -79,8 +79,17 @@ pub enum Body {
 }
 
 /// Reads chunk `index` of a disk of `size` bytes as `plan` says; `level` compresses a
-/// chunk read whole (0: not).
-pub fn read(disk: &Disk, index: u64, chunk_size: u32, size: u64, plan: Plan, level: i32) -> std::io::Result<Found> {
+/// chunk read whole (0: not) unless it is what the process server holds (`held`: it will
+/// not be sent, as in most of a resync or of the checksum tracker's settling pass).
+pub fn read(
+    disk: &Disk,
+    index: u64,
+    chunk_size: u32,
+    size: u64,
+    plan: Plan,
+    level: i32,
+    held: Slot,
+) -> std::io::Result<Found> {
     let len = (size.saturating_sub(index * u64::from(chunk_size))).min(u64::from(chunk_size));
     if let Plan::Blocks { which, before } = plan
         && let Some(found) = read_blocks(disk, index, chunk_size, size, len, &which, before)?
@@ -89,7 +98,7 @@ pub fn read(disk: &Disk, index: u64, chunk_size: u32, size: u64, plan: Plan, lev
     }
     let chunk = disk.read_chunk(index, chunk_size, size)?;
     let packed = match chunk.slot {
-        Slot::Data(_) if level > 0 => {
+        Slot::Data(_) if level > 0 && chunk.slot != held => {
             zstd::bulk::compress(&chunk.data, level).ok().filter(|z| z.len() < chunk.data.len())
         }
         _ => None,

@@ -58,7 +58,7 @@ fn only_dirty_blocks_are_read_and_the_hash_is_that_of_the_chunk() {
     let size = 2 * u64::from(CHUNK) + 3 * B + 100;
     let (file, disk) = disk(tmp.path(), size);
     for (index, len, dirty) in [(1, u64::from(CHUNK), vec![3u32, 4, 7, 9]), (2, 3 * B + 100, vec![0, 3])] {
-        let first = read(&disk, index, CHUNK, size, Plan::Whole, 0).unwrap();
+        let first = read(&disk, index, CHUNK, size, Plan::Whole, 0, Slot::Missing).unwrap();
         let old = chunk_bytes(&file, index, len);
         assert_eq!(first.slot, Slot::Data(ChunkHash::of(&old)));
         assert_eq!(first.bytes_read, len);
@@ -71,7 +71,7 @@ fn only_dirty_blocks_are_read_and_the_hash_is_that_of_the_chunk() {
         let new = chunk_bytes(&file, index, len);
         let plan = Plan::for_chunk(&some(&dirty), len, || Some(first.blocks.clone()));
         assert!(matches!(plan, Plan::Blocks { .. }), "{plan:?}");
-        let found = read(&disk, index, CHUNK, size, plan, 0).unwrap();
+        let found = read(&disk, index, CHUNK, size, plan, 0, Slot::Missing).unwrap();
         assert_eq!(found.slot, Slot::Data(ChunkHash::of(&new)), "chunk {index}");
         assert_eq!(found.blocks, Blocks::of(&new));
         let dirty_bytes: u64 = dirty.iter().map(|&b| block_len(b, len)).sum();
@@ -92,12 +92,12 @@ fn zero_chunks_gain_data_and_data_chunks_become_zero() {
     let size = 2 * u64::from(CHUNK);
     file.set_len(size).unwrap();
     let disk = Disk::open("d", &path).unwrap();
-    let first = read(&disk, 1, CHUNK, size, Plan::Whole, 0).unwrap();
+    let first = read(&disk, 1, CHUNK, size, Plan::Whole, 0, Slot::Missing).unwrap();
     assert_eq!(first.slot, Slot::Zero);
 
     file.write_all_at(&pattern(B as usize, 5), u64::from(CHUNK) + 2 * B).unwrap();
     let plan = Plan::for_chunk(&some(&[2]), u64::from(CHUNK), || Some(first.blocks.clone()));
-    let found = read(&disk, 1, CHUNK, size, plan, 0).unwrap();
+    let found = read(&disk, 1, CHUNK, size, plan, 0, Slot::Missing).unwrap();
     let new = chunk_bytes(&file, 1, u64::from(CHUNK));
     assert_eq!(found.slot, Slot::Data(ChunkHash::of(&new)));
     assert_eq!(found.bytes_read, B);
@@ -106,7 +106,7 @@ fn zero_chunks_gain_data_and_data_chunks_become_zero() {
 
     file.write_all_at(&vec![0; B as usize], u64::from(CHUNK) + 2 * B).unwrap();
     let plan = Plan::for_chunk(&some(&[2]), u64::from(CHUNK), || Some(found.blocks.clone()));
-    let again = read(&disk, 1, CHUNK, size, plan, 0).unwrap();
+    let again = read(&disk, 1, CHUNK, size, plan, 0, Slot::Missing).unwrap();
     assert_eq!(again.slot, Slot::Zero);
     assert_eq!(again.blocks, first.blocks);
 }
@@ -134,4 +134,19 @@ fn ranges_merge_adjacent_blocks_and_end_with_the_chunk() {
     assert_eq!(ranges([0, 1, 3], 4 * B as u32), vec![[0, 2 * B as u32], [3 * B as u32, B as u32]]);
     assert_eq!(ranges([2], 2 * B as u32 + 10), vec![[2 * B as u32, 10]]);
     assert_eq!(changed_ranges(&[1, 2, 3], &[1, 5, 3], 3 * B as u32), vec![[B as u32, B as u32]]);
+}
+
+#[test]
+fn a_chunk_read_whole_is_compressed_only_when_it_will_be_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("disk.img");
+    let size = u64::from(CHUNK);
+    std::fs::write(&path, vec![7u8; size as usize]).unwrap();
+    let disk = Disk::open("d", &path).unwrap();
+    let first = read(&disk, 0, CHUNK, size, Plan::Whole, 3, Slot::Missing).unwrap();
+    let Body::Whole { packed, .. } = &first.body else { panic!("read whole") };
+    assert!(packed.is_some(), "the process server lacks it: compressed to be sent");
+    let again = read(&disk, 0, CHUNK, size, Plan::Whole, 3, first.slot).unwrap();
+    let Body::Whole { packed, .. } = &again.body else { panic!("read whole") };
+    assert!(packed.is_none(), "the process server holds it: nothing to send, nothing to compress");
 }

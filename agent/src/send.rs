@@ -120,17 +120,19 @@ impl Agent {
             };
             // Planned a batch at a time: a plan holds a copy of the chunk's cached blocks.
             for batch in dirty.chunks(PLAN_BATCH) {
-                let plans: Vec<(u64, Plan)> = batch
+                let plans: Vec<(u64, Plan, Slot)> = batch
                     .iter()
                     .map(|&(i, blocks)| {
                         let held = wire.sent[d][i as usize];
-                        (i, Plan::for_chunk(blocks, len_of(i), || self.cache.blocks_if((d, i), len_of(i), held)))
+                        (i, Plan::for_chunk(blocks, len_of(i), || self.cache.blocks_if((d, i), len_of(i), held)), held)
                     })
                     .collect();
                 let mut reads = futures::stream::iter(plans)
-                    .map(|(index, plan)| {
+                    .map(|(index, plan, held)| {
                         let disk = disk.clone();
-                        tokio::task::spawn_blocking(move || read::read(&disk, index, chunk_size, size, plan, level))
+                        tokio::task::spawn_blocking(move || {
+                            read::read(&disk, index, chunk_size, size, plan, level, held)
+                        })
                     })
                     .buffered(2);
                 while let Some(r) = reads.next().await {
