@@ -16,7 +16,7 @@ use siterecovery_wire::Slot;
 use crate::tree::{self, Blocks};
 
 /// Default bound of the cache: 32 bytes of CV and one of zero flag per 64 KiB, so 64 MiB
-/// covers about 120 GiB of chunks read.
+/// (with ~200 bytes per chunk) covers about 110 GiB of 4 MiB chunks read.
 pub const DEFAULT_LIMIT: usize = 64 << 20;
 
 /// Bytes an entry costs besides its blocks: about 140 in the map (key, length, slot,

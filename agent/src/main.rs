@@ -44,8 +44,8 @@ struct RunArgs {
     #[arg(long, env = "SR_LOG_JSON")]
     log_json: bool,
     /// Memory for the 64 KiB block hashes of chunks read, in MiB (33 bytes per 64 KiB:
-    /// 64 MiB covers about 120 GiB): a changed chunk held there is read by its dirty
-    /// blocks alone, others whole; 0 reads every changed chunk whole.
+    /// 64 MiB covers about 110 GiB of 4 MiB chunks): a changed chunk held there is read by
+    /// its dirty blocks alone, others whole; 0 reads every changed chunk whole.
     #[arg(long, env = "SR_AGENT_BLOCK_CACHE_MIB", default_value_t = 64)]
     block_cache_mib: usize,
 }
