@@ -9,8 +9,8 @@
 
 use std::io::Read;
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 
 use crate::error::{Result, StoreError};
 use crate::keys::Keyring;
@@ -52,8 +52,10 @@ impl Codec {
     /// Encrypts `compressed`, one zstd frame the caller has already checked decompresses
     /// to the object's plaintext, under the active key for storage at `object`.
     pub fn seal_compressed(&self, object: &str, compressed: &[u8]) -> Result<Vec<u8>> {
+        let failed = || StoreError::Task(format!("encryption of {object} failed"));
         let (key_id, key) = self.keyring.active();
-        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new().fill(&mut nonce).map_err(|_| failed())?;
         let mut out = Vec::with_capacity(6 + key_id.len() + NONCE_LEN + compressed.len() + TAG_LEN);
         out.extend_from_slice(MAGIC);
         out.push(ENVELOPE_VERSION);
@@ -61,12 +63,17 @@ impl Codec {
         out.push(key_id.len() as u8);
         out.extend_from_slice(key_id.as_bytes());
         out.extend_from_slice(&nonce);
+        let header = out.len();
         let aad = [out.as_slice(), object.as_bytes()].concat();
-        let cipher = Aes256Gcm::new((&key.0).into());
-        let sealed = cipher
-            .encrypt(&nonce, Payload { msg: compressed, aad: &aad })
-            .map_err(|_| StoreError::Task(format!("encryption of {object} failed")))?;
-        out.extend_from_slice(&sealed);
+        out.extend_from_slice(compressed);
+        // Encrypted in place (AES-256-GCM of aws-lc, as the TLS of the same bytes).
+        let tag = cipher(&key.0)
+            .and_then(|c| {
+                c.seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut out[header..])
+                    .ok()
+            })
+            .ok_or_else(failed)?;
+        out.extend_from_slice(tag.as_ref());
         Ok(out)
     }
 
@@ -78,17 +85,18 @@ impl Codec {
             .get(header.key_id)
             .ok_or_else(|| StoreError::UnknownKey { object: object.to_string(), key_id: header.key_id.to_string() })?;
         let aad = [&sealed[..header.len], object.as_bytes()].concat();
-        let cipher = Aes256Gcm::new((&key.0).into());
-        let compressed = cipher
-            .decrypt(Nonce::from_slice(header.nonce), Payload { msg: &sealed[header.len..], aad: &aad })
-            .map_err(|_| {
+        let mut body = sealed[header.len..].to_vec();
+        let nonce = <[u8; NONCE_LEN]>::try_from(header.nonce).map_err(|_| StoreError::corrupt(object, "truncated"))?;
+        let compressed = cipher(&key.0)
+            .and_then(|c| c.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut body).ok())
+            .ok_or_else(|| {
                 StoreError::corrupt(
                     object,
                     format!("authentication failed (tampered or damaged object, or wrong key {:?})", header.key_id),
                 )
             })?;
         let mut plain = Vec::new();
-        zstd::stream::read::Decoder::new(compressed.as_slice())
+        zstd::stream::read::Decoder::new(&compressed[..])
             .and_then(|d| d.take(MAX_PLAINTEXT + 1).read_to_end(&mut plain))
             .map_err(|e| StoreError::corrupt(object, format!("zstd: {e}")))?;
         if plain.len() as u64 > MAX_PLAINTEXT {
@@ -96,6 +104,11 @@ impl Codec {
         }
         Ok(plain)
     }
+}
+
+/// AES-256-GCM with a 32-byte key (`None` never happens for a key of that length).
+fn cipher(key: &[u8; 32]) -> Option<LessSafeKey> {
+    UnboundKey::new(&AES_256_GCM, key).ok().map(LessSafeKey::new)
 }
 
 struct Header<'a> {
