@@ -30,6 +30,11 @@ pub struct Disk {
 /// Memory alignment of direct reads (a multiple of every logical block size).
 const DIRECT_ALIGN: usize = 4096;
 
+thread_local! {
+    /// Each reading thread's buffer for direct reads (a chunk plus the alignment slack).
+    static DIRECT_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Size of the blocks deltas are made of.
 pub const DELTA_BLOCK: usize = crate::tree::BLOCK;
 
@@ -60,23 +65,34 @@ impl Disk {
         Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct })
     }
 
-    /// Reads `buf.len()` bytes at `offset` (fewer at the end of the disk).
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        let Some(direct) = &self.direct else { return read_full(&self.file, buf, offset) };
-        // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
-        // (chunks are, and so is a device's size).
-        let mut raw = vec![0u8; buf.len() + DIRECT_ALIGN];
-        let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-        let aligned = &mut raw[skip..skip + buf.len()];
-        match read_full(direct, aligned, offset) {
-            Ok(n) => {
-                buf[..n].copy_from_slice(&aligned[..n]);
-                Ok(n)
+    /// Reads `len` bytes at `offset`; zeros past the end of the disk.
+    fn read_vec(&self, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+        if let Some(direct) = &self.direct {
+            // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
+            // (chunks are, and so is a device's size). Each reading thread keeps one, so a
+            // chunk costs one copy, not two fresh zeroed allocations.
+            let read = DIRECT_SCRATCH.with_borrow_mut(|raw| {
+                if raw.len() < len + DIRECT_ALIGN {
+                    *raw = vec![0u8; len + DIRECT_ALIGN];
+                }
+                let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+                let aligned = &mut raw[skip..skip + len];
+                read_full(direct, aligned, offset).map(|n| {
+                    let mut data = Vec::with_capacity(len);
+                    data.extend_from_slice(&aligned[..n]);
+                    data.resize(len, 0);
+                    data
+                })
+            });
+            match read {
+                // A device that refuses this alignment: the page cache is better than nothing.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
+                r => return r,
             }
-            // A device that refuses this alignment: the page cache is better than nothing.
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => read_full(&self.file, buf, offset),
-            Err(e) => Err(e),
         }
+        let mut data = vec![0u8; len];
+        read_full(&self.file, &mut data, offset)?;
+        Ok(data)
     }
 
     /// Current size (seeking to the end works for block devices too).
@@ -100,10 +116,9 @@ impl Disk {
         let cs = u64::from(chunk_size);
         let offset = index * cs;
         let len = (size.saturating_sub(offset)).min(cs) as usize;
-        let mut data = vec![0u8; len];
         // Short when the disk shrank under us: the rest reads as zeros; the next pass
         // notices the new size.
-        self.read_at(&mut data, offset)?;
+        let mut data = self.read_vec(len, offset)?;
         let blocks = Blocks::of(&data);
         let slot = blocks.slot(len as u64, Some(&data)).expect("the bytes are given");
         if slot == Slot::Zero {
@@ -131,8 +146,7 @@ impl Disk {
             let run = rest.iter().zip(first..).take_while(|(b, i)| **b == *i).count();
             let offset = start + u64::from(first) * block;
             let len = (end.saturating_sub(offset)).min(run as u64 * block) as usize;
-            let mut buf = vec![0u8; len];
-            self.read_at(&mut buf, offset)?;
+            let buf = self.read_vec(len, offset)?;
             out.extend((first..).zip(buf.chunks(DELTA_BLOCK).map(<[u8]>::to_vec)));
             rest = &rest[run..];
         }
