@@ -1,57 +1,12 @@
-//! A chunk's blake3 hash from the chaining values (CVs) of its 64 KiB blocks, so that a
-//! chunk of which a few blocks changed is hashed by reading only those blocks
-//! (docs/replication-protocol.md "A session").
-//!
-//! The result is exactly `blake3::hash(chunk)`: blake3 hashes its input as a left-balanced
-//! binary tree over 1 KiB chunks, in which every 64 KiB block that starts at a multiple
-//! of 64 KiB is a complete subtree (64 is a power of two). The root follows from the
-//! blocks' CVs by merging them along the same splits `blake3::hash` makes
-//! ([`left_subtree_len`]), which always fall on block boundaries once an input is longer
-//! than one block.
+//! What the agent knows of a chunk it read: per 64 KiB block its chaining value (CV) and
+//! whether it is all zeros, from which the chunk's hash follows
+//! (`siterecovery_store::tree`), so a chunk of which a few blocks changed is hashed by
+//! reading only those blocks (docs/replication-protocol.md "A session").
 
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::ChainingValue;
 use siterecovery_store::ChunkHash;
+pub use siterecovery_store::tree::{BLOCK, block_cv, chunk_hash};
 use siterecovery_wire::Slot;
-
-/// Size of the blocks whose CVs are kept (the delta block).
-pub const BLOCK: usize = 64 * 1024;
-
-/// The CV of block `index` of a chunk, `data` being its bytes (a whole block, or fewer
-/// for the last block of a chunk; never empty).
-pub fn block_cv(data: &[u8], index: usize) -> ChainingValue {
-    let mut hasher = blake3::Hasher::new();
-    hasher.set_input_offset((index * BLOCK) as u64);
-    hasher.update(data);
-    hasher.finalize_non_root()
-}
-
-/// The blake3 hash of a chunk of `len` bytes from the CVs of its blocks; `None` unless
-/// there is one CV per block and more than one block (a chunk of one block is the root
-/// itself: hash its bytes).
-pub fn chunk_hash(cvs: &[ChainingValue], len: u64) -> Option<ChunkHash> {
-    if len <= BLOCK as u64 || cvs.len() as u64 != len.div_ceil(BLOCK as u64) {
-        return None;
-    }
-    let (left, right, split) = halves(cvs, len);
-    let root = merge_subtrees_root(&subtree(left, split), &subtree(right, len - split), Mode::Hash);
-    Some(ChunkHash(*root.as_bytes()))
-}
-
-/// The CV of the subtree over `cvs`, `len` bytes long.
-fn subtree(cvs: &[ChainingValue], len: u64) -> ChainingValue {
-    if cvs.len() == 1 {
-        return cvs[0];
-    }
-    let (left, right, split) = halves(cvs, len);
-    merge_subtrees_non_root(&subtree(left, split), &subtree(right, len - split), Mode::Hash)
-}
-
-/// Splits a subtree of `len` bytes (more than one block) where blake3 does.
-fn halves(cvs: &[ChainingValue], len: u64) -> (&[ChainingValue], &[ChainingValue], u64) {
-    let split = left_subtree_len(len);
-    let (left, right) = cvs.split_at((split / BLOCK as u64) as usize);
-    (left, right, split)
-}
 
 /// What a read of a whole chunk tells: per block its CV and whether it is all zeros, and
 /// what the chunk is (zero, or data with its blake3 hash).

@@ -28,6 +28,7 @@ mod page_blob;
 mod patch;
 mod restore;
 mod store;
+pub mod tree;
 pub mod vhd;
 
 pub use backend::{AccountSas, AzureBlobBackend, BackendError, BlobBackend, LocalBackend, SECRET_SAS_TOKEN, sas_token};
