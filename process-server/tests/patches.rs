@@ -295,9 +295,9 @@ async fn measure_an_incremental_of_one_percent_scattered_writes() {
          {whole_of_touched} bytes\nend of writes -> point in the store: {took:?}; chains in the point: {chains}",
         touched.len(),
         point.disks[0].chunks.len(),
-        s.deltas_sent - before.deltas_sent,
-        s.bytes_sent - before.bytes_sent,
-        s.payload_bytes - before.payload_bytes,
+        s.deltas_sent.saturating_sub(before.deltas_sent),
+        s.bytes_sent.saturating_sub(before.bytes_sent),
+        s.payload_bytes.saturating_sub(before.payload_bytes),
         uploaded().await - up_before,
         whole_after - whole_before,
     );
