@@ -1,4 +1,6 @@
-//! Recently received chunk contents, the bases deltas apply to. One budget for the
+//! Recently received chunk contents, the bases deltas apply to, and the chaining values of
+//! the 64 KiB blocks of many more chunks, from which a delta is checked without its base
+//! (`siterecovery_store::tree`; 2 KiB for a 4 MiB chunk). Each has one budget for the
 //! whole process server; the oldest entries go first. A miss costs a download from the
 //! store, never correctness. Downloads of bases ahead of their deltas (`ahead.rs`) are
 //! announced here, so a session that needs one waits for it instead of fetching it twice.
@@ -6,16 +8,24 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use siterecovery_store::{ChunkHash, ServerRef};
 
 type Key = (String, String, String, ChunkHash);
 
+/// Memory for block chaining values: about 30,000 chunks, 110 GiB of 4 MiB chunks.
+pub const BLOCK_CV_BYTES: u64 = 64 << 20;
+
+/// Per-entry bookkeeping counted against a budget besides the value (key, order, map).
+const ENTRY_OVERHEAD: u64 = 160;
+
 /// Chunk plaintexts by server, disk and hash, within a byte budget.
 #[derive(Debug)]
 pub struct RecentChunks {
     budget: u64,
-    inner: Mutex<Inner>,
+    inner: Mutex<Lru<Bytes>>,
+    cvs: Mutex<Lru<Arc<[ChainingValue]>>>,
     fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<Option<String>>>>>,
 }
 
@@ -41,11 +51,41 @@ impl Drop for Fetching {
     }
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    map: HashMap<Key, Bytes>,
+/// Values by key within a byte budget, the oldest out first.
+#[derive(Debug)]
+struct Lru<V> {
+    map: HashMap<Key, (V, u64)>,
     order: VecDeque<Key>,
     bytes: u64,
+}
+
+impl<V> Default for Lru<V> {
+    fn default() -> Self {
+        Self { map: HashMap::new(), order: VecDeque::new(), bytes: 0 }
+    }
+}
+
+impl<V: Clone> Lru<V> {
+    /// Keeps `value`, which costs `n` bytes, dropping the oldest entries to stay within
+    /// `budget`.
+    fn insert(&mut self, k: Key, value: V, n: u64, budget: u64) {
+        if n > budget || self.map.contains_key(&k) {
+            return;
+        }
+        while self.bytes + n > budget {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some((_, m)) = self.map.remove(&old) {
+                self.bytes -= m;
+            }
+        }
+        self.bytes += n;
+        self.order.push_back(k.clone());
+        self.map.insert(k, (value, n));
+    }
+
+    fn get(&self, k: &Key) -> Option<V> {
+        self.map.get(k).map(|(v, _)| v.clone())
+    }
 }
 
 fn key(server: &ServerRef, disk: &str, hash: ChunkHash) -> Key {
@@ -55,41 +95,39 @@ fn key(server: &ServerRef, disk: &str, hash: ChunkHash) -> Key {
 impl RecentChunks {
     /// A cache of at most `budget` bytes.
     pub fn new(budget: u64) -> Self {
-        Self { budget, inner: Mutex::default(), fetching: Arc::default() }
+        Self { budget, inner: Mutex::default(), cvs: Mutex::default(), fetching: Arc::default() }
     }
 
     /// Remembers a chunk.
     pub fn insert(&self, server: &ServerRef, disk: &str, hash: ChunkHash, plain: Bytes) {
         let n = plain.len() as u64;
-        if n > self.budget {
-            return;
-        }
-        let k = key(server, disk, hash);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.map.contains_key(&k) {
-            return;
-        }
-        while g.bytes + n > self.budget {
-            let Some(old) = g.order.pop_front() else { break };
-            if let Some(b) = g.map.remove(&old) {
-                g.bytes -= b.len() as u64;
-            }
-        }
-        g.bytes += n;
-        g.order.push_back(k.clone());
-        g.map.insert(k, plain);
+        g.insert(key(server, disk, hash), plain, n, self.budget);
     }
 
     /// A chunk, if it is still here.
     pub fn get(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> Option<Bytes> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.map.get(&key(server, disk, *hash)).cloned()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(&key(server, disk, *hash))
     }
 
-    /// Whether a chunk is neither here nor being downloaded.
+    /// Remembers the block chaining values of a chunk.
+    pub fn insert_cvs(&self, server: &ServerRef, disk: &str, hash: ChunkHash, cvs: Arc<[ChainingValue]>) {
+        let n = cvs.len() as u64 * 32 + ENTRY_OVERHEAD;
+        let mut g = self.cvs.lock().unwrap_or_else(|p| p.into_inner());
+        g.insert(key(server, disk, hash), cvs, n, BLOCK_CV_BYTES);
+    }
+
+    /// The block chaining values of a chunk, if they are still here.
+    pub fn cvs(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> Option<Arc<[ChainingValue]>> {
+        self.cvs.lock().unwrap_or_else(|p| p.into_inner()).get(&key(server, disk, *hash))
+    }
+
+    /// Whether a delta's base must be downloaded: neither it nor its block chaining values
+    /// are here, and nobody downloads it yet.
     pub fn needs_fetch(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> bool {
         let k = key(server, disk, *hash);
-        !self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.contains_key(&k)
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(&k).is_none()
+            && self.cvs.lock().unwrap_or_else(|p| p.into_inner()).get(&k).is_none()
             && !self.fetching.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&k)
     }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use siterecovery_store::{ChunkHash, ServerRef};
+use blake3::hazmat::ChainingValue;
+use siterecovery_store::{ChunkHash, ServerRef, tree};
 use siterecovery_wire::tls::agent_from_certificate;
 use siterecovery_wire::{
     Ack, ChunkData, ChunkDelta, Encoding, FEATURE_GROUP_POINTS, FEATURE_SETTINGS, Frame, Hello, Message,
@@ -339,9 +340,10 @@ async fn receive(
             rebuild(shared, state, d, body).await?;
         }
         Message::Chunk(c, body) => {
-            if let Some(plain) = check_chunk(state, c, body).await? {
+            if let Some((plain, cvs)) = check_chunk(state, c, body).await? {
                 let hash = ChunkHash::from_hex(c.hash.as_deref().unwrap_or_default()).expect("checked");
                 shared.recent.insert(&state.server, &c.disk, hash, plain);
+                shared.recent.insert_cvs(&state.server, &c.disk, hash, cvs);
             }
         }
         Message::Point(p) => {
@@ -413,8 +415,13 @@ async fn journal(state: &Arc<ServerState>, frame: &Frame, m: &Message) -> Result
 }
 
 /// A chunk must name a known disk and slot, have that slot's length, and hash to what
-/// it claims: checked before anything is acknowledged.
-async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) -> Result<Option<Bytes>, Refuse> {
+/// it claims: checked before anything is acknowledged. Gives its plaintext and the chaining
+/// values of its blocks (computed by the same hashing).
+async fn check_chunk(
+    state: &ServerState,
+    c: &ChunkData,
+    body: &bytes::Bytes,
+) -> Result<Option<(Bytes, Arc<[ChainingValue]>)>, Refuse> {
     let expected = expected_len(state, &c.disk, c.index)?;
     if u64::from(c.len) != expected {
         return Err(refuse(
@@ -425,9 +432,10 @@ async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) ->
     let Some(claimed) = &c.hash else { return Ok(None) };
     let claimed = ChunkHash::from_hex(claimed).expect("checked by from_frame");
     let (body, encoding, len) = (body.clone(), c.encoding, c.len as usize);
-    let (actual, plain) = tokio::task::spawn_blocking(move || -> Result<(ChunkHash, Bytes), String> {
+    let (actual, plain, cvs) = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let plain = decode(&body, encoding, len)?;
-        Ok((ChunkHash::of(&plain), plain))
+        let (hash, cvs) = hash_blocks(&plain);
+        Ok((hash, plain, cvs))
     })
     .await
     .map_err(|e| refuse("ProtocolError", e.to_string()))?
@@ -438,7 +446,46 @@ async fn check_chunk(state: &ServerState, c: &ChunkData, body: &bytes::Bytes) ->
             format!("chunk {} of disk {} does not hash to what the agent claims", c.index, c.disk),
         ));
     }
-    Ok(Some(plain))
+    Ok(Some((plain, cvs)))
+}
+
+/// A chunk's hash and the chaining values of its blocks, hashing its bytes once.
+fn hash_blocks(plain: &[u8]) -> (ChunkHash, Arc<[ChainingValue]>) {
+    let cvs = tree::block_cvs(plain);
+    let hash = tree::chunk_hash(&cvs, plain.len() as u64).unwrap_or_else(|| ChunkHash::of(plain));
+    (hash, cvs.into())
+}
+
+/// Checks a delta from the chaining values of its base's blocks, without the base: the
+/// blocks its ranges cover are hashed, the others keep their values, and the chunk's hash
+/// follows (`siterecovery_store::tree`). `None` when it cannot be checked so: ranges not
+/// made of whole 64 KiB blocks, or a chunk of one block. Gives the hash the delta
+/// produces and the new values.
+fn check_by_blocks(
+    before: &[ChainingValue],
+    len: u64,
+    ranges: &[[u32; 2]],
+    bytes: &[u8],
+) -> Option<(ChunkHash, Arc<[ChainingValue]>)> {
+    let block = tree::BLOCK as u64;
+    let whole = |&[off, n]: &[u32; 2]| {
+        let (off, n) = (u64::from(off), u64::from(n));
+        off.is_multiple_of(block) && (n.is_multiple_of(block) || off + n == len) && n > 0
+    };
+    if len <= block || before.len() as u64 != len.div_ceil(block) || !ranges.iter().all(whole) {
+        return None;
+    }
+    let mut cvs = before.to_vec();
+    let mut at = 0usize;
+    for &[off, n] in ranges {
+        let data = bytes.get(at..at + n as usize)?;
+        for (i, b) in data.chunks(tree::BLOCK).enumerate() {
+            let index = off as usize / tree::BLOCK + i;
+            *cvs.get_mut(index)? = tree::block_cv(b, index);
+        }
+        at += n as usize;
+    }
+    Some((tree::chunk_hash(&cvs, len)?, cvs.into()))
 }
 
 /// `base` with `ranges` (checked to lie inside it) replaced by `bytes`, in order.
@@ -505,6 +552,30 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
             ));
         }
     };
+    let claimed = ChunkHash::from_hex(&d.hash).expect("checked by from_frame");
+    if let Some(before) = base.and_then(|h| shared.recent.cvs(&state.server, &d.disk, &h)) {
+        let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
+        let checked = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let bytes = decode(&body, encoding, covered)?;
+            Ok(check_by_blocks(&before, len, &ranges, &bytes))
+        })
+        .await
+        .map_err(|e| refuse("ProtocolError", e.to_string()))?
+        .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
+        if let Some((actual, cvs)) = checked {
+            if actual != claimed {
+                return Err(refuse(
+                    "ChecksumMismatch",
+                    format!(
+                        "delta of chunk {} of disk {} does not produce the chunk the agent claims",
+                        d.index, d.disk
+                    ),
+                ));
+            }
+            shared.recent.insert_cvs(&state.server, &d.disk, claimed, cvs);
+            return Ok(());
+        }
+    }
     let base_plain = match base {
         None => Bytes::from(vec![0u8; len as usize]),
         Some(h) => match shared.recent.get(&state.server, &d.disk, &h) {
@@ -522,7 +593,6 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
             }
         },
     };
-    let claimed = ChunkHash::from_hex(&d.hash).expect("checked by from_frame");
     let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
     let plain = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
         let bytes = decode(&body, encoding, covered)?;
@@ -532,7 +602,7 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
     .map_err(|e| refuse("ProtocolError", e.to_string()))?
     .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
     let p = plain.clone();
-    let actual = tokio::task::spawn_blocking(move || ChunkHash::of(&p))
+    let (actual, cvs) = tokio::task::spawn_blocking(move || hash_blocks(&p))
         .await
         .map_err(|e| refuse("ProtocolError", e.to_string()))?;
     if actual != claimed {
@@ -542,6 +612,7 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
         ));
     }
     shared.recent.insert(&state.server, &d.disk, claimed, plain);
+    shared.recent.insert_cvs(&state.server, &d.disk, claimed, cvs);
     Ok(())
 }
 
@@ -579,5 +650,49 @@ async fn fetch_base(
             Ok(Err(e)) => return Err(unavailable(e.to_string())),
             Err(_) => return Err(unavailable(format!("the store did not answer within {BASE_FETCH_TIMEOUT:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_delta_of_whole_blocks_is_checked_from_its_base_block_values() {
+        const B: usize = tree::BLOCK;
+        let len = 64 * B - 1000; // the last block is short
+        let base = bytes(len, 3);
+        let (_, before) = hash_blocks(&base);
+        let ranges = [[3 * B as u32, 2 * B as u32], [63 * B as u32, (len - 63 * B) as u32]];
+        let new = bytes(len, 4);
+        let changed: Vec<u8> = ranges.iter().flat_map(|&[o, n]| new[o as usize..(o + n) as usize].to_vec()).collect();
+        let expected = patched(&base, &ranges, &changed);
+
+        let (hash, cvs) = check_by_blocks(&before, len as u64, &ranges, &changed).expect("whole blocks");
+        assert_eq!(hash, ChunkHash::of(&expected));
+        assert_eq!(&*cvs, &*hash_blocks(&expected).1, "the values of the result, for the next delta");
+
+        let mut wrong = changed.clone();
+        wrong[5] ^= 1;
+        assert_ne!(check_by_blocks(&before, len as u64, &ranges, &wrong).unwrap().0, hash);
+        // Not whole blocks (the base's other bytes would be needed), or too few bytes.
+        assert!(check_by_blocks(&before, len as u64, &[[B as u32 + 512, 512]], &changed[..512]).is_none());
+        assert!(check_by_blocks(&before, len as u64, &[[0, B as u32 / 2]], &changed[..B / 2]).is_none());
+        assert!(check_by_blocks(&before, len as u64, &ranges, &changed[..B]).is_none());
+        // A chunk of one block is hashed whole.
+        let one = bytes(B, 5);
+        assert!(check_by_blocks(&hash_blocks(&one).1, B as u64, &[[0, B as u32]], &one).is_none());
     }
 }
