@@ -220,7 +220,8 @@ async fn a_process_server_that_lost_its_cache_continues_from_the_chains_of_the_l
 /// chunks, against the whole-chunk objects of the chunks touched) and how long from the
 /// end of the writes to the point in the store. The image is the benchmark's
 /// (`SR_MEASURE_IMAGE`, default `target/bench/dataplane-cache/base.img`, built by `make
-/// bench`), copied. Debug builds make the times indicative only.
+/// bench`), copied; the store is a local directory, or with `SR_MEASURE_AZURITE=1` an
+/// Azurite of its own. Debug builds make the times indicative only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: copies 2 GiB; run with --ignored --nocapture"]
 async fn measure_an_incremental_of_one_percent_scattered_writes() {
@@ -230,7 +231,19 @@ async fn measure_an_incremental_of_one_percent_scattered_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pki = Pki::new(dir);
-    let targets = local_targets(dir, &dir.join("store"), 4 << 20);
+    let mut targets = local_targets(dir, &dir.join("store"), 4 << 20);
+    // SR_MEASURE_AZURITE=1: the store is an Azurite of its own (network round trips).
+    let _azurite = match std::env::var_os("SR_MEASURE_AZURITE") {
+        Some(_) => {
+            let azurite = Azurite::start(&dir.join("azurite"), free_port()).await;
+            let sas = Azurite::sas();
+            let backend = siterecovery_store::AzureBlobBackend::with_sas(&azurite.endpoint(), "measure", &sas).unwrap();
+            backend.ensure_container().await.unwrap();
+            targets = azure_targets(&targets, &azurite.endpoint(), "measure", &sas);
+            Some(azurite)
+        }
+        None => None,
+    };
     let ps = start_ps(dir, &pki, &targets, 4 << 30).await;
     let store = store_of(&targets);
     let server = ServerRef::new("prod", "measure").unwrap();
