@@ -119,6 +119,7 @@ impl Bed {
             tls: TlsFiles::in_dir(&tls),
             metrics: None,
             recent_chunk_bytes: 64 << 20,
+            block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
         };
         let targets_file = Arc::new(StaticTargets::load(&dir.join("targets.json")).unwrap());
         let ps = siterecovery_process_server::start(config, targets_file).await.unwrap();

@@ -83,6 +83,7 @@ async fn passes_are_counted_for_the_status_report() {
         tls: TlsFiles::in_dir(&tls),
         metrics: None,
         recent_chunk_bytes: 64 << 20,
+        block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
     };
     let targets = Arc::new(StaticTargets::load(&dir.join("targets.json")).unwrap());
     let ps = siterecovery_process_server::start(config, targets).await.unwrap();

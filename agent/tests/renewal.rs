@@ -147,6 +147,7 @@ impl World {
             tls: TlsFiles::in_dir(&tls),
             metrics: None,
             recent_chunk_bytes: 16 << 20,
+            block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
         };
         // A process server just dropped may hold the port for a moment.
         let mut tries = 0;

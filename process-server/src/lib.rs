@@ -76,6 +76,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Memory for recently received chunks (the bases of deltas).
     pub recent_chunk_bytes: u64,
+    /// Memory for the chaining values of the blocks of received chunks, which check deltas
+    /// without their bases ([`recent::BLOCK_CV_BYTES`] by default; 0 turns that off).
+    pub block_cv_bytes: u64,
 }
 
 /// What every session and uploader shares.
@@ -176,7 +179,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         budget: Arc::new(CacheBudget::new(config.cache_limit)),
         upload_buffer: Arc::new(upload::UploadBuffer::new(upload::UPLOAD_BUFFER_BYTES)),
         metrics: metrics.clone(),
-        recent: Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes)),
+        recent: Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes, config.block_cv_bytes)),
         uploaders: Default::default(),
         groups: Default::default(),
     });

@@ -45,6 +45,10 @@ struct Args {
     /// Memory for recently received chunks, the bases deltas apply to.
     #[arg(long, env = "SR_RECENT_CHUNK_BYTES", default_value_t = 256 << 20)]
     recent_chunk_bytes: u64,
+    /// Memory for the chaining values of the 64 KiB blocks of received chunks, which check
+    /// deltas without their bases (2 KiB for a 4 MiB chunk).
+    #[arg(long, env = "SR_BLOCK_CV_BYTES", default_value_t = siterecovery_process_server::recent::BLOCK_CV_BYTES)]
+    block_cv_bytes: u64,
     /// Log as JSON.
     #[arg(long, env = "SR_LOG_JSON")]
     log_json: bool,
@@ -99,6 +103,7 @@ async fn run() -> anyhow::Result<()> {
         tls: TlsFiles::in_dir(&args.tls_dir),
         metrics: Some(args.metrics),
         recent_chunk_bytes: args.recent_chunk_bytes,
+        block_cv_bytes: args.block_cv_bytes,
     };
     let ps = match &args.targets {
         Some(path) => start(config, Arc::new(StaticTargets::load(path)?)).await?,

@@ -14,7 +14,7 @@ use siterecovery_store::{ChunkHash, ServerRef};
 
 type Key = (String, String, String, ChunkHash);
 
-/// Memory for block chaining values: about 30,000 chunks, 110 GiB of 4 MiB chunks.
+/// Default memory for block chaining values: about 30,000 chunks, 110 GiB of 4 MiB chunks.
 pub const BLOCK_CV_BYTES: u64 = 64 << 20;
 
 /// Per-entry bookkeeping counted against a budget besides the value (key, order, map).
@@ -24,6 +24,7 @@ const ENTRY_OVERHEAD: u64 = 160;
 #[derive(Debug)]
 pub struct RecentChunks {
     budget: u64,
+    cv_budget: u64,
     inner: Mutex<Lru<Bytes>>,
     cvs: Mutex<Lru<Arc<[ChainingValue]>>>,
     fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<Option<String>>>>>,
@@ -93,9 +94,10 @@ fn key(server: &ServerRef, disk: &str, hash: ChunkHash) -> Key {
 }
 
 impl RecentChunks {
-    /// A cache of at most `budget` bytes.
-    pub fn new(budget: u64) -> Self {
-        Self { budget, inner: Mutex::default(), cvs: Mutex::default(), fetching: Arc::default() }
+    /// A cache of at most `budget` bytes of chunks and `cv_budget` bytes of block
+    /// chaining values.
+    pub fn new(budget: u64, cv_budget: u64) -> Self {
+        Self { budget, cv_budget, inner: Mutex::default(), cvs: Mutex::default(), fetching: Arc::default() }
     }
 
     /// Remembers a chunk.
@@ -114,7 +116,7 @@ impl RecentChunks {
     pub fn insert_cvs(&self, server: &ServerRef, disk: &str, hash: ChunkHash, cvs: Arc<[ChainingValue]>) {
         let n = cvs.len() as u64 * 32 + ENTRY_OVERHEAD;
         let mut g = self.cvs.lock().unwrap_or_else(|p| p.into_inner());
-        g.insert(key(server, disk, hash), cvs, n, BLOCK_CV_BYTES);
+        g.insert(key(server, disk, hash), cvs, n, self.cv_budget);
     }
 
     /// The block chaining values of a chunk, if they are still here.
@@ -164,7 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_waits_for_a_base_being_fetched_instead_of_fetching_it_again() {
-        let recent = Arc::new(RecentChunks::new(1 << 20));
+        let recent = Arc::new(RecentChunks::new(1 << 20, 0));
         let server = ServerRef::new("ns", "s").unwrap();
         let h = ChunkHash::of(b"base");
         let fetching = recent.begin_fetch(&server, "sda", h).expect("nobody fetches it yet");

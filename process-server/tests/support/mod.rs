@@ -118,6 +118,7 @@ pub fn ps_config(dir: &Path, pki: &Pki, cache_limit: u64) -> Config {
         tls: TlsFiles::in_dir(&pki.ps_tls()),
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         recent_chunk_bytes: 64 << 20,
+        block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
     }
 }
 
