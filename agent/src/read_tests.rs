@@ -11,17 +11,7 @@ use super::*;
 const B: u64 = DELTA_BLOCK as u64;
 const CHUNK: u32 = 1024 * 1024;
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use siterecovery_store::tree::pseudo_random as pattern;
 
 /// A file of `size` bytes of pattern, opened as a disk.
 fn disk(dir: &std::path::Path, size: u64) -> (std::fs::File, Disk) {

@@ -43,17 +43,7 @@ impl Blocks {
 mod tests {
     use super::*;
 
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use siterecovery_store::tree::pseudo_random as bytes;
 
     #[test]
     fn chunk_hash_from_block_cvs_is_blake3_of_the_chunk() {

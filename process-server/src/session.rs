@@ -657,17 +657,7 @@ async fn fetch_base(
 mod tests {
     use super::*;
 
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use siterecovery_store::tree::pseudo_random as bytes;
 
     #[test]
     fn a_delta_of_whole_blocks_is_checked_from_its_base_block_values() {

@@ -58,21 +58,21 @@ pub fn block_cvs(chunk: &[u8]) -> Vec<ChainingValue> {
     chunk.chunks(BLOCK).enumerate().map(|(i, b)| block_cv(b, i)).collect()
 }
 
+/// `len` deterministic pseudo-random bytes (blake3's output stream keyed by `seed`): test
+/// and benchmark data that neither compresses nor repeats from block to block.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0; len];
+    blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn chunk_hash_from_block_cvs_is_blake3_of_the_chunk() {
-        let mut x = 7u64;
-        let data: Vec<u8> = (0..4 * 1024 * 1024 + 5000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = pseudo_random(4 * 1024 * 1024 + 5000, 7);
         for len in [BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 7, 1024 * 1024 + 4096, 4 * 1024 * 1024, data.len()] {
             let chunk = &data[..len];
             assert_eq!(chunk_hash(&block_cvs(chunk), len as u64), Some(ChunkHash::of(chunk)), "length {len}");
