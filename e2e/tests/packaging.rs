@@ -313,9 +313,10 @@ fn agent_daemonset_runs_with_tracking_capabilities_not_privileged() -> anyhow::R
     assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(security["capabilities"]["add"], serde_json::json!(["BPF", "PERFMON", "SYS_RESOURCE"]));
     assert_eq!(pod["automountServiceAccountToken"], false);
-    // Only the node's agent directory is writable: the agent renews its credentials there.
+    // Only the node's agent directory (the agent renews its credentials there) and the bpf
+    // filesystem (the change tracker pins itself there) are writable.
     for mount in container["volumeMounts"].as_array().context("volume mounts")? {
-        let writable = mount["mountPath"] == "/etc/siterecovery";
+        let writable = mount["mountPath"] == "/etc/siterecovery" || mount["mountPath"] == "/sys/fs/bpf";
         assert_eq!(mount["readOnly"], !writable, "{mount}");
     }
     let paths: Vec<_> =
