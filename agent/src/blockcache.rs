@@ -129,6 +129,27 @@ impl BlockCache {
         Some((e.slot, blocks))
     }
 
+    /// The data chunks held, least recently used first, for the next agent
+    /// ([`crate::restart::Handover`]): key, length, hash and blocks.
+    pub(crate) fn export(&self) -> Vec<(Key, u64, Slot, Blocks)> {
+        self.order
+            .values()
+            .filter_map(|k| {
+                let e = &self.entries[k];
+                Some((*k, e.len, e.slot, e.blocks.clone()?))
+            })
+            .collect()
+    }
+
+    /// Takes over what [`BlockCache::export`] gave, for chunks of `chunk_size` bytes, within
+    /// this cache's bound.
+    pub(crate) fn import(&mut self, chunk_size: u32, entries: Vec<(Key, u64, Slot, Blocks)>) {
+        self.use_chunk_size(chunk_size);
+        for (key, len, slot, blocks) in entries {
+            self.insert(key, len, slot, blocks);
+        }
+    }
+
     /// The blocks of an all-zero chunk of `len` bytes.
     fn zero_blocks(&mut self, len: u64) -> Blocks {
         let n = len.div_ceil(tree::BLOCK as u64) as usize;

@@ -328,7 +328,19 @@ impl Agent {
             tracing::info!("change tracking did not continue across the restart; comparing every chunk");
             return;
         }
-        tracing::info!(saved = %handover.saved, blocks, "resuming from the previous agent: only what changed is read");
+        // Block values of chunks as the process server holds them: their next change is
+        // read by its dirty blocks too.
+        let cached: Vec<_> = handover
+            .cached
+            .into_iter()
+            .filter(|c| {
+                handover.believed.get(c.disk).and_then(|d| d.get(c.index as usize)) == Some(&Slot::Data(c.hash))
+            })
+            .map(|c| ((c.disk, c.index), c.len, Slot::Data(c.hash), c.blocks))
+            .collect();
+        let chunks = cached.len();
+        tracing::info!(saved = %handover.saved, blocks, chunks, "resuming from the previous agent: only what changed is read");
+        self.cache.import(handover.protected.chunk_size, cached);
         self.chunk_size = Some(handover.protected.chunk_size);
         self.believed = Some(handover.believed);
         self.update(|s| s.resumed_from_handover = true);
@@ -345,12 +357,24 @@ impl Agent {
         };
         let Some(dirty_blocks) = self.tracker.suspend() else { return };
         let Some(protected) = self.protected(chunk_size) else { return };
+        let cached = self
+            .cache
+            .export()
+            .into_iter()
+            .filter_map(|((disk, index), len, slot, blocks)| match slot {
+                Slot::Data(hash) if believed.get(disk).and_then(|d| d.get(index as usize)) == Some(&slot) => {
+                    Some(restart::Cached { disk, index, len, hash, blocks })
+                }
+                _ => None,
+            })
+            .collect();
         let handover = restart::Handover {
             protected,
             believed,
             dirty_blocks,
             granularity: changes::EBPF_GRANULARITY,
             saved: jiff::Timestamp::now(),
+            cached,
         };
         match handover.save(&restart.state_file) {
             Ok(()) => tracing::info!(

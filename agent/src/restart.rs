@@ -5,8 +5,14 @@
 //! which records the writes made while no agent runs, the next agent's first pass reads
 //! only what changed. See docs/replication-protocol.md "Agent restarts".
 //!
-//! File: `"SRAS" | version u8 = 1 | header length u32 BE | header (JSON) | head
-//! (`Head::encode`: the believed slots) | blake3 of everything before (32 bytes)`.
+//! It also hands over the block chaining values the agent held (its block cache, bounded),
+//! so the first change of a chunk after the restart is read by its dirty blocks too.
+//!
+//! File: `"SRAS" | version u8 = 2 | header length u32 BE | header (JSON) | head length u32
+//! BE | head (`Head::encode`: the believed slots) | cached chunks | blake3 of everything
+//! before (32 bytes)`; a cached chunk is `disk u32 | index u64 | length u64 | hash (32) |
+//! block count u32 | chaining values (32 each) | zero flags (1 each)`, least recently used
+//! first.
 //! Written atomically (temporary file, fsync, rename, fsync of the directory) and removed
 //! as soon as it is read: an agent that crashes later must not resume from it.
 
@@ -15,10 +21,13 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use siterecovery_store::ChunkHash;
 use siterecovery_wire::{DiskHead, Head, Slot};
 
+use crate::tree::Blocks;
+
 const MAGIC: &[u8; 4] = b"SRAS";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// The identity of what was protected: a state saved for other disks, another server
 /// or another chunk size is not used.
@@ -60,6 +69,23 @@ pub struct Handover {
     pub granularity: u64,
     /// When it was saved.
     pub saved: jiff::Timestamp,
+    /// Chunks whose blocks the agent held: disk, index, length, hash, blocks.
+    pub cached: Vec<Cached>,
+}
+
+/// A chunk as the stopping agent last read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    /// Disk, in configuration order.
+    pub disk: usize,
+    /// Chunk index.
+    pub index: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Its content hash.
+    pub hash: ChunkHash,
+    /// Its blocks.
+    pub blocks: Blocks,
 }
 
 /// Why a saved state was not used.
@@ -103,12 +129,25 @@ impl Handover {
                 .map(|((id, _, size), slots)| DiskHead { id: id.clone(), size: *size, slots: slots.clone() })
                 .collect(),
         };
-        let mut out = Vec::with_capacity(header.len() + 64);
+        let head = head.encode();
+        let mut out = Vec::with_capacity(header.len() + head.len() + 64);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         out.extend_from_slice(&(header.len() as u32).to_be_bytes());
         out.extend_from_slice(&header);
-        out.extend_from_slice(&head.encode());
+        out.extend_from_slice(&(head.len() as u32).to_be_bytes());
+        out.extend_from_slice(&head);
+        for c in &self.cached {
+            out.extend_from_slice(&(c.disk as u32).to_be_bytes());
+            out.extend_from_slice(&c.index.to_be_bytes());
+            out.extend_from_slice(&c.len.to_be_bytes());
+            out.extend_from_slice(&c.hash.0);
+            out.extend_from_slice(&(c.blocks.cvs.len() as u32).to_be_bytes());
+            for cv in &c.blocks.cvs {
+                out.extend_from_slice(cv);
+            }
+            out.extend(c.blocks.zero.iter().map(|&z| u8::from(z)));
+        }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
 
@@ -144,9 +183,17 @@ impl Handover {
             return Err(format!("version {version}, this agent reads {VERSION}"));
         }
         let (len, rest) = rest.split_first_chunk::<4>().ok_or("truncated")?;
-        let (header, head) = rest.split_at_checked(u32::from_be_bytes(*len) as usize).ok_or("truncated")?;
+        let (header, rest) = rest.split_at_checked(u32::from_be_bytes(*len) as usize).ok_or("truncated")?;
         let header: Header = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+        let (len, rest) = rest.split_first_chunk::<4>().ok_or("truncated")?;
+        let (head, mut rest) = rest.split_at_checked(u32::from_be_bytes(*len) as usize).ok_or("truncated")?;
         let head = Head::decode(Bytes::copy_from_slice(head)).map_err(|e| e.to_string())?;
+        let mut cached = Vec::new();
+        while !rest.is_empty() {
+            let (c, after) = parse_cached(rest).ok_or("a cached chunk is truncated")?;
+            cached.push(c);
+            rest = after;
+        }
         let p = &header.protected;
         let consistent = head.disks.len() == p.disks.len()
             && header.dirty_blocks.len() == p.disks.len()
@@ -162,14 +209,36 @@ impl Handover {
             dirty_blocks: header.dirty_blocks,
             granularity: header.granularity,
             saved: header.saved,
+            cached,
         })
     }
 }
 
+fn parse_cached(b: &[u8]) -> Option<(Cached, &[u8])> {
+    let (disk, b) = b.split_first_chunk::<4>()?;
+    let (index, b) = b.split_first_chunk::<8>()?;
+    let (len, b) = b.split_first_chunk::<8>()?;
+    let (hash, b) = b.split_first_chunk::<32>()?;
+    let (n, b) = b.split_first_chunk::<4>()?;
+    let n = u32::from_be_bytes(*n) as usize;
+    let (cvs, b) = b.split_at_checked(n.checked_mul(32)?)?;
+    let (zero, b) = b.split_at_checked(n)?;
+    let blocks = Blocks {
+        cvs: cvs.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect(),
+        zero: zero.iter().map(|&z| z != 0).collect(),
+    };
+    let c = Cached {
+        disk: u32::from_be_bytes(*disk) as usize,
+        index: u64::from_be_bytes(*index),
+        len: u64::from_be_bytes(*len),
+        hash: ChunkHash(*hash),
+        blocks,
+    };
+    Some((c, b))
+}
+
 #[cfg(test)]
 mod tests {
-    use siterecovery_store::ChunkHash;
-
     use super::*;
 
     fn sample() -> Handover {
@@ -184,6 +253,13 @@ mod tests {
             dirty_blocks: vec![vec![1, 64, 65], vec![]],
             granularity: 65536,
             saved: jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+            cached: vec![Cached {
+                disk: 0,
+                index: 0,
+                len: 2 * 65536 + 10,
+                hash: ChunkHash([7; 32]),
+                blocks: Blocks { cvs: vec![[1; 32], [2; 32], [3; 32]], zero: vec![false, true, false] },
+            }],
         }
     }
 
