@@ -195,13 +195,16 @@ step "Writing 4 MiB on $server and waiting for the next recovery point"
 before=$(kubectl get psrv "$server" -n "$ns" -o jsonpath='{.status.latestRecoveryPoints.crashConsistent.id}')
 dd if=/dev/urandom of="$demo/disks/os.img" bs=1M count=4 seek=20 conv=notrunc status=none
 sync
-t2=$(date +%s)
+# A point id starts with its instant (UTC, yyyymmddThhmmss): wait for one taken in a later
+# second than the write ended, so it holds the write (a point already on its way when the
+# write began would not).
+written=$(date -u +%Y%m%dT%H%M%S)
 for _ in $(seq 1 60); do
   now=$(kubectl get psrv "$server" -n "$ns" -o jsonpath='{.status.latestRecoveryPoints.crashConsistent.id}')
-  [ "$now" != "$before" ] && [ "$(date +%s)" -gt "$((t2 + 1))" ] && break
+  [[ "${now:0:15}" > "$written" ]] && break
   sleep 1
 done
-echo "  latest recovery point: $now (was $before)"
+echo "  latest recovery point: $now (was ${before:-none}; the write ended at ${written}Z)"
 
 step "Test failover of a RecoveryPlan (replication goes on)"
 kubectl apply --server-side -n "$ns" -f - <<YAML >/dev/null
