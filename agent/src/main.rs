@@ -33,6 +33,17 @@ enum Command {
     /// Renew the client certificate and token now (`run` renews by itself at half the
     /// certificate's lifetime), replacing the files agent.json names.
     Renew(RenewArgs),
+    /// Stop the change tracking a stopped agent left running for its next start (the eBPF
+    /// program pinned in the bpf filesystem) and remove its restart state: for a server no
+    /// longer protected from this machine. The next `run` then compares every chunk.
+    Untrack(UntrackArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+struct UntrackArgs {
+    /// Agent configuration (JSON) of the server.
+    #[arg(long, env = "SR_AGENT_CONFIG", default_value = "/etc/siterecovery/agent.json")]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +124,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Register(args)) => return runtime.block_on(register(args)),
         Some(Command::Renew(args)) => return runtime.block_on(renew_now(args)),
+        Some(Command::Untrack(args)) => untrack(&args),
         Some(Command::Run(args)) => runtime.block_on(run(args)),
         None => runtime.block_on(run(cli.run)),
     };
@@ -166,6 +178,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => tracing::info!("no kube section in the configuration: not reporting status"),
     }
     agent.run(rx).await
+}
+
+/// `untrack`: removes the pinned tracking and the restart state `run` would use.
+fn untrack(args: &UntrackArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.config)?;
+    let Some(restart) = config.restart.clone().or_else(|| default_restart(&config, &args.config)) else {
+        println!("no bpf filesystem at /sys/fs/bpf and no restart section in the configuration: nothing is pinned");
+        return Ok(());
+    };
+    siterecovery_tracker::BlockTracker::remove_pins(&restart.pin_dir)?;
+    println!("removed the pinned change tracking under {}", restart.pin_dir.display());
+    match std::fs::remove_file(&restart.state_file) {
+        Ok(()) => println!("removed the restart state {}", restart.state_file.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("removing {}: {e}", restart.state_file.display()),
+    }
+    Ok(())
 }
 
 /// Where tracking is pinned and the restart state kept when the configuration does not
