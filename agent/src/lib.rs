@@ -328,16 +328,10 @@ impl Agent {
             tracing::info!("change tracking did not continue across the restart; comparing every chunk");
             return;
         }
-        // Block values of chunks as the process server holds them: their next change is
-        // read by its dirty blocks too.
-        let cached: Vec<_> = handover
-            .cached
-            .into_iter()
-            .filter(|c| {
-                handover.believed.get(c.disk).and_then(|d| d.get(c.index as usize)) == Some(&Slot::Data(c.hash))
-            })
-            .map(|c| ((c.disk, c.index), c.len, Slot::Data(c.hash), c.blocks))
-            .collect();
+        // The block values the previous agent held: a chunk's next change is read by its
+        // dirty blocks too (the cache hands out only those of the chunk as it is held).
+        let cached: Vec<_> =
+            handover.cached.into_iter().map(|c| ((c.disk, c.index), c.len, Slot::Data(c.hash), c.blocks)).collect();
         let chunks = cached.len();
         tracing::info!(saved = %handover.saved, blocks, chunks, "resuming from the previous agent: only what changed is read");
         self.cache.import(handover.protected.chunk_size, cached);
@@ -362,9 +356,7 @@ impl Agent {
             .export()
             .into_iter()
             .filter_map(|((disk, index), len, slot, blocks)| match slot {
-                Slot::Data(hash) if believed.get(disk).and_then(|d| d.get(index as usize)) == Some(&slot) => {
-                    Some(restart::Cached { disk, index, len, hash, blocks })
-                }
+                Slot::Data(hash) => Some(restart::Cached { disk, index, len, hash, blocks }),
                 _ => None,
             })
             .collect();
