@@ -553,24 +553,24 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
         }
     };
     let claimed = ChunkHash::from_hex(&d.hash).expect("checked by from_frame");
-    if let Some(before) = base.and_then(|h| shared.recent.cvs(&state.server, &d.disk, &h)) {
-        let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
-        let checked = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let bytes = decode(&body, encoding, covered)?;
-            Ok(check_by_blocks(&before, len, &ranges, &bytes))
-        })
+    let mismatch = || {
+        let why = format!("delta of chunk {} of disk {} does not produce the chunk the agent claims", d.index, d.disk);
+        refuse("ChecksumMismatch", why)
+    };
+    let blocking = |e: tokio::task::JoinError| refuse("ProtocolError", e.to_string());
+    // The body is decoded once, whichever way the delta is checked.
+    let (covered, encoding, body) = (d.covered() as usize, d.encoding, body.clone());
+    let bytes = tokio::task::spawn_blocking(move || decode(&body, encoding, covered))
         .await
-        .map_err(|e| refuse("ProtocolError", e.to_string()))?
+        .map_err(blocking)?
         .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
+    if let Some(before) = base.and_then(|h| shared.recent.cvs(&state.server, &d.disk, &h)) {
+        let (ranges, b) = (d.ranges.clone(), bytes.clone());
+        let checked =
+            tokio::task::spawn_blocking(move || check_by_blocks(&before, len, &ranges, &b)).await.map_err(blocking)?;
         if let Some((actual, cvs)) = checked {
             if actual != claimed {
-                return Err(refuse(
-                    "ChecksumMismatch",
-                    format!(
-                        "delta of chunk {} of disk {} does not produce the chunk the agent claims",
-                        d.index, d.disk
-                    ),
-                ));
+                return Err(mismatch());
             }
             shared.recent.insert_cvs(&state.server, &d.disk, claimed, cvs);
             return Ok(());
@@ -593,23 +593,16 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
             }
         },
     };
-    let (ranges, covered, encoding, body) = (d.ranges.clone(), d.covered() as usize, d.encoding, body.clone());
-    let plain = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
-        let bytes = decode(&body, encoding, covered)?;
-        Ok(Bytes::from(patched(&base_plain, &ranges, &bytes)))
+    let ranges = d.ranges.clone();
+    let (plain, (actual, cvs)) = tokio::task::spawn_blocking(move || {
+        let plain = Bytes::from(patched(&base_plain, &ranges, &bytes));
+        let hashed = hash_blocks(&plain);
+        (plain, hashed)
     })
     .await
-    .map_err(|e| refuse("ProtocolError", e.to_string()))?
-    .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
-    let p = plain.clone();
-    let (actual, cvs) = tokio::task::spawn_blocking(move || hash_blocks(&p))
-        .await
-        .map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    .map_err(blocking)?;
     if actual != claimed {
-        return Err(refuse(
-            "ChecksumMismatch",
-            format!("delta of chunk {} of disk {} does not produce the chunk the agent claims", d.index, d.disk),
-        ));
+        return Err(mismatch());
     }
     shared.recent.insert(&state.server, &d.disk, claimed, plain);
     shared.recent.insert_cvs(&state.server, &d.disk, claimed, cvs);
