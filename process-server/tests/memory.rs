@@ -136,27 +136,12 @@ async fn peak_memory_of_an_initial_replication() {
         }
         None => Command::new(&bin),
     };
-    cmd.arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--metrics")
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--tls-dir")
-        .arg(bed.pki.ps_tls())
-        .arg("--targets")
-        .arg(&targets)
-        .args(words("SR_MEMORY_PS_ARGS"))
-        .env("RUST_LOG", "info");
+    PsChild::configure(&mut cmd, dir, &bed.pki, &targets, port, metrics_port).args(words("SR_MEMORY_PS_ARGS"));
     for kv in words("SR_MEMORY_PS_ENV") {
         let (k, v) = kv.split_once('=').expect("SR_MEMORY_PS_ENV holds NAME=value words");
         cmd.env(k, v);
     }
-    let mut ps = PsChild {
-        guard: ChildGuard::spawn(cmd, dir.join("ps.log")),
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
-    };
+    let mut ps = PsChild::run(cmd, &dir.join("ps.log"), port, metrics_port);
     ps.wait_listening(30).await;
     let pid = if wrap.is_empty() { Some(ps.guard.pid()) } else { None };
     let baseline = pid.and_then(|p| status_mib(p, "VmRSS")).unwrap_or(0.0);

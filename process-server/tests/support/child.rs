@@ -96,21 +96,39 @@ impl PsChild {
     /// Starts the binary.
     pub fn spawn(dir: &Path, pki: &Pki, targets: &Path, port: u16, metrics_port: u16, limit: u64, tag: &str) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_siterecovery-process-server"));
+        Self::configure(&mut cmd, dir, pki, targets, port, metrics_port)
+            .arg("--cache-limit-bytes")
+            .arg(limit.to_string());
+        Self::run(cmd, &dir.join(format!("{tag}.log")), port, metrics_port)
+    }
+
+    /// Adds a test process server's arguments to `cmd`: its ports on loopback, its cache in
+    /// `dir`, the PKI's serving certificate, the targets file; and `RUST_LOG=info`.
+    pub fn configure<'c>(
+        cmd: &'c mut Command,
+        dir: &Path,
+        pki: &Pki,
+        targets: &Path,
+        port: u16,
+        metrics_port: u16,
+    ) -> &'c mut Command {
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--metrics")
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--cache-dir")
             .arg(dir.join("cache"))
-            .arg("--cache-limit-bytes")
-            .arg(limit.to_string())
             .arg("--tls-dir")
             .arg(pki.ps_tls())
             .arg("--targets")
             .arg(targets)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+    }
+
+    /// Runs `cmd` (a process server listening on `port`), its output going to `log`.
+    pub fn run(cmd: Command, log: &Path, port: u16, metrics_port: u16) -> Self {
         Self {
-            guard: ChildGuard::spawn(cmd, dir.join(format!("{tag}.log"))),
+            guard: ChildGuard::spawn(cmd, log.to_owned()),
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
         }
