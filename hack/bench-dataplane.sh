@@ -94,11 +94,13 @@ agent_bin=${SR_BENCH_DP_AGENT_BIN:-$agent_bin} ps_bin=${SR_BENCH_DP_PS_BIN:-$ps_
 if [ -n "${SR_BENCH_DP_AGENT_BIN:-}${SR_BENCH_DP_PS_BIN:-}" ]; then
   source="$source, with ${SR_BENCH_DP_AGENT_BIN:+agent $SR_BENCH_DP_AGENT_BIN }${SR_BENCH_DP_PS_BIN:+process server $SR_BENCH_DP_PS_BIN}"
 fi
-if [ ! -x target/release/dataplane ] || [ ! -x "$agent_bin" ] || [ ! -x "$ps_bin" ]; then
-  # `--bin` applies to every package named: build the daemons and the harness separately.
-  cargo build --release -p siterecovery-agent -p siterecovery-process-server --bins
-  cargo build --release -p siterecovery-bench --bin dataplane
+# Always built (a no-op when up to date): a binary left from an older build would be
+# measured as the working tree's. `--bin` applies to every package named: the daemons
+# and the harness are built separately.
+if [ -z "${SR_BENCH_DP_REV:-}" ]; then
+  cargo build -q --release -p siterecovery-agent -p siterecovery-process-server --bins
 fi
+cargo build -q --release -p siterecovery-bench --bin dataplane
 # Run copies: target/release is shared with other builds, which may replace a binary
 # while the benchmark runs.
 mkdir -p target/bench/dataplane-bin
