@@ -28,6 +28,9 @@ pub struct RecentChunks {
     inner: Mutex<Lru<Bytes>>,
     cvs: Mutex<Lru<Arc<[ChainingValue]>>>,
     fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<Option<String>>>>>,
+    /// The block chaining values of a chunk of zeros, by length (a chunk size, and the
+    /// length of each disk's last chunk).
+    zeros: Mutex<HashMap<u64, Arc<[ChainingValue]>>>,
 }
 
 /// A download of a chunk in progress; those waiting for it go on when it is dropped.
@@ -97,7 +100,14 @@ impl RecentChunks {
     /// A cache of at most `budget` bytes of chunks and `cv_budget` bytes of block
     /// chaining values.
     pub fn new(budget: u64, cv_budget: u64) -> Self {
-        Self { budget, cv_budget, inner: Mutex::default(), cvs: Mutex::default(), fetching: Arc::default() }
+        Self {
+            budget,
+            cv_budget,
+            inner: Mutex::default(),
+            cvs: Mutex::default(),
+            fetching: Arc::default(),
+            zeros: Mutex::default(),
+        }
     }
 
     /// Remembers a chunk.
@@ -122,6 +132,17 @@ impl RecentChunks {
     /// The block chaining values of a chunk, if they are still here.
     pub fn cvs(&self, server: &ServerRef, disk: &str, hash: &ChunkHash) -> Option<Arc<[ChainingValue]>> {
         self.cvs.lock().unwrap_or_else(|p| p.into_inner()).get(&key(server, disk, *hash))
+    }
+
+    /// The block chaining values of a chunk of `len` zeros, the base of a delta to a slot
+    /// that held zeros; `None` when chaining values are turned off. Computed once per
+    /// length (blocking: a chunk's worth of hashing).
+    pub fn zero_cvs(&self, len: u64) -> Option<Arc<[ChainingValue]>> {
+        if self.cv_budget == 0 {
+            return None;
+        }
+        let mut zeros = self.zeros.lock().unwrap_or_else(|p| p.into_inner());
+        Some(zeros.entry(len).or_insert_with(|| siterecovery_store::tree::zero_block_cvs(len).into()).clone())
     }
 
     /// Whether a delta's base must be downloaded: neither it nor its block chaining values

@@ -564,7 +564,11 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
         .await
         .map_err(blocking)?
         .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
-    if let Some(before) = base.and_then(|h| shared.recent.cvs(&state.server, &d.disk, &h)) {
+    let before = match base {
+        Some(h) => shared.recent.cvs(&state.server, &d.disk, &h),
+        None => shared.recent.zero_cvs(len),
+    };
+    if let Some(before) = before {
         let (ranges, b) = (d.ranges.clone(), bytes.clone());
         let checked =
             tokio::task::spawn_blocking(move || check_by_blocks(&before, len, &ranges, &b)).await.map_err(blocking)?;
@@ -677,5 +681,22 @@ mod tests {
         // A chunk of one block is hashed whole.
         let one = bytes(B, 5);
         assert!(check_by_blocks(&hash_blocks(&one).1, B as u64, &[[0, B as u32]], &one).is_none());
+    }
+
+    #[test]
+    fn a_delta_to_a_slot_of_zeros_is_checked_without_a_chunk_of_zeros() {
+        const B: usize = tree::BLOCK;
+        let recent = crate::recent::RecentChunks::new(0, 1 << 20);
+        let len = 64 * B - 1000;
+        let zeros = recent.zero_cvs(len as u64).expect("block values are on");
+        let ranges = [[7 * B as u32, B as u32]];
+        let changed = bytes(B, 9);
+        let (hash, _) = check_by_blocks(&zeros, len as u64, &ranges, &changed).expect("whole blocks");
+        assert_eq!(hash, ChunkHash::of(&patched(&vec![0; len], &ranges, &changed)));
+        assert!(Arc::ptr_eq(&zeros, &recent.zero_cvs(len as u64).unwrap()), "computed once per length");
+        assert!(
+            crate::recent::RecentChunks::new(0, 0).zero_cvs(len as u64).is_none(),
+            "block values off: the chunk is built"
+        );
     }
 }

@@ -58,6 +58,14 @@ pub fn block_cvs(chunk: &[u8]) -> Vec<ChainingValue> {
     chunk.chunks(BLOCK).enumerate().map(|(i, b)| block_cv(b, i)).collect()
 }
 
+/// The CVs of every block of a chunk of `len` zeros (the base of a delta to a slot that
+/// held zeros), without a chunk-sized buffer.
+pub fn zero_block_cvs(len: u64) -> Vec<ChainingValue> {
+    let zeros = vec![0u8; BLOCK];
+    let blocks = len.div_ceil(BLOCK as u64) as usize;
+    (0..blocks).map(|i| block_cv(&zeros[..(len - (i * BLOCK) as u64).min(BLOCK as u64) as usize], i)).collect()
+}
+
 /// `len` deterministic pseudo-random bytes (blake3's output stream keyed by `seed`): test
 /// and benchmark data that neither compresses nor repeats from block to block.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
@@ -78,5 +86,12 @@ mod tests {
             assert_eq!(chunk_hash(&block_cvs(chunk), len as u64), Some(ChunkHash::of(chunk)), "length {len}");
         }
         assert_eq!(chunk_hash(&block_cvs(&data[..BLOCK]), BLOCK as u64), None, "one block is hashed directly");
+    }
+
+    #[test]
+    fn zero_block_cvs_are_those_of_a_chunk_of_zeros() {
+        for len in [1, BLOCK, BLOCK + 1, 3 * BLOCK - 7, 4 * 1024 * 1024] {
+            assert_eq!(zero_block_cvs(len as u64), block_cvs(&vec![0; len]), "length {len}");
+        }
     }
 }
