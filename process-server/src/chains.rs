@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use siterecovery_store::{ChunkHash, ChunkRef, Manifest, PatchChain, chain_may_grow};
+use siterecovery_store::{ChunkHash, ChunkRef, Manifest, PackedAt, PatchChain, chain_may_grow};
 use siterecovery_wire::{Head, Slot};
 
 /// The chain of every slot stored as one; a data slot not in here is a whole chunk.
@@ -67,14 +67,27 @@ impl Chains {
         let key = (disk.to_string(), index);
         match self.map.get_mut(&key).filter(|e| base.is_some_and(|b| e.chain.hash == b)) {
             Some(e) => {
+                if !e.chain.packed.is_empty() {
+                    e.chain.packed.push(None);
+                }
                 e.chain.patches.push(result);
                 e.chain.hash = result;
                 e.patch_bytes += bytes;
             }
             None => {
-                let chain = PatchChain { hash: result, base, patches: vec![result] };
+                let chain = PatchChain { hash: result, base, patches: vec![result], packed: vec![] };
                 self.map.insert(key, Entry { chain, patch_bytes: bytes });
             }
+        }
+    }
+
+    /// Records where the patches just uploaded in packs are, for the chains that name them.
+    pub fn place(&mut self, places: &Places) {
+        if places.is_empty() {
+            return;
+        }
+        for ((disk, _), e) in &mut self.map {
+            place_in(&mut e.chain, disk, places);
         }
     }
 
@@ -147,6 +160,40 @@ impl Chains {
     /// Whether no slot is stored as a chain.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+/// Where patches stored in packs are, by disk, result and base (what names a patch).
+pub type Places = HashMap<(String, ChunkHash, Option<ChunkHash>), PackedAt>;
+
+/// Fills in where the patches of `chain` (of `disk`) that `places` knows are.
+pub fn place_in(chain: &mut PatchChain, disk: &str, places: &Places) {
+    let found: Vec<(usize, PackedAt)> = chain
+        .steps()
+        .enumerate()
+        .filter(|&(i, _)| chain.packed_at(i).is_none())
+        .filter_map(|(i, (before, after))| places.get(&(disk.to_string(), after, before)).map(|at| (i, *at)))
+        .collect();
+    if found.is_empty() {
+        return;
+    }
+    chain.packed.resize(chain.patches.len(), None);
+    for (i, at) in found {
+        chain.packed[i] = Some(at);
+    }
+}
+
+/// Fills in where the patches named by the chains of manifest `m` are.
+pub fn place_in_manifest(m: &mut Manifest, places: &Places) {
+    if places.is_empty() {
+        return;
+    }
+    for d in &mut m.disks {
+        for c in &mut d.chunks {
+            if let ChunkRef::Chain(chain) = c {
+                place_in(chain, &d.id, places);
+            }
+        }
     }
 }
 

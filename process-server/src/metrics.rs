@@ -27,6 +27,8 @@ pub struct Metrics {
     pub chunks_uploaded: Counter,
     /// Patches uploaded (deltas stored as patch objects).
     pub patches_uploaded: Counter,
+    /// Packs of patches uploaded (one request each, format 3).
+    pub packs_uploaded: Counter,
     /// Recovery points written.
     pub points_written: Counter,
     /// Upload attempts that failed (retried).
@@ -62,6 +64,7 @@ impl Metrics {
         r.register("uploaded_bytes", "Bytes uploaded to Blob storage", self.bytes_uploaded.clone());
         r.register("uploaded_chunks", "Whole chunks uploaded to Blob storage", self.chunks_uploaded.clone());
         r.register("uploaded_patches", "Patches uploaded to Blob storage", self.patches_uploaded.clone());
+        r.register("uploaded_packs", "Packs of patches uploaded to Blob storage", self.packs_uploaded.clone());
         r.register("recovery_points", "Recovery points written", self.points_written.clone());
         r.register("upload_errors", "Failed upload attempts (retried)", self.upload_errors.clone());
         r.register("backlog_bytes", "Bytes acknowledged to agents and not yet uploaded", self.backlog_bytes.clone());

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
-use siterecovery_store::{ChunkHash, DiskManifest, FORMAT_VERSION, Manifest, StoreError};
+use siterecovery_store::{ChunkHash, DiskManifest, FORMAT_VERSION, Manifest, PackedAt, PatchData, StoreError};
 use siterecovery_wire::{ChunkDelta, Encoding, Message, Slot};
 
+use crate::chains::{Chains, Places, place_in_manifest};
 use crate::metrics::Metrics;
 use crate::recent::RecentChunks;
 use crate::session::{decode, patched};
@@ -159,6 +160,8 @@ impl Uploader<'_> {
         // Whole chunks queued this round: each goes up once.
         let mut queued: HashSet<(String, ChunkHash)> = HashSet::new();
         let mut manifests = Vec::new();
+        // Where this round's patches went: filled into its manifests once uploaded.
+        let mut places = Places::new();
         let stored =
             |known: &HashMap<String, HashSet<ChunkHash>>, queued: &HashSet<(String, ChunkHash)>, disk: &str, h| {
                 known.get(disk).is_some_and(|k| k.contains(&h)) || queued.contains(&(disk.to_string(), h))
@@ -185,7 +188,7 @@ impl Uploader<'_> {
                         work.chains.push(&d.disk, d.index, base, hash, d.covered());
                         jobs.push(Job::Patch { delta: d.clone(), base, hash, body: body.clone() });
                     } else {
-                        match self.whole_of(&work, d, base, body, &mut jobs, known).await? {
+                        match self.whole_of(&mut work, d, base, body, &mut jobs, known, &mut places).await? {
                             Rebuilt::Chunk(plain) => {
                                 rebuilt_bytes += plain.len() as u64;
                                 queued.insert((d.disk.clone(), hash));
@@ -219,13 +222,14 @@ impl Uploader<'_> {
             // them once they make one wave of parallel uploads.
             let wave = store.options().parallelism as u64 * u64::from(state.chunk_size);
             if rebuilt_bytes >= wave {
-                self.upload(std::mem::take(&mut jobs), known).await?;
+                self.upload(std::mem::take(&mut jobs), known, &mut work.chains, &mut places).await?;
                 rebuilt_bytes = 0;
             }
         }
-        self.upload(jobs, known).await?;
+        self.upload(jobs, known, &mut work.chains, &mut places).await?;
 
-        for (p, manifest) in manifests {
+        for (p, mut manifest) in manifests {
+            place_in_manifest(&mut manifest, &places);
             match store.put_manifest(&state.server, &manifest).await {
                 Ok(n) => {
                     *state.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((p.id.clone(), p.time, p.kind));
@@ -259,14 +263,16 @@ impl Uploader<'_> {
     /// the recent chunks, or else from the store as `work` says it is stored there (after
     /// uploading the jobs queued so far, which that may name). `Err` is worth retrying;
     /// a base the store holds damaged or not at all is [`Rebuilt::BaseUnusable`].
+    #[allow(clippy::too_many_arguments)]
     async fn whole_of(
         &self,
-        work: &Checkpoint,
+        work: &mut Checkpoint,
         d: &ChunkDelta,
         base: Option<ChunkHash>,
         body: &Bytes,
         jobs: &mut Vec<Job>,
         known: &mut HashMap<String, HashSet<ChunkHash>>,
+        places: &mut Places,
     ) -> Result<Rebuilt, String> {
         let state = self.state;
         let len = d.len as usize;
@@ -275,7 +281,7 @@ impl Uploader<'_> {
             Some(h) => match self.recent.get(&state.server, &d.disk, &h) {
                 Some(b) => b,
                 None => {
-                    self.upload(std::mem::take(jobs), known).await?;
+                    self.upload(std::mem::take(jobs), known, &mut work.chains, places).await?;
                     let entry = work.chains.entry(&d.disk, d.index, Slot::Data(h)).expect("a data slot");
                     match state.target.store.fetch_chunk(&state.server, &d.disk, &entry, len).await {
                         Ok((plain, _)) => Bytes::from(plain),
@@ -303,53 +309,110 @@ impl Uploader<'_> {
         Ok(Rebuilt::Chunk(plain))
     }
 
-    /// Uploads `jobs`, `parallelism` at a time; whole chunks become known as stored.
-    async fn upload(&self, jobs: Vec<Job>, known: &mut HashMap<String, HashSet<ChunkHash>>) -> Result<(), String> {
+    /// Uploads `jobs`, `parallelism` uploads at a time: each whole chunk alone, the patches
+    /// of each disk together in one pack (format 3; one request instead of one per patch).
+    /// Whole chunks become known as stored; where each patch went is recorded in `chains`
+    /// and added to `places`.
+    async fn upload(
+        &self,
+        jobs: Vec<Job>,
+        known: &mut HashMap<String, HashSet<ChunkHash>>,
+        chains: &mut Chains,
+        places: &mut Places,
+    ) -> Result<(), String> {
         let (store, server) = (&self.state.target.store, &self.state.server);
-        let done: Vec<(Option<(String, ChunkHash)>, u64)> = futures::stream::iter(jobs)
-            .map(|job| async move {
-                match job {
+        let mut uploads = Vec::new();
+        let mut packs: HashMap<String, Vec<PackedPatch>> = HashMap::new();
+        for job in jobs {
+            match job {
+                Job::Whole { disk, hash, encoding, body } => uploads.push(Upload::Whole { disk, hash, encoding, body }),
+                Job::Patch { delta, base, hash, body } => {
+                    packs.entry(delta.disk.clone()).or_default().push((delta, base, hash, body));
+                }
+            }
+        }
+        uploads.extend(packs.into_iter().map(|(disk, patches)| Upload::Pack { disk, patches }));
+        let done: Vec<Uploaded> = futures::stream::iter(uploads)
+            .map(|upload| async move {
+                match upload {
                     // The session checked the body decodes to the chunk: a zstd frame is
                     // sealed as it came, without decompressing and compressing it again.
-                    Job::Whole { disk, hash, encoding, body } => {
+                    Upload::Whole { disk, hash, encoding, body } => {
                         let n = match encoding {
                             Encoding::Raw => store.put_chunk(server, &disk, &hash, body.to_vec()).await,
                             Encoding::Zstd => store.put_compressed_chunk(server, &disk, &hash, body).await,
                         }
                         .map_err(|e| e.to_string())?;
-                        Ok::<_, String>((Some((disk, hash)), n))
+                        Ok::<_, String>(Uploaded::Whole { disk, hash, n })
                     }
-                    Job::Patch { delta, base, hash, body } => {
-                        let (encoding, covered) = (delta.encoding, delta.covered() as usize);
-                        let data = tokio::task::spawn_blocking(move || decode(&body, encoding, covered))
-                            .await
-                            .map_err(|e| e.to_string())??;
-                        let n = store
-                            .put_patch(server, &delta.disk, &hash, base.as_ref(), &delta.ranges, &data)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        Ok((None, n))
+                    Upload::Pack { disk, patches } => {
+                        let named: Vec<(ChunkHash, Option<ChunkHash>)> =
+                            patches.iter().map(|(_, base, hash, _)| (*hash, *base)).collect();
+                        let data = tokio::task::spawn_blocking(move || {
+                            patches
+                                .into_iter()
+                                .map(|(delta, base, hash, body)| {
+                                    let data = decode(&body, delta.encoding, delta.covered() as usize)?;
+                                    Ok(PatchData { result: hash, base, ranges: delta.ranges, data })
+                                })
+                                .collect::<Result<Vec<_>, String>>()
+                        })
+                        .await
+                        .map_err(|e| e.to_string())??;
+                        let (at, n) = store.put_patch_pack(server, &disk, data).await.map_err(|e| e.to_string())?;
+                        Ok(Uploaded::Pack { disk, named, at, n })
                     }
                 }
             })
             .buffer_unordered(store.options().parallelism)
             .try_collect()
             .await?;
-        for (whole, n) in done {
-            match whole {
-                Some((disk, hash)) => {
+        let mut new = Places::new();
+        for d in done {
+            let n = match d {
+                Uploaded::Whole { disk, hash, n } => {
                     known.entry(disk).or_default().insert(hash);
                     self.metrics.chunks_uploaded.inc();
+                    n
                 }
-                None => {
-                    self.metrics.patches_uploaded.inc();
+                Uploaded::Pack { disk, named, at, n } => {
+                    self.metrics.patches_uploaded.inc_by(named.len() as u64);
+                    self.metrics.packs_uploaded.inc();
+                    new.extend(named.into_iter().zip(at).map(|((hash, base), at)| ((disk.clone(), hash, base), at)));
+                    n
                 }
-            }
+            };
             self.state.progress.bytes_uploaded.fetch_add(n, Ordering::Relaxed);
             self.metrics.bytes_uploaded.inc_by(n);
         }
+        chains.place(&new);
+        places.extend(new);
         Ok(())
     }
+}
+
+/// One upload of a round.
+enum Upload {
+    Whole {
+        disk: String,
+        hash: ChunkHash,
+        encoding: Encoding,
+        body: Bytes,
+    },
+    /// The patches of one disk.
+    Pack {
+        disk: String,
+        patches: Vec<PackedPatch>,
+    },
+}
+
+/// A delta to store as a patch in a pack: the delta, its base, its result, its body.
+type PackedPatch = (ChunkDelta, Option<ChunkHash>, ChunkHash, Bytes);
+
+/// What one upload stored.
+enum Uploaded {
+    Whole { disk: String, hash: ChunkHash, n: u64 },
+    Pack { disk: String, named: Vec<(ChunkHash, Option<ChunkHash>)>, at: Vec<PackedAt>, n: u64 },
 }
 
 /// The manifest of a point marker: the uploaded head at that place in the journal, each

@@ -1,5 +1,6 @@
-//! Deltas stored as patches (storage format 2): an incremental of small scattered writes
-//! uploads patch objects, not whole chunks, and restores bit-exact; a chain that reaches
+//! Deltas stored as patches (storage format 2), in packs (format 3): an incremental of
+//! small scattered writes uploads packs of patches, not whole chunks, and restores
+//! bit-exact; a chain that reaches
 //! its bound is stored whole again; and a process server SIGKILLed after acknowledging
 //! deltas it had not uploaded uploads them after its restart.
 
@@ -25,6 +26,17 @@ async fn objects(store: &Store, prefix: &str) -> (u64, u64) {
     (keys.len() as u64, bytes)
 }
 
+/// Patches the chains of a point name, and how many of them are in packs.
+fn patches_of(point: &siterecovery_store::Manifest) -> (u64, u64) {
+    let chains = point.disks.iter().flat_map(|d| &d.chunks).filter_map(|c| match c {
+        ChunkRef::Chain(chain) => Some(chain),
+        _ => None,
+    });
+    chains.fold((0, 0), |(n, packed), c| {
+        (n + c.patches.len() as u64, packed + (0..c.patches.len()).filter(|&i| c.packed_at(i).is_some()).count() as u64)
+    })
+}
+
 /// One 4 KiB write in each of `chunks` chunks (1 MiB apart), at a different offset each.
 fn scatter(path: &Path, chunks: u64, seed: u64) {
     for i in 0..chunks {
@@ -39,7 +51,7 @@ async fn scattered_small_writes_go_up_as_patches_and_restore_bit_exact() {
     let ps = start_ps(dir, pki, targets, 1 << 30).await;
     let store = store_of(targets);
     let server = ServerRef::new("prod", "patchy").unwrap();
-    let (chunks_prefix, patches_prefix) = (server.chunks_prefix("sda"), server.patches_prefix("sda"));
+    let (chunks_prefix, packs_prefix) = (server.chunks_prefix("sda"), server.packs_prefix("sda"));
 
     const CHUNKS: u64 = 16;
     let a = dir.join("a.img");
@@ -64,10 +76,17 @@ async fn scattered_small_writes_go_up_as_patches_and_restore_bit_exact() {
         let point =
             assert_last_point_restores(&store, &server, &s, &disks, &dir.join(format!("restore-{round}"))).await;
         let (whole, whole_bytes) = objects(&store, &chunks_prefix).await;
-        let (patches, patch_bytes) = objects(&store, &patches_prefix).await;
+        let (packs, patch_bytes) = objects(&store, &packs_prefix).await;
+        let (patches, packed) = patches_of(&point);
+        assert!(objects(&store, &server.patches_prefix("sda")).await.0 == 0, "no patch object of its own");
         if round <= MAX_CHAIN_PATCHES as u64 {
             assert_eq!(whole, whole_before, "round {round}: no whole chunk uploaded");
-            assert_eq!(patches, round * CHUNKS, "round {round}: one patch per changed chunk");
+            assert_eq!(
+                (patches, packed),
+                (round * CHUNKS, round * CHUNKS),
+                "round {round}: one patch per changed chunk"
+            );
+            assert!(packs <= patches, "round {round}: {packs} packs");
             // A patch carries its 64 KiB block (part of it incompressible), never the chunk.
             assert!(patch_bytes <= round * CHUNKS * 70_000, "round {round}: {patch_bytes} bytes of patches");
             for (i, c) in point.disks[0].chunks.iter().enumerate() {
@@ -75,7 +94,7 @@ async fn scattered_small_writes_go_up_as_patches_and_restore_bit_exact() {
                 assert_eq!(chain.patches.len() as u64, round, "round {round}: chunk {i}");
             }
             println!(
-                "round {round}: {patches} patches, {patch_bytes} bytes in all; whole chunks {whole_bytes_before} bytes"
+                "round {round}: {patches} patches in {packs} packs, {patch_bytes} bytes in all; whole chunks {whole_bytes_before} bytes"
             );
         } else {
             // The chains were full: every chunk went whole and its chain starts again.
@@ -167,8 +186,8 @@ async fn deltas_acknowledged_but_not_uploaded_survive_a_sigkill() {
     let restarted = agent.wait("a reconnection", 60, |s| s.connected).await;
     let s = agent.wait("a point after the restart", 60, |s| s.points > restarted.points).await;
     let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
-    let (patches, _) = objects(&store, &server.patches_prefix("sda")).await;
-    assert!(patches >= 3 * CHUNKS, "the journaled deltas went up as {patches} patches");
+    let (_, packed) = patches_of(&point);
+    assert!(packed >= 3 * CHUNKS, "the journaled deltas went up as {packed} patches in packs");
     assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Chain(_))), "{point:?}");
     agent.stop().await;
     drop(ps);
@@ -300,11 +319,12 @@ async fn measure_an_incremental_of_one_percent_scattered_writes() {
         }
     }
     let (whole_after, _) = objects(&store, &server.chunks_prefix("sda")).await;
-    let (patches, patch_bytes) = objects(&store, &server.patches_prefix("sda")).await;
+    let (packs, patch_bytes) = objects(&store, &server.packs_prefix("sda")).await;
+    let (patches, _) = patches_of(&point);
     let chains = point.disks[0].chunks.iter().filter(|c| matches!(c, ChunkRef::Chain(_))).count();
     println!(
         "{n} blocks of 64 KiB in {} of {} chunks; agent sent {} deltas, {} frame bytes ({} payload)\n\
-         uploaded {} bytes: {patches} patches ({patch_bytes} bytes), {} whole chunks; the touched chunks' whole objects: \
+         uploaded {} bytes: {patches} patches in {packs} packs ({patch_bytes} bytes), {} whole chunks; the touched chunks' whole objects: \
          {whole_of_touched} bytes\nend of writes -> point in the store: {took:?}; chains in the point: {chains}",
         touched.len(),
         point.disks[0].chunks.len(),

@@ -28,6 +28,10 @@ pub struct GcReport {
     pub patches_kept: u64,
     /// Patches deleted.
     pub patches_deleted: u64,
+    /// Packs of patches (format 3) of which a retained point still needs a patch.
+    pub packs_kept: u64,
+    /// Packs deleted: no retained point needs any patch in them.
+    pub packs_deleted: u64,
     /// Objects under the server's `disks/` that are neither chunks nor patches of this
     /// format; left alone.
     pub foreign_objects: u64,
@@ -89,6 +93,8 @@ impl Store {
                 (Kind::Chunk, false) => report.chunks_deleted += 1,
                 (Kind::Patch, true) => report.patches_kept += 1,
                 (Kind::Patch, false) => report.patches_deleted += 1,
+                (Kind::Pack, true) => report.packs_kept += 1,
+                (Kind::Pack, false) => report.packs_deleted += 1,
             }
             if !keep {
                 doomed.push(key);
@@ -104,26 +110,33 @@ impl Store {
             kept = report.chunks_kept,
             patches_deleted = report.patches_deleted,
             patches_kept = report.patches_kept,
+            packs_deleted = report.packs_deleted,
+            packs_kept = report.packs_kept,
             "garbage collected"
         );
         Ok(report)
     }
 }
 
-/// The objects a chain is made of: its base chunk (unless zeros) and every patch.
+/// The objects a chain is made of: its base chunk (unless zeros) and every patch, or the
+/// pack a patch is in.
 fn chain_keys<'a>(server: &'a ServerRef, disk: &'a str, chain: &'a PatchChain) -> impl Iterator<Item = String> + 'a {
     let base = chain.base.as_ref().map(|h| server.chunk_key(disk, h));
-    base.into_iter().chain(chain.steps().map(move |(before, after)| server.patch_key(disk, &after, before.as_ref())))
+    base.into_iter().chain(chain.steps().enumerate().map(move |(i, (before, after))| match chain.packed_at(i) {
+        Some(at) => server.pack_key(disk, &at.pack),
+        None => server.patch_key(disk, &after, before.as_ref()),
+    }))
 }
 
 /// What an object under `disks/` is.
 enum Kind {
     Chunk,
     Patch,
+    Pack,
 }
 
-/// `<disk>/chunks/<hash>` is a chunk, `<disk>/patches/<hash>-<hash|zero>` a patch;
-/// anything else is not an object of this format.
+/// `<disk>/chunks/<hash>` is a chunk, `<disk>/patches/<hash>-<hash|zero>` a patch,
+/// `<disk>/packs/<hash>` a pack of patches; anything else is not an object of this format.
 fn classify(rest: &str) -> Option<Kind> {
     let (disk, tail) = rest.split_once('/')?;
     if disk.is_empty() {
@@ -131,6 +144,9 @@ fn classify(rest: &str) -> Option<Kind> {
     }
     if let Some(name) = tail.strip_prefix("chunks/") {
         return ChunkHash::from_hex(name).map(|_| Kind::Chunk);
+    }
+    if let Some(name) = tail.strip_prefix("packs/") {
+        return ChunkHash::from_hex(name).map(|_| Kind::Pack);
     }
     let (result, base) = tail.strip_prefix("patches/")?.split_once('-')?;
     (ChunkHash::from_hex(result).is_some() && (base == "zero" || ChunkHash::from_hex(base).is_some()))

@@ -5,7 +5,7 @@ use crate::error::{Result, StoreError};
 
 /// Version of the layout and object encoding written by this crate. Version 1 (whole
 /// chunks only) is still read.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Default chunk size: disks are cut into fixed 4 MiB chunks (the last one may be shorter).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
@@ -78,6 +78,17 @@ impl ServerRef {
     pub fn patch_key(&self, disk: &str, result: &ChunkHash, base: Option<&ChunkHash>) -> String {
         let base = base.map_or_else(|| "zero".to_string(), ChunkHash::to_hex);
         format!("{}{}-{base}", self.patches_prefix(disk), result.to_hex())
+    }
+
+    /// Prefix of every pack of patches of one disk (format 3):
+    /// `servers/<ns>/<server>/disks/<disk>/packs/`.
+    pub fn packs_prefix(&self, disk: &str) -> String {
+        format!("{}disks/{disk}/packs/", self.prefix())
+    }
+
+    /// Key of a pack of patches, named by the hex blake3 of its bytes.
+    pub fn pack_key(&self, disk: &str, name: &ChunkHash) -> String {
+        format!("{}{}", self.packs_prefix(disk), name.to_hex())
     }
 
     /// Prefix of the recovery-point manifests: `servers/<ns>/<server>/points/`.

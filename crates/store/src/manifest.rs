@@ -59,6 +59,35 @@ pub struct PatchChain {
     pub base: Option<ChunkHash>,
     /// Result hash of each patch, in the order they apply; the last is `hash`.
     pub patches: Vec<ChunkHash>,
+    /// Where each patch is when it was stored in a pack (format 3), in the order of
+    /// `patches`; empty when every patch is an object of its own.
+    pub packed: Vec<Option<PackedAt>>,
+}
+
+/// A patch stored in a pack (format 3): the pack's name (the blake3 of its bytes) and the
+/// place of the patch's sealed bytes in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedAt {
+    /// The pack, `disks/<disk>/packs/<pack>`.
+    #[serde(with = "hex_hash")]
+    pub pack: ChunkHash,
+    /// First byte of the sealed patch in the pack.
+    pub offset: u64,
+    /// Length of the sealed patch.
+    pub len: u64,
+}
+
+mod hex_hash {
+    use super::ChunkHash;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &ChunkHash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&h.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ChunkHash, D::Error> {
+        super::parse_hash(&String::deserialize(d)?)
+    }
 }
 
 impl PatchChain {
@@ -68,12 +97,23 @@ impl PatchChain {
         before.zip(self.patches.iter().copied())
     }
 
+    /// Where patch `i` is, if it was stored in a pack.
+    pub fn packed_at(&self, i: usize) -> Option<&PackedAt> {
+        self.packed.get(i).and_then(Option::as_ref)
+    }
+
     fn check(&self) -> Result<(), String> {
         match self.patches.last() {
             None => Err(format!("chain of chunk {} lists no patch", self.hash)),
             Some(last) if *last != self.hash => {
                 Err(format!("chain of chunk {} ends with patch {last}, not with the chunk", self.hash))
             }
+            Some(_) if !self.packed.is_empty() && self.packed.len() != self.patches.len() => Err(format!(
+                "chain of chunk {} places {} patches in packs, but lists {}",
+                self.hash,
+                self.packed.len(),
+                self.patches.len()
+            )),
             Some(_) => Ok(()),
         }
     }
@@ -85,6 +125,8 @@ struct ChainJson {
     hash: String,
     base: String,
     patches: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    packed: Vec<Option<PackedAt>>,
 }
 
 /// Either JSON form of an entry: a string or a chain object.
@@ -110,6 +152,7 @@ impl Serialize for ChunkRef {
                 hash: c.hash.to_hex(),
                 base: c.base.map_or_else(|| "zero".to_string(), |h| h.to_hex()),
                 patches: c.patches.iter().map(ChunkHash::to_hex).collect(),
+                packed: c.packed.clone(),
             }
             .serialize(s),
         }
@@ -125,6 +168,7 @@ impl<'de> Deserialize<'de> for ChunkRef {
                 hash: parse_hash(&c.hash)?,
                 base: if c.base == "zero" { None } else { Some(parse_hash(&c.base)?) },
                 patches: c.patches.iter().map(|p| parse_hash(p)).collect::<Result<_, _>>()?,
+                packed: c.packed,
             })),
         }
     }

@@ -10,9 +10,11 @@
 //!
 //! Ranges are non-empty, ascending, disjoint and inside the chunk.
 
+use bytes::Bytes;
+
 use crate::error::{Result, StoreError};
 use crate::layout::{ChunkHash, ServerRef, validate_segment};
-use crate::manifest::{ChunkRef, PatchChain};
+use crate::manifest::{ChunkRef, PackedAt, PatchChain};
 use crate::store::Store;
 
 /// A writer puts a patch on a chain only while the chain has fewer patches than this;
@@ -72,6 +74,23 @@ pub fn apply_patch(chunk: &mut [u8], patch: &[u8]) -> std::result::Result<(), St
     Ok(())
 }
 
+/// The key of the pack a patch is in, and its place there; `None`: an object of its own.
+type InPack = Option<(String, PackedAt)>;
+
+/// One patch to store: the ranges of chunk `base` (`None`: zeros) that make chunk
+/// `result`, and their bytes concatenated.
+#[derive(Debug, Clone)]
+pub struct PatchData {
+    /// The chunk the patch makes.
+    pub result: ChunkHash,
+    /// The chunk it applies to; `None` for zeros.
+    pub base: Option<ChunkHash>,
+    /// `[offset, length]` of each changed range, in order.
+    pub ranges: Vec<[u32; 2]>,
+    /// The ranges' bytes.
+    pub data: Bytes,
+}
+
 impl Store {
     /// Seals and uploads the patch that turns chunk `base` (`None`: zeros) into chunk
     /// `result`: `ranges` of the chunk, `data` their bytes concatenated. Returns the bytes
@@ -91,6 +110,36 @@ impl Store {
         let n = sealed.len() as u64;
         self.backend.put(&key, sealed).await?;
         Ok(n)
+    }
+
+    /// Seals each of `patches` (of one disk) as [`Store::put_patch`] would, its own key as
+    /// associated data, and uploads them together as one pack (format 3): one request
+    /// instead of one per patch. Returns where each patch is, in order, and the bytes
+    /// uploaded. The caller must have checked each patch as for [`Store::put_patch`].
+    pub async fn put_patch_pack(
+        &self,
+        server: &ServerRef,
+        disk: &str,
+        patches: Vec<PatchData>,
+    ) -> Result<(Vec<PackedAt>, u64)> {
+        validate_segment("disk id", disk)?;
+        let keys: Vec<String> = patches.iter().map(|p| server.patch_key(disk, &p.result, p.base.as_ref())).collect();
+        let codec = self.codec.clone();
+        let (pack, spans) = blocking(move || {
+            let mut pack = Vec::new();
+            let mut spans = Vec::with_capacity(keys.len());
+            for (key, p) in keys.iter().zip(&patches) {
+                let sealed = codec.seal(key, &encode_patch(&p.ranges, &p.data))?;
+                spans.push((pack.len() as u64, sealed.len() as u64));
+                pack.extend_from_slice(&sealed);
+            }
+            Ok((pack, spans))
+        })
+        .await?;
+        let name = ChunkHash::of(&pack);
+        let n = pack.len() as u64;
+        self.backend.put(&server.pack_key(disk, &name), Bytes::from(pack)).await?;
+        Ok((spans.into_iter().map(|(offset, len)| PackedAt { pack: name, offset, len }).collect(), n))
     }
 
     /// The plaintext of chunk `len` bytes long described by a manifest entry, and the
@@ -145,9 +194,17 @@ impl Store {
         };
         // Keys first: futures made by a closure over borrowed steps would not be `Send`
         // for every lifetime, which a spawned restore needs.
-        let steps: Vec<(String, ChunkHash)> =
-            chain.steps().map(|(before, after)| (server.patch_key(disk, &after, before.as_ref()), after)).collect();
-        let patches = futures::future::try_join_all(steps.into_iter().map(|(key, after)| self.get_patch(key, after)));
+        let steps: Vec<(String, ChunkHash, InPack)> = chain
+            .steps()
+            .enumerate()
+            .map(|(i, (before, after))| {
+                let packed = chain.packed_at(i).map(|at| (server.pack_key(disk, &at.pack), *at));
+                (server.patch_key(disk, &after, before.as_ref()), after, packed)
+            })
+            .collect();
+        let patches = futures::future::try_join_all(
+            steps.into_iter().map(|(key, after, packed)| self.get_patch(key, after, packed)),
+        );
         let ((mut chunk, mut downloaded), patches) = futures::future::try_join(base, patches).await?;
         blocking(move || {
             for (key, after, patch, n) in patches {
@@ -163,14 +220,36 @@ impl Store {
         .await
     }
 
-    async fn get_patch(&self, key: String, after: ChunkHash) -> Result<(String, ChunkHash, Vec<u8>, u64)> {
-        let (plain, n) = self.get_plain(&key).await?;
+    /// A patch, from its own object or from its place in a pack (opened with its own key
+    /// either way; an error names the pack too).
+    async fn get_patch(
+        &self,
+        key: String,
+        after: ChunkHash,
+        packed: InPack,
+    ) -> Result<(String, ChunkHash, Vec<u8>, u64)> {
+        let (plain, n) = match packed {
+            None => self.get_plain(&key).await?,
+            Some((pack, at)) => {
+                let sealed = self.backend.get_range(&pack, at.offset, at.len).await?;
+                let named = format!("{key} (in pack {pack} at {}+{})", at.offset, at.len);
+                self.open_plain(&key, sealed).await.map_err(|e| match e {
+                    StoreError::Corrupt { reason, .. } => StoreError::corrupt(&named, reason),
+                    e => e,
+                })?
+            }
+        };
         Ok((key, after, plain, n))
     }
 
     /// Downloads and opens (authenticates, decompresses) one object.
     async fn get_plain(&self, key: &str) -> Result<(Vec<u8>, u64)> {
         let sealed = self.backend.get(key).await?;
+        self.open_plain(key, sealed).await
+    }
+
+    /// Opens (authenticates, decompresses) the sealed bytes of object `key`.
+    async fn open_plain(&self, key: &str, sealed: Bytes) -> Result<(Vec<u8>, u64)> {
         let n = sealed.len() as u64;
         let (codec, key) = (self.codec.clone(), key.to_string());
         blocking(move || Ok((codec.open(&key, &sealed)?, n))).await

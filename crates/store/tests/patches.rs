@@ -1,6 +1,7 @@
-//! Format 2 against a local directory: chunks stored as a base plus a chain of patches
-//! restore bit-exact, a damaged patch is named and nothing of it is written, format 1
-//! manifests still restore, and GC keeps exactly what chains need.
+//! Formats 2 and 3 against a local directory: chunks stored as a base plus a chain of
+//! patches (objects of their own, or in packs) restore bit-exact, a damaged patch is named
+//! and nothing of it is written, format 1 manifests still restore, and GC keeps exactly
+//! what chains need.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use siterecovery_store::{
-    BlobBackend, ChunkHash, ChunkRef, LocalBackend, Manifest, PatchChain, ServerRef, Store, StoreError,
+    BlobBackend, ChunkHash, ChunkRef, LocalBackend, Manifest, PatchChain, PatchData, ServerRef, Store, StoreError,
 };
 
 const K: u32 = 64 * 1024;
@@ -27,24 +28,22 @@ fn fixture() -> Fixture {
     Fixture { dir, backend, server: ServerRef::new("prod", "db-1").unwrap(), store }
 }
 
-/// Writes `data[ranges]` into `chunk` and uploads the patch from `base` to the result;
-/// returns the result's hash.
-async fn patch(f: &Fixture, chunk: &mut [u8], base: Option<ChunkHash>, ranges: &[[u32; 2]], seed: u64) -> ChunkHash {
+/// Writes `data[ranges]` into `chunk`; the patch from `base` to the result.
+fn patch(chunk: &mut [u8], base: Option<ChunkHash>, ranges: &[[u32; 2]], seed: u64) -> PatchData {
     let mut data = Vec::new();
     for (i, [off, len]) in ranges.iter().enumerate() {
         let bytes = noise(seed + i as u64, *len as usize);
         chunk[*off as usize..(*off + *len) as usize].copy_from_slice(&bytes);
         data.extend_from_slice(&bytes);
     }
-    let result = ChunkHash::of(chunk);
-    f.store.put_patch(&f.server, "sda", &result, base.as_ref(), ranges, &data).await.unwrap();
-    result
+    PatchData { result: ChunkHash::of(chunk), base, ranges: ranges.to_vec(), data: data.into() }
 }
 
 /// A point of disk `sda` (three chunks: data, a chain on data, a chain on zeros) written
-/// with `write_point`, then a manifest of the patched state; returns both manifests
-/// and the expected image.
-async fn chained_point(f: &Fixture) -> (Manifest, Manifest, Vec<u8>) {
+/// with `write_point`, then a manifest of the patched state, its patches uploaded as
+/// objects of their own or (`packed`) in one pack; returns both manifests and the
+/// expected image.
+async fn chained_point(f: &Fixture, packed: bool) -> (Manifest, Manifest, Vec<u8>) {
     let src = f.dir.path().join("sda.img");
     make_image(&src, 3 * u64::from(K), &[(0, 2 * K as usize, 1)]);
     let p1 = f.store.write_point(&f.server, crash_point(0), &[disk("sda", &src)]).await.unwrap().manifest;
@@ -52,13 +51,24 @@ async fn chained_point(f: &Fixture) -> (Manifest, Manifest, Vec<u8>) {
     let h1 = p1.disks[0].chunks[1].hash().unwrap();
     let (c1, c2) = image.split_at_mut(2 * K as usize);
     let c1 = &mut c1[K as usize..];
-    let a = patch(f, c1, Some(h1), &[[0, 100], [5000, 4096]], 10).await;
-    let b = patch(f, c1, Some(a), &[[60_000, 5536]], 20).await;
-    let z = patch(f, c2, None, &[[4096, 4096]], 30).await;
+    let a = patch(c1, Some(h1), &[[0, 100], [5000, 4096]], 10);
+    let b = patch(c1, Some(a.result), &[[60_000, 5536]], 20);
+    let z = patch(c2, None, &[[4096, 4096]], 30);
     let mut p2 = p1.clone();
     p2.id = "p2".into();
-    p2.disks[0].chunks[1] = ChunkRef::Chain(PatchChain { hash: b, base: Some(h1), patches: vec![a, b] });
-    p2.disks[0].chunks[2] = ChunkRef::Chain(PatchChain { hash: z, base: None, patches: vec![z] });
+    let mut ch1 = PatchChain { hash: b.result, base: Some(h1), patches: vec![a.result, b.result], packed: vec![] };
+    let mut ch2 = PatchChain { hash: z.result, base: None, patches: vec![z.result], packed: vec![] };
+    if packed {
+        let (places, _) = f.store.put_patch_pack(&f.server, "sda", vec![a, b, z]).await.unwrap();
+        ch1.packed = vec![Some(places[0]), Some(places[1])];
+        ch2.packed = vec![Some(places[2])];
+    } else {
+        for p in [a, b, z] {
+            f.store.put_patch(&f.server, "sda", &p.result, p.base.as_ref(), &p.ranges, &p.data).await.unwrap();
+        }
+    }
+    p2.disks[0].chunks[1] = ChunkRef::Chain(ch1);
+    p2.disks[0].chunks[2] = ChunkRef::Chain(ch2);
     f.store.put_manifest(&f.server, &p2).await.unwrap();
     (p1, p2, image)
 }
@@ -66,10 +76,10 @@ async fn chained_point(f: &Fixture) -> (Manifest, Manifest, Vec<u8>) {
 #[tokio::test]
 async fn a_chain_of_patches_restores_bit_exact() {
     let f = fixture();
-    let (_, p2, image) = chained_point(&f).await;
+    let (_, p2, image) = chained_point(&f, false).await;
     let loaded = f.store.load_point(&f.server, "p2").await.unwrap();
     assert_eq!(loaded, p2, "the chain survives the manifest's JSON");
-    assert_eq!(loaded.format, 2);
+    assert_eq!(loaded.format, siterecovery_store::FORMAT_VERSION);
     let out = f.dir.path().join("out.img");
     let r = f.store.restore_disk(&f.server, &loaded, "sda", &out).await.unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), image);
@@ -89,7 +99,7 @@ async fn a_chain_of_patches_restores_bit_exact() {
 #[tokio::test]
 async fn a_damaged_patch_is_named_and_nothing_of_it_is_written() {
     let f = fixture();
-    let (_, p2, _) = chained_point(&f).await;
+    let (_, p2, _) = chained_point(&f, false).await;
     let ChunkRef::Chain(chain) = &p2.disks[0].chunks[2] else { panic!("chunk 2 is a chain") };
     let key = f.server.patch_key("sda", &chain.hash, None);
     let mut sealed = f.backend.get(&key).await.unwrap().to_vec();
@@ -119,7 +129,7 @@ async fn a_damaged_patch_is_named_and_nothing_of_it_is_written() {
 #[tokio::test]
 async fn a_format_1_manifest_still_restores_and_may_not_hold_chains() {
     let f = fixture();
-    let (p1, p2, _) = chained_point(&f).await;
+    let (p1, p2, _) = chained_point(&f, false).await;
     let mut v1 = p1.clone();
     v1.format = 1;
     v1.id = "v1".into();
@@ -148,11 +158,15 @@ async fn a_format_1_manifest_still_restores_and_may_not_hold_chains() {
 #[tokio::test]
 async fn gc_keeps_the_bases_and_patches_of_retained_chains_only() {
     let f = fixture();
-    let (p1, p2, image) = chained_point(&f).await;
+    let (p1, p2, image) = chained_point(&f, false).await;
     // A patch nobody references (a writer died before its manifest) and a foreign file.
     let mut spare = image[..K as usize].to_vec();
-    let orphan = patch(&f, &mut spare, p1.disks[0].chunks[0].hash(), &[[0, 10]], 40).await;
-    let orphan_key = f.server.patch_key("sda", &orphan, p1.disks[0].chunks[0].hash().as_ref());
+    let orphan = patch(&mut spare, p1.disks[0].chunks[0].hash(), &[[0, 10]], 40);
+    let orphan_key = f.server.patch_key("sda", &orphan.result, orphan.base.as_ref());
+    f.store
+        .put_patch(&f.server, "sda", &orphan.result, orphan.base.as_ref(), &orphan.ranges, &orphan.data)
+        .await
+        .unwrap();
     f.backend.put(&format!("{}README", f.server.patches_prefix("sda")), "x".into()).await.unwrap();
 
     // p1 goes: chunk 1's base stays (p2's chain needs it) although p2 no longer names it whole.
@@ -168,4 +182,42 @@ async fn gc_keeps_the_bases_and_patches_of_retained_chains_only() {
     let r = f.store.prune(&f.server, |_| false).await.unwrap();
     assert_eq!((r.chunks_deleted, r.patches_deleted, r.foreign_objects), (2, 3, 1), "{r:?}");
     assert_eq!(f.backend.list(&f.server.patches_prefix("sda")).await.unwrap().len(), 1);
+}
+
+/// Format 3: the three patches of `chained_point` in one pack (one upload) restore the
+/// same image; a flipped byte in the pack is named with the patch and the pack; GC keeps
+/// the pack while a retained point needs a patch in it, and deletes it after.
+#[tokio::test]
+async fn patches_in_one_pack_restore_bit_exact_and_gc_keeps_the_pack_while_needed() {
+    let f = fixture();
+    let (p1, p2, image) = chained_point(&f, true).await;
+    assert!(f.backend.list(&f.server.patches_prefix("sda")).await.unwrap().is_empty(), "no patch objects");
+    let ChunkRef::Chain(chain) = &p2.disks[0].chunks[1] else { panic!("chunk 1 is a chain") };
+    let (first, second) = (*chain.packed_at(0).unwrap(), *chain.packed_at(1).unwrap());
+    assert_eq!(first.offset + first.len, second.offset, "one after the other");
+    let pack_key = f.server.pack_key("sda", &first.pack);
+
+    let loaded = f.store.load_point(&f.server, "p2").await.unwrap();
+    assert_eq!(loaded, p2, "the places survive the manifest's JSON");
+    let out = f.dir.path().join("out.img");
+    f.store.restore_disk(&f.server, &loaded, "sda", &out).await.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), image);
+    let report = f.store.gc(&f.server).await.unwrap();
+    assert_eq!((report.packs_kept, report.packs_deleted, report.patches_kept), (1, 0, 0), "{report:?}");
+
+    // A flipped byte in the pack's second patch: named with its pack.
+    let mut pack = f.backend.get(&pack_key).await.unwrap().to_vec();
+    pack[(second.offset + second.len) as usize - 5] ^= 1;
+    f.backend.put(&pack_key, pack.into()).await.unwrap();
+    let err = f.store.restore_disk(&f.server, &loaded, "sda", &out).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { object, .. } if object.contains(&pack_key) && object.contains("/patches/")),
+        "{err}"
+    );
+
+    f.store.delete_point(&f.server, "p2").await.unwrap();
+    let report = f.store.gc(&f.server).await.unwrap();
+    assert_eq!((report.packs_kept, report.packs_deleted), (0, 1), "{report:?}");
+    assert!(!f.backend.exists(&pack_key).await.unwrap());
+    assert!(f.store.load_point(&f.server, &p1.id).await.is_ok(), "the first point stays");
 }

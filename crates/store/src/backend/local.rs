@@ -81,6 +81,24 @@ impl BlobBackend for LocalBackend {
         }
     }
 
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let path = self.path("get", key)?;
+        let k = key.to_string();
+        let read = move || -> std::io::Result<Vec<u8>> {
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut out = Vec::new();
+            f.take(len).read_to_end(&mut out)?;
+            Ok(out)
+        };
+        match tokio::task::spawn_blocking(read).await.map_err(|e| io_failed("get", key, std::io::Error::other(e)))? {
+            Ok(v) => Ok(Bytes::from(v)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(BackendError::NotFound { key: k }),
+            Err(e) => Err(io_failed("get", &k, e)),
+        }
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError> {
         let root = self.root.clone();
         let p = prefix.to_string();

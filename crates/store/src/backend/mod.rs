@@ -24,6 +24,14 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
     /// Reads a whole object; [`BackendError::NotFound`] when it does not exist.
     async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    /// Reads `len` bytes of an object from `offset` (fewer when it ends sooner);
+    /// [`BackendError::NotFound`] when it does not exist. By default the whole object is
+    /// read and cut.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, BackendError> {
+        let all = self.get(key).await?;
+        let start = (offset as usize).min(all.len());
+        Ok(all.slice(start..start.saturating_add(len as usize).min(all.len())))
+    }
     /// Every key starting with `prefix`, in lexicographic order.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BackendError>;
     /// Deletes an object; deleting a missing object succeeds.
