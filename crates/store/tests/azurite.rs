@@ -51,6 +51,12 @@ async fn backend_operations_on_azurite() {
     b.put("servers/ns/s/disks/d/chunks/c", Bytes::from_static(b"three")).await.unwrap();
     b.put("servers/ns/s/points/p1.json", Bytes::from_static(b"uno")).await.unwrap();
     assert_eq!(b.get("servers/ns/s/points/p1.json").await.unwrap(), Bytes::from_static(b"uno"));
+    assert_eq!(b.get_range("servers/ns/s/points/p1.json", 1, 2).await.unwrap(), Bytes::from_static(b"no"));
+    assert_eq!(
+        b.get_range("servers/ns/s/points/p1.json", 2, 10).await.unwrap(),
+        Bytes::from_static(b"o"),
+        "cut at the end"
+    );
     assert_eq!(
         b.list("servers/ns/s/points/").await.unwrap(),
         ["servers/ns/s/points/p1.json", "servers/ns/s/points/p2.json"],
