@@ -77,6 +77,17 @@ impl Codec {
         Ok(out)
     }
 
+    /// Seals the object whose plaintext is `prefix` followed by what `frame` (zstd frames
+    /// the caller has checked) decompresses to: `prefix` is compressed as a frame of its
+    /// own and put before them (zstd decompresses concatenated frames one after the
+    /// other), so `frame` is neither decompressed nor compressed again.
+    pub fn seal_prefixed(&self, object: &str, prefix: &[u8], frame: &[u8]) -> Result<Vec<u8>> {
+        let mut compressed = zstd::bulk::compress(prefix, self.level)
+            .map_err(|e| StoreError::Task(format!("zstd compression of {object} failed: {e}")))?;
+        compressed.extend_from_slice(frame);
+        self.seal_compressed(object, &compressed)
+    }
+
     /// Authenticates, decrypts and decompresses an object read from `object`.
     pub fn open(&self, object: &str, sealed: &[u8]) -> Result<Vec<u8>> {
         let header = parse_header(object, sealed)?;

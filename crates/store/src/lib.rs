@@ -39,6 +39,6 @@ pub use keys::{Keyring, SECRET_ACTIVE, SECRET_KEY_PREFIX};
 pub use layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef, validate_segment};
 pub use manifest::{ChunkRef, DiskManifest, Manifest, PackedAt, PatchChain, PointKind};
 pub use page_blob::{VhdPurpose, VhdReport, recovered_prefix, recovered_vhd_name};
-pub use patch::{MAX_CHAIN_PATCHES, PatchData, apply_patch, chain_may_grow, encode_patch};
+pub use patch::{MAX_CHAIN_PATCHES, PatchBytes, PatchData, apply_patch, chain_may_grow, encode_patch};
 pub use restore::RestoreReport;
 pub use store::{DiskSource, NewPoint, Store, StoreOptions, WriteReport, generate_point_id};

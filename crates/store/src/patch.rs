@@ -88,7 +88,17 @@ pub struct PatchData {
     /// `[offset, length]` of each changed range, in order.
     pub ranges: Vec<[u32; 2]>,
     /// The ranges' bytes.
-    pub data: Bytes,
+    pub data: PatchBytes,
+}
+
+/// The bytes of a patch's ranges, concatenated.
+#[derive(Debug, Clone)]
+pub enum PatchBytes {
+    /// As they are.
+    Plain(Bytes),
+    /// zstd frames that the caller checked decompress to them (as an agent sent them):
+    /// stored without decompressing and compressing them again.
+    Zstd(Bytes),
 }
 
 impl Store {
@@ -129,7 +139,10 @@ impl Store {
             let mut pack = Vec::new();
             let mut spans = Vec::with_capacity(keys.len());
             for (key, p) in keys.iter().zip(&patches) {
-                let sealed = codec.seal(key, &encode_patch(&p.ranges, &p.data))?;
+                let sealed = match &p.data {
+                    PatchBytes::Plain(data) => codec.seal(key, &encode_patch(&p.ranges, data))?,
+                    PatchBytes::Zstd(frame) => codec.seal_prefixed(key, &encode_patch(&p.ranges, &[]), frame)?,
+                };
                 spans.push((pack.len() as u64, sealed.len() as u64));
                 pack.extend_from_slice(&sealed);
             }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use common::*;
 use siterecovery_store::{
-    BlobBackend, ChunkHash, ChunkRef, LocalBackend, Manifest, PatchChain, PatchData, ServerRef, Store, StoreError,
+    BlobBackend, ChunkHash, ChunkRef, LocalBackend, Manifest, PatchBytes, PatchChain, PatchData, ServerRef, Store,
+    StoreError,
 };
 
 const K: u32 = 64 * 1024;
@@ -36,7 +37,12 @@ fn patch(chunk: &mut [u8], base: Option<ChunkHash>, ranges: &[[u32; 2]], seed: u
         chunk[*off as usize..(*off + *len) as usize].copy_from_slice(&bytes);
         data.extend_from_slice(&bytes);
     }
-    PatchData { result: ChunkHash::of(chunk), base, ranges: ranges.to_vec(), data: data.into() }
+    PatchData { result: ChunkHash::of(chunk), base, ranges: ranges.to_vec(), data: PatchBytes::Plain(data.into()) }
+}
+
+fn plain(p: &PatchData) -> &[u8] {
+    let PatchBytes::Plain(data) = &p.data else { panic!("patch bytes as they are") };
+    data
 }
 
 /// A point of disk `sda` (three chunks: data, a chain on data, a chain on zeros) written
@@ -59,12 +65,14 @@ async fn chained_point(f: &Fixture, packed: bool) -> (Manifest, Manifest, Vec<u8
     let mut ch1 = PatchChain { hash: b.result, base: Some(h1), patches: vec![a.result, b.result], packed: vec![] };
     let mut ch2 = PatchChain { hash: z.result, base: None, patches: vec![z.result], packed: vec![] };
     if packed {
+        // One patch as an agent sends it, compressed: stored as it came.
+        let b = PatchData { data: PatchBytes::Zstd(zstd::bulk::compress(plain(&b), 1).unwrap().into()), ..b };
         let (places, _) = f.store.put_patch_pack(&f.server, "sda", vec![a, b, z]).await.unwrap();
         ch1.packed = vec![Some(places[0]), Some(places[1])];
         ch2.packed = vec![Some(places[2])];
     } else {
         for p in [a, b, z] {
-            f.store.put_patch(&f.server, "sda", &p.result, p.base.as_ref(), &p.ranges, &p.data).await.unwrap();
+            f.store.put_patch(&f.server, "sda", &p.result, p.base.as_ref(), &p.ranges, plain(&p)).await.unwrap();
         }
     }
     p2.disks[0].chunks[1] = ChunkRef::Chain(ch1);
@@ -164,7 +172,7 @@ async fn gc_keeps_the_bases_and_patches_of_retained_chains_only() {
     let orphan = patch(&mut spare, p1.disks[0].chunks[0].hash(), &[[0, 10]], 40);
     let orphan_key = f.server.patch_key("sda", &orphan.result, orphan.base.as_ref());
     f.store
-        .put_patch(&f.server, "sda", &orphan.result, orphan.base.as_ref(), &orphan.ranges, &orphan.data)
+        .put_patch(&f.server, "sda", &orphan.result, orphan.base.as_ref(), &orphan.ranges, plain(&orphan))
         .await
         .unwrap();
     f.backend.put(&format!("{}README", f.server.patches_prefix("sda")), "x".into()).await.unwrap();
