@@ -346,19 +346,12 @@ async fn image_phases(
     let io = inc.ours.as_ref();
     let ir = inc.restic.as_ref();
     let changed_zstd = inc.churn.zstd_bytes as f64 / MIB;
-    rows.push(
-        Cmp::ours("incremental_vs_restic", "s", io.map(|o| o.seconds))
-            .vs("restic backup", ir.map(|r| r.0.timed.wall_s), Ratio::Speedup)
-            .goal(Judge::Ratio(Goal::AtLeast(15.0))),
-    );
-    rows.push(
-        Cmp::ours("incremental_vs_rsync", "s", io.map(|o| o.seconds))
-            .vs("rsync --inplace", inc.rsync.as_ref().map(|r| r.0.wall_s), Ratio::Speedup)
-            .goal(Judge::Ratio(Goal::AtLeast(15.0))),
-    );
-    rows.push(Cmp::ours("incremental_wait_for_interval", "s", io.and_then(|o| o.first_read_s)));
-    rows.push(Cmp::ours("incremental_replication", "s", io.and_then(Ours::replication_s)));
-    rows.push(Cmp::ours("incremental_point_to_store", "s", io.and_then(Ours::point_to_store_s)));
+    rows.extend(phases::incremental_rows(
+        "incremental",
+        io,
+        ("restic backup", ir.map(|r| r.0.timed.wall_s)),
+        ("rsync --inplace", inc.rsync.as_ref().map(|r| r.0.wall_s)),
+    ));
     rows.push(
         Cmp::ours("incremental_wire", "MiB", io.and_then(|o| o.wire_mib))
             .vs("changed bytes, zstd -3", (inc.churn.bytes > 0).then_some(changed_zstd), Ratio::OursOverPeer)

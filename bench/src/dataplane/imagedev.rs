@@ -128,7 +128,7 @@ pub fn rows(run: Option<&Run>, peers: Peers<'_>) -> Vec<Cmp> {
         _ => None,
     };
     let changed_zstd = run.filter(|r| r.churn.bytes > 0).map(|r| r.churn.zstd_bytes as f64 / MIB);
-    vec![
+    let mut rows = vec![
         Cmp::ours("initial_blockdev_vs_restic", "s", init.map(|o| o.seconds))
             .vs("restic backup (image file)", ri.map(|r| r.0.timed.wall_s), Ratio::Speedup)
             .goal(Judge::Ratio(Goal::AtLeast(2.0))),
@@ -152,19 +152,14 @@ pub fn rows(run: Option<&Run>, peers: Peers<'_>) -> Vec<Cmp> {
         ),
         Cmp::ours("initial_blockdev_wire", "MiB", init.and_then(|o| o.wire_mib)),
         Cmp::ours("initial_blockdev_uploaded", "MiB", init.map(|o| o.uploaded_mib)),
-        Cmp::ours("incremental_blockdev_vs_restic", "s", inc.map(|o| o.seconds))
-            .vs(
-                "restic backup (image file)",
-                pi.and_then(|p| p.restic.as_ref()).map(|r| r.0.timed.wall_s),
-                Ratio::Speedup,
-            )
-            .goal(Judge::Ratio(Goal::AtLeast(15.0))),
-        Cmp::ours("incremental_blockdev_vs_rsync", "s", inc.map(|o| o.seconds))
-            .vs("rsync --inplace (image file)", pi.and_then(|p| p.rsync.as_ref()).map(|r| r.0.wall_s), Ratio::Speedup)
-            .goal(Judge::Ratio(Goal::AtLeast(15.0))),
-        Cmp::ours("incremental_blockdev_wait_for_interval", "s", inc.and_then(|o| o.first_read_s)),
-        Cmp::ours("incremental_blockdev_replication", "s", inc.and_then(Ours::replication_s)),
-        Cmp::ours("incremental_blockdev_point_to_store", "s", inc.and_then(Ours::point_to_store_s)),
+    ];
+    rows.extend(phases::incremental_rows(
+        "incremental_blockdev",
+        inc,
+        ("restic backup (image file)", pi.and_then(|p| p.restic.as_ref()).map(|r| r.0.timed.wall_s)),
+        ("rsync --inplace (image file)", pi.and_then(|p| p.rsync.as_ref()).map(|r| r.0.wall_s)),
+    ));
+    rows.extend([
         Cmp::ours("incremental_blockdev_wire", "MiB", inc.and_then(|o| o.wire_mib))
             .vs("changed bytes, zstd -3", changed_zstd, Ratio::OursOverPeer)
             .goal(Judge::Ratio(Goal::AtMost(1.1))),
@@ -176,7 +171,8 @@ pub fn rows(run: Option<&Run>, peers: Peers<'_>) -> Vec<Cmp> {
         Cmp::ours("incremental_blockdev_same_bytes_as_peers", "1=yes", same),
         Cmp::ours("imagedev_agent_peak_rss", "MiB", run.and_then(|r| r.agent_total).map(|u| u.peak_rss_mib)),
         Cmp::ours("imagedev_ps_peak_rss", "MiB", run.and_then(|r| r.ps_total).map(|u| u.peak_rss_mib)),
-    ]
+    ]);
+    rows
 }
 
 /// The run's context for the results file.

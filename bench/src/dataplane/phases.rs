@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 
+use super::compare::{Cmp, Judge, Ratio};
 use super::peers::{Backup, Restic, Timed, rsync};
 use super::procs::{Proc, Usage, cpu_seconds, tcp_bytes_acked_to};
 use super::rig::{Rig, acknowledged_points, point_time};
 use super::workload::{Churn, PacedWriter, churn, hash_file};
+use crate::report::Goal;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -38,6 +40,9 @@ pub struct Ours {
     /// after it (polled every 50 ms; a chunk counts once read, hashed and compressed): in
     /// an incremental, the wait for the agent's next interval; `None` when not seen.
     pub first_read_s: Option<f64>,
+    /// The last poll before [`Ours::first_read_s`] (the start of the phase if none):
+    /// nothing had been read then, so the replication began after it.
+    pub quiet_s: Option<f64>,
     /// From the start of the phase until the instant the point names (its quiet look);
     /// the rest of [`Ours::seconds`] is the point's marker, its acknowledgement and the
     /// process server's uploads and manifest.
@@ -49,9 +54,10 @@ pub struct Ours {
 }
 
 impl Ours {
-    /// The replication itself: first chunk read → point in the store.
+    /// The replication itself, first chunk read → point in the store, bounded from above:
+    /// from the last poll that saw no read yet (at most one poll, 50 ms, too long).
     pub fn replication_s(&self) -> Option<f64> {
-        self.first_read_s.map(|w| self.seconds - w)
+        self.first_read_s.and(self.quiet_s).map(|q| self.seconds - q)
     }
 
     /// The point's instant → the point in the store.
@@ -77,6 +83,37 @@ impl Ours {
         let all = self.timeline.last()?[3];
         self.timeline.iter().find(|s| s[3] >= all - 1.0).map(|s| s[0])
     }
+}
+
+/// The incremental's rows against restic and rsync (`prefix`: `incremental` or
+/// `incremental_blockdev`). The goal (≥ 15× faster than each) is judged on the
+/// replication: from the agent's first read after the churn to the point in the store, as
+/// restic's and rsync's runs are timed from their start. The time from the end of the
+/// churn, which adds the wait for the agent's next interval (0 to one interval: the
+/// policy's RPO setting, as a peer's schedule is), is reported beside it.
+pub fn incremental_rows(
+    prefix: &str,
+    ours: Option<&Ours>,
+    restic: (&str, Option<f64>),
+    rsync: (&str, Option<f64>),
+) -> Vec<Cmp> {
+    let mut rows = Vec::new();
+    for (peer, value) in [restic, rsync] {
+        let tool = peer.split_whitespace().next().unwrap_or(peer);
+        rows.push(Cmp::ours(format!("{prefix}_vs_{tool}"), "s", ours.map(|o| o.seconds)).vs(
+            peer,
+            value,
+            Ratio::Speedup,
+        ));
+        rows.push(
+            Cmp::ours(format!("{prefix}_replication_vs_{tool}"), "s", ours.and_then(Ours::replication_s))
+                .vs(peer, value, Ratio::Speedup)
+                .goal(Judge::Ratio(Goal::AtLeast(15.0))),
+        );
+    }
+    rows.push(Cmp::ours(format!("{prefix}_wait_for_interval"), "s", ours.and_then(|o| o.first_read_s)));
+    rows.push(Cmp::ours(format!("{prefix}_point_to_store"), "s", ours.and_then(Ours::point_to_store_s)));
+    rows
 }
 
 /// The seed of the incremental phases' churn: the same bytes at the same offsets for the
@@ -169,13 +206,18 @@ pub async fn follow(
     // A fresh agent does not serve /metrics yet: it has read nothing.
     let compared_before = rig.agent_chunks_compared().await.unwrap_or(0.0);
     let mut first_read_s = None;
+    let mut quiet_s = Some(0.0);
     let mut timeline = Vec::new();
     let mut compared = compared_before;
     let id = loop {
         compared = rig.agent_chunks_compared().await.unwrap_or(compared);
         let t = started.elapsed().as_secs_f64();
-        if first_read_s.is_none() && compared > compared_before {
-            first_read_s = Some(t);
+        if first_read_s.is_none() {
+            if compared > compared_before {
+                first_read_s = Some(t);
+            } else {
+                quiet_s = Some(t);
+            }
         }
         let c = rig.counters().await.unwrap_or_default();
         timeline.push([
@@ -226,6 +268,7 @@ pub async fn follow(
         uploaded_mib: (now.uploaded - base.uploaded) / MIB,
         sessions_failed: failed_sessions(&agent.log) - failed_before,
         first_read_s,
+        quiet_s,
         point_s: point_time(&id).map(|t| t.duration_since(since).as_secs_f64()),
         timeline,
     })
