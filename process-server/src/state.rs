@@ -104,15 +104,52 @@ impl Checkpoint {
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_be_bytes());
         let path = Self::path(dir);
-        let tmp = dir.join("checkpoint.tmp");
-        let io = |e: std::io::Error| StateError::Checkpoint(format!("writing {}: {e}", path.display()));
-        let mut f = fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        fs::rename(&tmp, &path).map_err(io)?;
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(())
+        write_atomically(&path, &bytes).map_err(|e| StateError::Checkpoint(format!("writing {}: {e}", path.display())))
     }
+}
+
+/// Replaces `path` with `bytes` durably: a temporary file next to it, synced, renamed
+/// over it, and the directory synced.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// The format of a server's cache this process server writes and reads: 2, deltas
+/// journaled as deltas; 3, chains in the checkpoint whose patches are in packs (storage
+/// format 3). Kept in `<cache>/<namespace>/<server>/FORMAT`. A process server refuses a
+/// cache of a newer format, whose records or chains it would misread (a downgrade with
+/// a backlog); a cache without the file predates it and is read as it is.
+pub const CACHE_FORMAT: u32 = 3;
+
+/// Checks the format of the cache in `dir` and records this process server's.
+fn adopt_cache_format(dir: &Path) -> Result<(), StateError> {
+    let path = dir.join("FORMAT");
+    let bad = |why: String| StateError::Format(format!("{}: {why}", path.display()));
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let n: u32 = text.trim().parse().map_err(|_| bad(format!("not a format number: {text:?}")))?;
+            if n > CACHE_FORMAT {
+                return Err(bad(format!(
+                    "the cache is format {n}, written by a newer process server; this one reads formats up to \
+                     {CACHE_FORMAT}. Run the newer version until the backlog is uploaded, or remove the cache \
+                     (the agent then sends again what the store lacks)"
+                )));
+            }
+            if n == CACHE_FORMAT {
+                return Ok(());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bad(e.to_string())),
+    }
+    write_atomically(&path, format!("{CACHE_FORMAT}\n").as_bytes()).map_err(|e| bad(e.to_string()))
 }
 
 /// A failure of a server's state.
@@ -124,6 +161,9 @@ pub enum StateError {
     /// The checkpoint could not be read or written.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The cache was written in a format this process server does not read.
+    #[error("cache format: {0}")]
+    Format(String),
     /// The store failed while recovering the head from the latest point.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -219,6 +259,7 @@ impl ServerState {
     pub async fn open(cache: &Path, server: ServerRef, target: Arc<Target>) -> Result<Self, StateError> {
         let dir = cache.join(server.namespace()).join(server.name());
         fs::create_dir_all(&dir).map_err(|e| StateError::Checkpoint(format!("creating {}: {e}", dir.display())))?;
+        adopt_cache_format(&dir)?;
         let (checkpoint, latest) = match Checkpoint::load(&dir)? {
             Some(c) => (c, None),
             None => match tokio::time::timeout(std::time::Duration::from_secs(10), from_latest_point(&target, &server))
@@ -460,6 +501,31 @@ mod tests {
         let text = std::fs::read(dir.path().join("checkpoint")).unwrap();
         assert!(!String::from_utf8_lossy(&text).contains("chains"), "no field for no chains");
         assert!(Checkpoint::load(dir.path()).unwrap().unwrap().chains.is_empty());
+    }
+
+    #[test]
+    fn a_cache_of_a_newer_format_is_refused_and_an_older_one_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let format = dir.path().join("FORMAT");
+        // A cache from before the marker (a checkpoint, no FORMAT) is read and marked.
+        std::fs::write(dir.path().join("checkpoint"), b"x").unwrap();
+        adopt_cache_format(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&format).unwrap(), format!("{CACHE_FORMAT}\n"));
+        adopt_cache_format(dir.path()).unwrap();
+        std::fs::write(&format, "2\n").unwrap();
+        adopt_cache_format(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&format).unwrap(),
+            format!("{CACHE_FORMAT}\n"),
+            "an older one is taken over"
+        );
+
+        std::fs::write(&format, format!("{}\n", CACHE_FORMAT + 1)).unwrap();
+        let err = adopt_cache_format(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("newer process server") && err.contains(&format.display().to_string()), "{err}");
+        std::fs::write(&format, "three").unwrap();
+        let err = adopt_cache_format(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a format number"), "{err}");
     }
 
     #[test]
