@@ -62,21 +62,32 @@ fn main() -> anyhow::Result<()> {
 /// glibc's malloc serves a large allocation with its own mapping, given back when freed,
 /// but it raises that threshold to the size of every mapped block that is freed (up to 32
 /// MiB): after the first chunk buffer is freed, chunk buffers (4 MiB) come from the
-/// per-thread arenas instead, whose freed holes are rarely returned. Measured during a
-/// 1 GiB initial copy (docs/benchmarks.md, "Process-server memory"): peak RSS 700 MiB
-/// with the moving threshold, 383 MiB with it fixed at 1 MiB, for the same live data.
-/// glibc reads the setting from the environment only at start, and `mallopt` is not
-/// reachable without `unsafe`, so the process starts itself again once with it set. A
-/// value already in the environment is kept (an operator's choice; any value, even empty,
-/// turns this off); on other C libraries the variable means nothing and costs one exec.
+/// per-thread arenas instead (up to 8 per core), whose freed holes are rarely returned:
+/// peak RSS 700 MiB during a 1 GiB initial copy (docs/benchmarks.md, "Process-server
+/// memory"). Mapping every buffer of 1 MiB or more instead (383 MiB) made each chunk
+/// buffer a fresh mapping, faulted in and zeroed: a fifth of the process server's CPU.
+/// So the threshold is fixed above a chunk (16 MiB: chunk buffers are reused from the
+/// heap) and the arenas are two (their holes stay few): 398 MiB peak in the same copy,
+/// and 20–45 % less CPU (docs/benchmarks.md, 2026-11-28 08:10). glibc reads these
+/// settings from the environment only at start, and `mallopt` is not reachable without
+/// `unsafe`, so the process starts itself again once with them set. A threshold already
+/// in the environment is kept with whatever else is there (an operator's choice; any
+/// value, even empty, turns this off); on other C libraries the variables mean nothing
+/// and cost one exec.
 fn fixed_mmap_threshold() {
     const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
+    const ARENAS: &str = "MALLOC_ARENA_MAX";
     if std::env::var_os(VAR).is_some() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
     use std::os::unix::process::CommandExt as _;
-    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(VAR, "1048576").exec();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1)).env(VAR, "16777216");
+    if std::env::var_os(ARENAS).is_none() {
+        cmd.env(ARENAS, "2");
+    }
+    let err = cmd.exec();
     // Only reached if the exec failed: run as is.
     eprintln!("could not restart with {VAR} set ({err}); continuing with glibc's moving threshold");
 }
