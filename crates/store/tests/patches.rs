@@ -129,16 +129,19 @@ async fn a_damaged_patch_is_named_and_nothing_of_it_is_written() {
     let (a, b) = (chain1.patches[0], chain1.patches[1]);
     let key_a = f.server.patch_key("sda", &a, chain1.base.as_ref());
     let key_b = f.server.patch_key("sda", &b, Some(&a));
+    // Chunk 1 alone: chunk 2's patch is still damaged, and chunks are restored in parallel.
+    let mut only1 = p2.clone();
+    only1.disks[0].chunks[2] = ChunkRef::Zero;
     let sealed_b = f.backend.get(&key_b).await.unwrap();
     f.backend.put(&key_b, f.backend.get(&key_a).await.unwrap()).await.unwrap();
-    let err = f.store.restore_disk(&f.server, &p2, "sda", &out).await.unwrap_err();
+    let err = f.store.restore_disk(&f.server, &only1, "sda", &out).await.unwrap_err();
     assert!(matches!(&err, StoreError::Corrupt { object, .. } if *object == key_b), "{err}");
     f.backend.put(&key_b, sealed_b).await.unwrap();
 
     // A patch sealed under its name with other bytes (a writer's bug, not damage): the
     // chain's result is wrong, and the step that goes wrong is the one named.
     f.store.put_patch(&f.server, "sda", &a, chain1.base.as_ref(), &[[0, 100]], &[7; 100]).await.unwrap();
-    let err = f.store.restore_disk(&f.server, &p2, "sda", &out).await.unwrap_err();
+    let err = f.store.restore_disk(&f.server, &only1, "sda", &out).await.unwrap_err();
     assert!(
         matches!(&err, StoreError::Corrupt { object, reason } if *object == key_a && reason.contains("gives chunk")),
         "{err}"
