@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use siterecovery_store::{BackendError, ChunkHash, StoreError};
-use siterecovery_wire::{Frame, Message};
+use siterecovery_wire::{ChunkDelta, Frame, Message, WireError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::recent::RecentChunks;
@@ -33,6 +33,8 @@ pub struct Ahead {
 pub struct Queued {
     /// The frame.
     pub frame: Frame,
+    /// Its message, parsed once here for the read-ahead and the session.
+    pub message: Result<Message, WireError>,
     _bytes: OwnedSemaphorePermit,
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -50,8 +52,12 @@ impl Ahead {
     pub async fn admit(&self, state: &Arc<ServerState>, recent: &Arc<RecentChunks>, frame: Frame) -> Queued {
         let cost = (frame.encoded_len() as u64).clamp(1, u64::from(self.budget)) as u32;
         let bytes = self.bytes.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed");
-        let slot = self.fetch_base(state, recent, &frame).await;
-        Queued { frame, _bytes: bytes, _slot: slot }
+        let message = Message::from_frame(&frame);
+        let slot = match &message {
+            Ok(Message::Delta(d, _)) => self.fetch_base(state, recent, d).await,
+            _ => None,
+        };
+        Queued { frame, message, _bytes: bytes, _slot: slot }
     }
 
     /// For a delta whose base must come from the store: waits for a slot (one of the
@@ -60,9 +66,8 @@ impl Ahead {
         &self,
         state: &Arc<ServerState>,
         recent: &Arc<RecentChunks>,
-        frame: &Frame,
+        d: &ChunkDelta,
     ) -> Option<OwnedSemaphorePermit> {
-        let Ok(Message::Delta(d, _)) = Message::from_frame(frame) else { return None };
         let base = ChunkHash::from_hex(d.base.as_deref()?)?;
         if !recent.needs_fetch(&state.server, &d.disk, &base) {
             return None;
@@ -71,7 +76,7 @@ impl Ahead {
         // session, which waits for announced downloads and frees slots.
         let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         let fetching = recent.begin_fetch(&state.server, &d.disk, base)?;
-        let (state, recent) = (state.clone(), recent.clone());
+        let (state, recent, d) = (state.clone(), recent.clone(), d.clone());
         tokio::spawn(async move {
             // Where the uploader has the base, or whole; not uploaded yet is a miss here,
             // which the session handles as without read-ahead (it waits for the uploader).

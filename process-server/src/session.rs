@@ -239,7 +239,7 @@ where
                     Some(Err(WireError::Truncated)) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
                     Some(Err(e)) => break Err(refuse("ProtocolError", e.to_string())),
                 };
-                match receive(shared, &state, member.as_ref(), &queued.frame, &mut last_seq).await {
+                match receive(shared, &state, member.as_ref(), &queued.frame, queued.message, &mut last_seq).await {
                     Ok(()) => { let _ = appended_tx.send(last_seq); }
                     Err(r) => break Err(r),
                 }
@@ -321,9 +321,10 @@ async fn receive(
     state: &Arc<ServerState>,
     member: Option<&Member>,
     frame: &Frame,
+    message: Result<Message, WireError>,
     last_seq: &mut u64,
 ) -> Result<(), Refuse> {
-    let m = Message::from_frame(frame).map_err(|e| refuse("ProtocolError", e.to_string()))?;
+    let m = message.map_err(|e| refuse("ProtocolError", e.to_string()))?;
     if let Message::GroupReady(r) = m {
         let Some(member) = member else {
             return Err(refuse("ProtocolError", "a consistency-group answer from a server in no group"));
