@@ -559,27 +559,27 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
         refuse("ChecksumMismatch", why)
     };
     let blocking = |e: tokio::task::JoinError| refuse("ProtocolError", e.to_string());
-    // The body is decoded once, whichever way the delta is checked.
+    // One blocking task decodes the body (once, whichever way the delta is checked) and
+    // checks it from its base's block values when they are known (for a base of zeros
+    // they are computed there, once per length).
+    let known = base.map(|h| shared.recent.cvs(&state.server, &d.disk, &h));
+    let (recent, ranges) = (shared.recent.clone(), d.ranges.clone());
     let (covered, encoding, body) = (d.covered() as usize, d.encoding, body.clone());
-    let bytes = tokio::task::spawn_blocking(move || decode(&body, encoding, covered))
-        .await
-        .map_err(blocking)?
-        .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
-    let before = match base {
-        Some(h) => shared.recent.cvs(&state.server, &d.disk, &h),
-        None => shared.recent.zero_cvs(len),
-    };
-    if let Some(before) = before {
-        let (ranges, b) = (d.ranges.clone(), bytes.clone());
-        let checked =
-            tokio::task::spawn_blocking(move || check_by_blocks(&before, len, &ranges, &b)).await.map_err(blocking)?;
-        if let Some((actual, cvs)) = checked {
-            if actual != claimed {
-                return Err(mismatch());
-            }
-            shared.recent.insert_cvs(&state.server, &d.disk, claimed, cvs);
-            return Ok(());
+    let (bytes, checked) = tokio::task::spawn_blocking(move || {
+        let bytes = decode(&body, encoding, covered)?;
+        let before = known.unwrap_or_else(|| recent.zero_cvs(len));
+        let checked = before.and_then(|before| check_by_blocks(&before, len, &ranges, &bytes));
+        Ok::<_, String>((bytes, checked))
+    })
+    .await
+    .map_err(blocking)?
+    .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
+    if let Some((actual, cvs)) = checked {
+        if actual != claimed {
+            return Err(mismatch());
         }
+        shared.recent.insert_cvs(&state.server, &d.disk, claimed, cvs);
+        return Ok(());
     }
     let base_plain = match base {
         None => Bytes::from(vec![0u8; len as usize]),
