@@ -200,12 +200,6 @@ impl Store {
         chain: &PatchChain,
         len: usize,
     ) -> Result<(Vec<u8>, u64)> {
-        let base = async {
-            match &chain.base {
-                None => Ok((vec![0u8; len], 0)),
-                Some(h) => self.fetch_whole(server, disk, h, len).await,
-            }
-        };
         // Keys first: futures made by a closure over borrowed steps would not be `Send`
         // for every lifetime, which a spawned restore needs.
         let steps: Vec<(String, ChunkHash, InPack)> = chain
@@ -219,19 +213,25 @@ impl Store {
         let patches = futures::future::try_join_all(
             steps.into_iter().map(|(key, after, packed)| self.get_patch(key, after, packed)),
         );
+        let base = self.chain_base(server, disk, chain, len);
         let ((base, base_bytes), patches) = futures::future::try_join(base, patches).await?;
-        blocking(move || {
-            // The result is checked once: it is right exactly when its hash is the chain's.
-            // Only when it is not is every step checked, to name the patch at fault.
-            let mut chunk = base.clone();
+        let downloaded = base_bytes + patches.iter().map(|p| p.3).sum::<u64>();
+        // The result is checked once: it is right exactly when its hash is the chain's.
+        let (right, patches) = blocking(move || {
+            let mut chunk = base;
             for (key, _, patch, _) in &patches {
                 apply_patch(&mut chunk, patch).map_err(|why| StoreError::corrupt(key, why))?;
             }
-            let downloaded = base_bytes + patches.iter().map(|p| p.3).sum::<u64>();
-            if patches.last().is_some_and(|(_, after, _, _)| ChunkHash::of(&chunk) == *after) {
-                return Ok((chunk, downloaded));
-            }
-            let mut chunk = base;
+            let right = patches.last().is_some_and(|(_, after, _, _)| ChunkHash::of(&chunk) == *after);
+            Ok((right.then_some(chunk), patches))
+        })
+        .await?;
+        if let Some(chunk) = right {
+            return Ok((chunk, downloaded));
+        }
+        // Wrong: the base again, and every step checked, to name the patch at fault.
+        let (mut chunk, _) = self.chain_base(server, disk, chain, len).await?;
+        blocking(move || {
             for (key, after, patch, _) in &patches {
                 apply_patch(&mut chunk, patch).map_err(|why| StoreError::corrupt(key, why))?;
                 let actual = ChunkHash::of(&chunk);
@@ -242,6 +242,20 @@ impl Store {
             Ok((chunk, downloaded))
         })
         .await
+    }
+
+    /// The chunk a chain starts from: its base, or zeros.
+    async fn chain_base(
+        &self,
+        server: &ServerRef,
+        disk: &str,
+        chain: &PatchChain,
+        len: usize,
+    ) -> Result<(Vec<u8>, u64)> {
+        match &chain.base {
+            None => Ok((vec![0u8; len], 0)),
+            Some(h) => self.fetch_whole(server, disk, h, len).await,
+        }
     }
 
     /// A patch, from its own object or from its place in a pack (opened with its own key
