@@ -42,7 +42,7 @@ pub struct Ours {
     pub first_read_s: Option<f64>,
     /// The last poll before [`Ours::first_read_s`] (the start of the phase if none):
     /// nothing had been read then, so the replication began after it.
-    pub quiet_s: Option<f64>,
+    pub quiet_s: f64,
     /// From the start of the phase until the instant the point names (its quiet look);
     /// the rest of [`Ours::seconds`] is the point's marker, its acknowledgement and the
     /// process server's uploads and manifest.
@@ -57,7 +57,7 @@ impl Ours {
     /// The replication itself, first chunk read → point in the store, bounded from above:
     /// from the last poll that saw no read yet (at most one poll, 50 ms, too long).
     pub fn replication_s(&self) -> Option<f64> {
-        self.first_read_s.and(self.quiet_s).map(|q| self.seconds - q)
+        self.first_read_s.map(|_| self.seconds - self.quiet_s)
     }
 
     /// The point's instant → the point in the store.
@@ -206,7 +206,7 @@ pub async fn follow(
     // A fresh agent does not serve /metrics yet: it has read nothing.
     let compared_before = rig.agent_chunks_compared().await.unwrap_or(0.0);
     let mut first_read_s = None;
-    let mut quiet_s = Some(0.0);
+    let mut quiet_s = 0.0;
     let mut timeline = Vec::new();
     let mut compared = compared_before;
     let id = loop {
@@ -216,7 +216,7 @@ pub async fn follow(
             if compared > compared_before {
                 first_read_s = Some(t);
             } else {
-                quiet_s = Some(t);
+                quiet_s = t;
             }
         }
         let c = rig.counters().await.unwrap_or_default();
