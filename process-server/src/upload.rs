@@ -86,12 +86,20 @@ pub async fn run(
     }
 }
 
-/// One object to upload for a journal record.
+/// What to store for a journal record.
 enum Job {
-    /// A whole chunk: as an agent sent it, or rebuilt from a delta.
-    Whole { disk: String, hash: ChunkHash, encoding: Encoding, body: Bytes },
+    /// A whole chunk.
+    Whole(Whole),
     /// A delta, stored as the patch from its base to its result.
     Patch { delta: ChunkDelta, base: Option<ChunkHash>, hash: ChunkHash, body: Bytes },
+}
+
+/// A whole chunk to upload: as an agent sent it, or rebuilt from a delta.
+struct Whole {
+    disk: String,
+    hash: ChunkHash,
+    encoding: Encoding,
+    body: Bytes,
 }
 
 /// What rebuilding the chunk of a delta gave.
@@ -176,7 +184,7 @@ impl Uploader<'_> {
                     {
                         queued.insert((c.disk.clone(), hash));
                         let (disk, encoding, body) = (c.disk.clone(), c.encoding, body.clone());
-                        jobs.push(Job::Whole { disk, hash, encoding, body });
+                        jobs.push(Job::Whole(Whole { disk, hash, encoding, body }));
                     }
                     work.chains.clear(&c.disk, c.index);
                 }
@@ -195,7 +203,7 @@ impl Uploader<'_> {
                                 rebuilt_bytes += plain.len() as u64;
                                 queued.insert((d.disk.clone(), hash));
                                 let disk = d.disk.clone();
-                                jobs.push(Job::Whole { disk, hash, encoding: Encoding::Raw, body: plain });
+                                jobs.push(Job::Whole(Whole { disk, hash, encoding: Encoding::Raw, body: plain }));
                                 work.chains.clear(&d.disk, d.index);
                             }
                             // Waiting would stall this server's replication for good over
@@ -327,7 +335,7 @@ impl Uploader<'_> {
         let mut packs: HashMap<String, Vec<PackedPatch>> = HashMap::new();
         for job in jobs {
             match job {
-                Job::Whole { disk, hash, encoding, body } => uploads.push(Upload::Whole { disk, hash, encoding, body }),
+                Job::Whole(whole) => uploads.push(Upload::Whole(whole)),
                 Job::Patch { delta, base, hash, body } => {
                     packs.entry(delta.disk.clone()).or_default().push((delta, base, hash, body));
                 }
@@ -339,7 +347,7 @@ impl Uploader<'_> {
                 match upload {
                     // The session checked the body decodes to the chunk: a zstd frame is
                     // sealed as it came, without decompressing and compressing it again.
-                    Upload::Whole { disk, hash, encoding, body } => {
+                    Upload::Whole(Whole { disk, hash, encoding, body }) => {
                         let n = match encoding {
                             Encoding::Raw => store.put_chunk(server, &disk, &hash, body.to_vec()).await,
                             Encoding::Zstd => store.put_compressed_chunk(server, &disk, &hash, body).await,
@@ -394,19 +402,10 @@ impl Uploader<'_> {
     }
 }
 
-/// One upload of a round.
+/// One upload of a round: a whole chunk, or the patches of one disk in a pack.
 enum Upload {
-    Whole {
-        disk: String,
-        hash: ChunkHash,
-        encoding: Encoding,
-        body: Bytes,
-    },
-    /// The patches of one disk.
-    Pack {
-        disk: String,
-        patches: Vec<PackedPatch>,
-    },
+    Whole(Whole),
+    Pack { disk: String, patches: Vec<PackedPatch> },
 }
 
 /// A delta to store as a patch in a pack: the delta, its base, its result, its body.
