@@ -213,7 +213,7 @@ impl Store {
         let patches = futures::future::try_join_all(
             steps.into_iter().map(|(key, after, packed)| self.get_patch(key, after, packed)),
         );
-        let base = self.chain_base(server, disk, chain, len);
+        let base = self.base_or_zeros(server, disk, chain.base.as_ref(), len);
         let ((base, base_bytes), patches) = futures::future::try_join(base, patches).await?;
         let downloaded = base_bytes + patches.iter().map(|p| p.3).sum::<u64>();
         // The result is checked once: it is right exactly when its hash is the chain's.
@@ -230,7 +230,7 @@ impl Store {
             return Ok((chunk, downloaded));
         }
         // Wrong: the base again, and every step checked, to name the patch at fault.
-        let (mut chunk, _) = self.chain_base(server, disk, chain, len).await?;
+        let (mut chunk, _) = self.base_or_zeros(server, disk, chain.base.as_ref(), len).await?;
         blocking(move || {
             for (key, after, patch, _) in &patches {
                 apply_patch(&mut chunk, patch).map_err(|why| StoreError::corrupt(key, why))?;
@@ -244,15 +244,15 @@ impl Store {
         .await
     }
 
-    /// The chunk a chain starts from: its base, or zeros.
-    async fn chain_base(
+    /// The chunk a chain starts from: its base, or zeros (`None`).
+    async fn base_or_zeros(
         &self,
         server: &ServerRef,
         disk: &str,
-        chain: &PatchChain,
+        base: Option<&ChunkHash>,
         len: usize,
     ) -> Result<(Vec<u8>, u64)> {
-        match &chain.base {
+        match base {
             None => Ok((vec![0u8; len], 0)),
             Some(h) => self.fetch_whole(server, disk, h, len).await,
         }
