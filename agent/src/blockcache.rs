@@ -10,10 +10,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use blake3::hazmat::ChainingValue;
 use siterecovery_wire::Slot;
 
-use crate::tree::{self, Blocks};
+use crate::tree::Blocks;
 
 /// Default bound of the cache: 32 bytes of CV and one of zero flag per 64 KiB, so 64 MiB
 /// (with ~200 bytes per chunk) covers about 110 GiB of 4 MiB chunks read.
@@ -48,22 +47,12 @@ pub(crate) struct BlockCache {
     entries: HashMap<Key, Entry>,
     order: BTreeMap<u64, Key>,
     tick: u64,
-    /// CVs of all-zero blocks by (block index, length): the blocks of a zero chunk.
-    zero_cvs: HashMap<(usize, usize), ChainingValue>,
 }
 
 impl BlockCache {
     /// An empty cache holding at most `limit` bytes (0: none, every chunk is read whole).
     pub(crate) fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            used: 0,
-            chunk_size: 0,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-            tick: 0,
-            zero_cvs: HashMap::new(),
-        }
+        Self { limit, used: 0, chunk_size: 0, entries: HashMap::new(), order: BTreeMap::new(), tick: 0 }
     }
 
     /// Forgets everything when chunks are now `chunk_size` bytes (another process server):
@@ -92,7 +81,7 @@ impl BlockCache {
         self.order.insert(self.tick, key);
         match &entry.blocks {
             Some(b) => Some(b.clone()),
-            None => Some(self.zero_blocks(len)),
+            None => Some(Self::zero_blocks(len)),
         }
     }
 
@@ -124,7 +113,7 @@ impl BlockCache {
         self.used -= cost_of(&e);
         let blocks = match e.blocks {
             Some(b) => b,
-            None => self.zero_blocks(e.len),
+            None => Self::zero_blocks(e.len),
         };
         Some((e.slot, blocks))
     }
@@ -151,15 +140,9 @@ impl BlockCache {
     }
 
     /// The blocks of an all-zero chunk of `len` bytes.
-    fn zero_blocks(&mut self, len: u64) -> Blocks {
-        let n = len.div_ceil(tree::BLOCK as u64) as usize;
-        let cvs = (0..n)
-            .map(|i| {
-                let size = (len as usize - i * tree::BLOCK).min(tree::BLOCK);
-                *self.zero_cvs.entry((i, size)).or_insert_with(|| tree::block_cv(&vec![0; size], i))
-            })
-            .collect();
-        Blocks { cvs, zero: vec![true; n] }
+    fn zero_blocks(len: u64) -> Blocks {
+        let cvs = siterecovery_store::tree::zero_block_cvs(len);
+        Blocks { zero: vec![true; cvs.len()], cvs }
     }
 }
 
@@ -176,6 +159,7 @@ mod tests {
     use siterecovery_store::ChunkHash;
 
     use super::*;
+    use crate::tree;
 
     fn data_blocks(n: usize, seed: u8) -> (Slot, Blocks) {
         let chunk: Vec<u8> = (0..n * tree::BLOCK).map(|i| (i as u8).wrapping_mul(seed) | 1).collect();

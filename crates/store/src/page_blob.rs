@@ -290,13 +290,13 @@ async fn put_pages(pages: &PageBlobClient, blob: &str, offset: u64, data: Bytes)
     let mut written = 0;
     let mut at = 0;
     while at < data.len() {
-        if is_zero(&data[at..block_end(at)]) {
+        if crate::tree::is_zero(&data[at..block_end(at)]) {
             at = block_end(at);
             continue;
         }
         let start = at;
         let mut end = block_end(at);
-        while end < data.len() && end - start < MAX_PUT_PAGE && !is_zero(&data[end..block_end(end)]) {
+        while end < data.len() && end - start < MAX_PUT_PAGE && !crate::tree::is_zero(&data[end..block_end(end)]) {
             end = block_end(end);
         }
         let n = (end - start) as u64;
@@ -308,10 +308,6 @@ async fn put_pages(pages: &PageBlobClient, blob: &str, offset: u64, data: Bytes)
         at = end;
     }
     Ok(written)
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    buf.iter().all(|&b| b == 0)
 }
 
 /// The URL without its query (no SAS), with the blob name's `/` as written: the SDK

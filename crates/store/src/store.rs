@@ -365,7 +365,7 @@ async fn read_chunk(
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, offset).map_err(|e| StoreError::io("read", &path, e))?;
-        if is_zero(&buf) {
+        if crate::tree::is_zero(&buf) {
             return Ok((Vec::new(), None));
         }
         let hash = ChunkHash::of(&buf);
@@ -373,9 +373,4 @@ async fn read_chunk(
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    let mut words = buf.chunks_exact(16);
-    words.by_ref().all(|w| w.iter().fold(0u8, |acc, &b| acc | b) == 0) && words.remainder().iter().all(|&b| b == 0)
 }

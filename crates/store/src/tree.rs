@@ -61,9 +61,32 @@ pub fn block_cvs(chunk: &[u8]) -> Vec<ChainingValue> {
 /// The CVs of every block of a chunk of `len` zeros (the base of a delta to a slot that
 /// held zeros), without a chunk-sized buffer.
 pub fn zero_block_cvs(len: u64) -> Vec<ChainingValue> {
-    let zeros = vec![0u8; BLOCK];
     let blocks = len.div_ceil(BLOCK as u64) as usize;
-    (0..blocks).map(|i| block_cv(&zeros[..(len - (i * BLOCK) as u64).min(BLOCK as u64) as usize], i)).collect()
+    (0..blocks).map(|i| zero_block_cv(i, (len - (i * BLOCK) as u64).min(BLOCK as u64) as usize)).collect()
+}
+
+/// The CV of block `index` of a chunk when that block is `len` zeros (a whole block, or
+/// the shorter last one). Whole blocks' are hashed once per process: free space is most of
+/// many disks, and a zero block costs a lookup instead of a hash.
+pub fn zero_block_cv(index: usize, len: usize) -> ChainingValue {
+    static ZEROS: [u8; BLOCK] = [0; BLOCK];
+    static WHOLE: std::sync::Mutex<Vec<ChainingValue>> = std::sync::Mutex::new(Vec::new());
+    if len != BLOCK {
+        return block_cv(&ZEROS[..len], index);
+    }
+    let mut whole = WHOLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    while whole.len() <= index {
+        let i = whole.len();
+        whole.push(block_cv(&ZEROS, i));
+    }
+    whole[index]
+}
+
+/// Whether `bytes` are all zeros (16 bytes at a time, which compiles to vector compares:
+/// a byte at a time is ten times slower, and a disk is read through this whole).
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(16);
+    words.by_ref().all(|w| w.iter().fold(0u8, |acc, &b| acc | b) == 0) && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// `len` deterministic pseudo-random bytes (blake3's output stream keyed by `seed`): test
@@ -92,6 +115,19 @@ mod tests {
     fn zero_block_cvs_are_those_of_a_chunk_of_zeros() {
         for len in [1, BLOCK, BLOCK + 1, 3 * BLOCK - 7, 4 * 1024 * 1024] {
             assert_eq!(zero_block_cvs(len as u64), block_cvs(&vec![0; len]), "length {len}");
+        }
+    }
+
+    #[test]
+    fn is_zero_sees_one_byte_anywhere() {
+        for len in [0, 1, 15, 16, 17, 100, BLOCK] {
+            let mut bytes = vec![0u8; len];
+            assert!(is_zero(&bytes), "{len} zeros");
+            for at in (0..len).filter(|&at| at < 40 || at + 40 >= len) {
+                bytes[at] = 1;
+                assert!(!is_zero(&bytes), "a 1 at {at} of {len}");
+                bytes[at] = 0;
+            }
         }
     }
 }
