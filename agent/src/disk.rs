@@ -31,8 +31,9 @@ pub struct Disk {
 const DIRECT_ALIGN: usize = 4096;
 
 thread_local! {
-    /// Each reading thread's buffer for direct reads (a chunk plus the alignment slack).
-    static DIRECT_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each reading thread's buffer (a chunk plus the alignment slack of direct reads):
+    /// a read costs one copy at most, and none for a chunk of zeros.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Size of the blocks deltas are made of.
@@ -45,8 +46,10 @@ pub struct ReadChunk {
     pub index: u64,
     /// What it holds.
     pub slot: Slot,
-    /// The plaintext (empty for zero chunks).
+    /// What the reader kept of the plaintext (nothing for zero chunks).
     pub data: Vec<u8>,
+    /// The plaintext compressed, if the reader did.
+    pub packed: Option<Vec<u8>>,
     /// The chaining value of every [`DELTA_BLOCK`] of the chunk and whether it is all
     /// zeros, to find what changed next time and to hash it again from the blocks that did.
     pub blocks: Blocks,
@@ -65,34 +68,28 @@ impl Disk {
         Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct })
     }
 
-    /// Reads `len` bytes at `offset`; zeros past the end of the disk.
-    fn read_vec(&self, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
-        if let Some(direct) = &self.direct {
-            // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
-            // (chunks are, and so is a device's size). Each reading thread keeps one, so a
-            // chunk costs one copy, not two fresh zeroed allocations.
-            let read = DIRECT_SCRATCH.with_borrow_mut(|raw| {
-                if raw.len() < len + DIRECT_ALIGN {
-                    *raw = vec![0u8; len + DIRECT_ALIGN];
-                }
-                let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-                let aligned = &mut raw[skip..skip + len];
-                read_full(direct, aligned, offset).map(|n| {
-                    let mut data = Vec::with_capacity(len);
-                    data.extend_from_slice(&aligned[..n]);
-                    data.resize(len, 0);
-                    data
-                })
-            });
-            match read {
-                // A device that refuses this alignment: the page cache is better than nothing.
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
-                r => return r,
+    /// Reads `len` bytes at `offset` into this thread's buffer and gives them to `f`;
+    /// zeros past the end of the disk.
+    fn read_with<T>(&self, len: usize, offset: u64, f: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
+        SCRATCH.with_borrow_mut(|raw| {
+            if raw.len() < len + DIRECT_ALIGN {
+                *raw = vec![0u8; len + DIRECT_ALIGN];
             }
-        }
-        let mut data = vec![0u8; len];
-        read_full(&self.file, &mut data, offset)?;
-        Ok(data)
+            // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
+            // (chunks are, and so is a device's size).
+            let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+            let buf = &mut raw[skip..skip + len];
+            let n = match &self.direct {
+                Some(direct) => match read_full(direct, buf, offset) {
+                    // A device that refuses this alignment: the page cache is better than nothing.
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => read_full(&self.file, buf, offset)?,
+                    r => r?,
+                },
+                None => read_full(&self.file, buf, offset)?,
+            };
+            buf[n..].fill(0);
+            Ok(f(buf))
+        })
     }
 
     /// Current size (seeking to the end works for block devices too).
@@ -111,20 +108,26 @@ impl Disk {
         Ok((m.mtime(), m.mtime_nsec(), m.len()))
     }
 
-    /// Reads chunk `index` of a disk of `size` bytes and classifies it.
-    pub fn read_chunk(&self, index: u64, chunk_size: u32, size: u64) -> std::io::Result<ReadChunk> {
+    /// Reads chunk `index` of a disk of `size` bytes and classifies it; `keep` gives, from
+    /// the bytes of a data chunk and its slot, what to keep of them and their compression.
+    pub fn read_chunk(
+        &self,
+        index: u64,
+        chunk_size: u32,
+        size: u64,
+        keep: impl FnOnce(&[u8], Slot) -> (Vec<u8>, Option<Vec<u8>>),
+    ) -> std::io::Result<ReadChunk> {
         let cs = u64::from(chunk_size);
         let offset = index * cs;
         let len = (size.saturating_sub(offset)).min(cs) as usize;
         // Short when the disk shrank under us: the rest reads as zeros; the next pass
         // notices the new size.
-        let mut data = self.read_vec(len, offset)?;
-        let blocks = Blocks::of(&data);
-        let slot = blocks.slot(len as u64, Some(&data)).expect("the bytes are given");
-        if slot == Slot::Zero {
-            data = Vec::new();
-        }
-        Ok(ReadChunk { index, slot, data, blocks })
+        self.read_with(len, offset, |bytes| {
+            let blocks = Blocks::of(bytes);
+            let slot = blocks.slot(len as u64, Some(bytes)).expect("the bytes are given");
+            let (data, packed) = if slot == Slot::Zero { (Vec::new(), None) } else { keep(bytes, slot) };
+            ReadChunk { index, slot, data, packed, blocks }
+        })
     }
 
     /// Reads the delta blocks `which` (indexes within chunk `index`, sorted) of a disk of
@@ -146,8 +149,7 @@ impl Disk {
             let run = rest.iter().zip(first..).take_while(|(b, i)| **b == *i).count();
             let offset = start + u64::from(first) * block;
             let len = (end.saturating_sub(offset)).min(run as u64 * block) as usize;
-            let buf = self.read_vec(len, offset)?;
-            out.extend((first..).zip(buf.chunks(DELTA_BLOCK).map(<[u8]>::to_vec)));
+            self.read_with(len, offset, |buf| out.extend((first..).zip(buf.chunks(DELTA_BLOCK).map(<[u8]>::to_vec))))?;
             rest = &rest[run..];
         }
         Ok(out)

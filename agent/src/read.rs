@@ -61,9 +61,10 @@ pub struct Found {
 /// The bytes a read gives to send.
 #[derive(Debug)]
 pub enum Body {
-    /// The whole chunk (empty when zero), and zstd-compressed when that is smaller.
+    /// The whole chunk, and zstd-compressed when that is smaller.
     Whole {
-        /// The plaintext.
+        /// The plaintext: empty for a chunk of zeros, and for one that is compressed or
+        /// not sent and could not be sent as a delta (see [`read`]).
         data: Vec<u8>,
         /// The compressed plaintext.
         packed: Option<Vec<u8>>,
@@ -75,12 +76,22 @@ pub enum Body {
         ranges: Vec<[u32; 2]>,
         /// Their bytes.
         bytes: Vec<u8>,
+        /// Their bytes compressed, when that is smaller.
+        packed: Option<Vec<u8>>,
     },
 }
 
-/// Reads chunk `index` of a disk of `size` bytes as `plan` says; `level` compresses a
-/// chunk read whole (0: not) unless it is what the process server holds (`held`: it will
-/// not be sent, as in most of a resync or of the checksum tracker's settling pass).
+/// `bytes` zstd-compressed at `level` (0: not), when that makes them smaller.
+pub fn compress(bytes: &[u8], level: i32) -> Option<Vec<u8>> {
+    (level > 0).then(|| zstd::bulk::compress(bytes, level).ok()).flatten().filter(|z| z.len() < bytes.len())
+}
+
+/// Reads chunk `index` of a disk of `size` bytes as `plan` says, and compresses what will
+/// be sent at `level` (0: not), here, in the reading task, so that chunks are compressed
+/// in parallel. A chunk read whole that is what the process server holds (`held`) will
+/// not be sent, as in most of a resync or of the checksum tracker's settling pass: it is
+/// neither compressed nor copied. The plaintext of one that will be sent is kept only when
+/// it may go as a delta (the process server holds something of it) or uncompressed.
 pub fn read(
     disk: &Disk,
     index: u64,
@@ -92,28 +103,31 @@ pub fn read(
 ) -> std::io::Result<Found> {
     let len = (size.saturating_sub(index * u64::from(chunk_size))).min(u64::from(chunk_size));
     if let Plan::Blocks { which, before } = plan
-        && let Some(found) = read_blocks(disk, index, chunk_size, size, len, &which, before)?
+        && let Some(found) = read_blocks(disk, index, chunk_size, size, len, &which, before, level)?
     {
         return Ok(found);
     }
-    let chunk = disk.read_chunk(index, chunk_size, size)?;
-    let packed = match chunk.slot {
-        Slot::Data(_) if level > 0 && chunk.slot != held => {
-            zstd::bulk::compress(&chunk.data, level).ok().filter(|z| z.len() < chunk.data.len())
+    let chunk = disk.read_chunk(index, chunk_size, size, |bytes, slot| {
+        if slot == held {
+            return (Vec::new(), None);
         }
-        _ => None,
-    };
+        let packed = compress(bytes, level);
+        let plain = packed.is_none() || held != Slot::Missing;
+        (if plain { bytes.to_vec() } else { Vec::new() }, packed)
+    })?;
     Ok(Found {
         index,
         slot: chunk.slot,
         blocks: chunk.blocks,
         bytes_read: len,
-        body: Body::Whole { data: chunk.data, packed },
+        body: Body::Whole { data: chunk.data, packed: chunk.packed },
     })
 }
 
-/// Reads the blocks `which` of a chunk of `len` bytes whose blocks were `before`; `None`
-/// for a chunk of one block, whose hash needs all of it.
+/// Reads the blocks `which` of a chunk of `len` bytes whose blocks were `before`, and
+/// compresses those that changed at `level`; `None` for a chunk of one block, whose hash
+/// needs all of it.
+#[allow(clippy::too_many_arguments)]
 fn read_blocks(
     disk: &Disk,
     index: u64,
@@ -122,6 +136,7 @@ fn read_blocks(
     len: u64,
     which: &[u32],
     mut blocks: Blocks,
+    level: i32,
 ) -> std::io::Result<Option<Found>> {
     if len <= DELTA_BLOCK as u64 {
         return Ok(None);
@@ -131,17 +146,18 @@ fn read_blocks(
     let (mut changed, mut bytes) = (Vec::new(), Vec::new());
     for (b, data) in reads {
         let i = b as usize;
-        let cv = tree::block_cv(&data, i);
+        let (cv, zero) = tree::block(&data, i);
         if cv != blocks.cvs[i] {
             changed.push(i);
             bytes.extend_from_slice(&data);
         }
         blocks.cvs[i] = cv;
-        blocks.zero[i] = data.iter().all(|&x| x == 0);
+        blocks.zero[i] = zero;
     }
     let Some(slot) = blocks.slot(len, None) else { return Ok(None) };
     let ranges = ranges(changed, len as u32);
-    Ok(Some(Found { index, slot, blocks, bytes_read, body: Body::Changed { ranges, bytes } }))
+    let packed = compress(&bytes, level);
+    Ok(Some(Found { index, slot, blocks, bytes_read, body: Body::Changed { ranges, bytes, packed } }))
 }
 
 /// Length of block `b` of a chunk of `len` bytes.

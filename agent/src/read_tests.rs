@@ -66,7 +66,7 @@ fn only_dirty_blocks_are_read_and_the_hash_is_that_of_the_chunk() {
         assert_eq!(found.blocks, Blocks::of(&new));
         let dirty_bytes: u64 = dirty.iter().map(|&b| block_len(b, len)).sum();
         assert_eq!(found.bytes_read, dirty_bytes);
-        let Body::Changed { ranges, bytes } = found.body else { panic!("read whole") };
+        let Body::Changed { ranges, bytes, .. } = found.body else { panic!("read whole") };
         assert!(ranges.iter().all(|r| u64::from(r[0]) != u64::from(dirty[0]) * B), "unchanged block sent");
         assert_eq!(patch(&old, &ranges, &bytes), new);
     }
@@ -134,9 +134,16 @@ fn a_chunk_read_whole_is_compressed_only_when_it_will_be_sent() {
     std::fs::write(&path, vec![7u8; size as usize]).unwrap();
     let disk = Disk::open("d", &path).unwrap();
     let first = read(&disk, 0, CHUNK, size, Plan::Whole, 3, Slot::Missing).unwrap();
-    let Body::Whole { packed, .. } = &first.body else { panic!("read whole") };
+    let Body::Whole { data, packed } = &first.body else { panic!("read whole") };
     assert!(packed.is_some(), "the process server lacks it: compressed to be sent");
+    assert!(data.is_empty(), "nothing to make a delta against: the plaintext is not kept");
     let again = read(&disk, 0, CHUNK, size, Plan::Whole, 3, first.slot).unwrap();
-    let Body::Whole { packed, .. } = &again.body else { panic!("read whole") };
+    let Body::Whole { data, packed } = &again.body else { panic!("read whole") };
     assert!(packed.is_none(), "the process server holds it: nothing to send, nothing to compress");
+    assert!(data.is_empty(), "nor to keep");
+    for (level, held, why) in [(3, Slot::Zero, "a delta against zeros"), (0, Slot::Missing, "sent uncompressed")] {
+        let found = read(&disk, 0, CHUNK, size, Plan::Whole, level, held).unwrap();
+        let Body::Whole { data, .. } = &found.body else { panic!("read whole") };
+        assert_eq!(data, &vec![7u8; size as usize], "the plaintext is kept for {why}");
+    }
 }

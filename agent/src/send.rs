@@ -216,22 +216,26 @@ fn message(
         let chunk = ChunkData { seq, disk: disk.to_owned(), index: found.index, len, hash, encoding };
         (Message::Chunk(chunk, bytes::Bytes::from(body)), payload)
     };
-    let delta = |base: Option<ChunkHash>, hash: ChunkHash, ranges: Vec<[u32; 2]>, bytes: Vec<u8>| {
-        let payload = bytes.len() as u64;
-        let (encoding, body) = pack(bytes, level);
-        let base = base.map(|b| b.to_hex());
-        let delta = ChunkDelta {
-            seq,
-            disk: disk.to_owned(),
-            index: found.index,
-            len,
-            base,
-            hash: hash.to_hex(),
-            ranges,
-            encoding,
+    let delta =
+        |base: Option<ChunkHash>, hash: ChunkHash, ranges: Vec<[u32; 2]>, bytes: Vec<u8>, packed: Option<Vec<u8>>| {
+            let payload = bytes.len() as u64;
+            let (encoding, body) = match packed.or_else(|| read::compress(&bytes, level)) {
+                Some(z) => (Encoding::Zstd, bytes::Bytes::from(z)),
+                None => (Encoding::Raw, bytes::Bytes::from(bytes)),
+            };
+            let base = base.map(|b| b.to_hex());
+            let delta = ChunkDelta {
+                seq,
+                disk: disk.to_owned(),
+                index: found.index,
+                len,
+                base,
+                hash: hash.to_hex(),
+                ranges,
+                encoding,
+            };
+            (Message::Delta(delta, body), payload)
         };
-        (Message::Delta(delta, body), payload)
-    };
     // What a delta applies to: `Some(None)` for a zero chunk.
     let base = match held {
         Slot::Data(h) => Some(Some(h)),
@@ -239,12 +243,12 @@ fn message(
         Slot::Missing => None,
     };
     let (data, packed) = match found.body {
-        Body::Changed { ranges, bytes } => {
+        Body::Changed { ranges, bytes, packed } => {
             // Read by blocks only against the blocks of what the process server holds, and
             // only when at most half the chunk was dirty.
             return match (found.slot, base) {
                 (Slot::Zero, _) => Ok(whole(None, Encoding::Raw, Vec::new())),
-                (Slot::Data(h), Some(base)) if at_most_half(&ranges) => Ok(delta(base, h, ranges, bytes)),
+                (Slot::Data(h), Some(base)) if at_most_half(&ranges) => Ok(delta(base, h, ranges, bytes, packed)),
                 _ => Err(err("a chunk read by its dirty blocks has no base on the process server")),
             };
         }
@@ -265,22 +269,11 @@ fn message(
             for &[off, n] in &ranges {
                 bytes.extend_from_slice(&data[off as usize..(off + n) as usize]);
             }
-            delta(base.flatten(), hash, ranges, bytes)
+            delta(base.flatten(), hash, ranges, bytes, None)
         }
         (None, Some(z)) => whole(Some(hash), Encoding::Zstd, z),
         (None, None) => whole(Some(hash), Encoding::Raw, data),
     })
-}
-
-/// zstd-compresses a body when that makes it smaller.
-fn pack(bytes: Vec<u8>, level: i32) -> (Encoding, bytes::Bytes) {
-    if level > 0
-        && let Ok(z) = zstd::bulk::compress(&bytes, level)
-        && z.len() < bytes.len()
-    {
-        return (Encoding::Zstd, bytes::Bytes::from(z));
-    }
-    (Encoding::Raw, bytes::Bytes::from(bytes))
 }
 
 #[cfg(test)]
@@ -343,7 +336,7 @@ mod tests {
 
         let found = whole(data);
         let changed = Found {
-            body: Body::Changed { ranges: vec![[5 * BLOCK as u32, BLOCK as u32]], bytes: vec![4; BLOCK] },
+            body: Body::Changed { ranges: vec![[5 * BLOCK as u32, BLOCK as u32]], bytes: vec![4; BLOCK], packed: None },
             ..found
         };
         let (m, payload) = message(1, "d", LEN, Slot::Zero, changed, None, 0).unwrap();
@@ -355,7 +348,7 @@ mod tests {
             slot: Slot::Zero,
             blocks: Blocks::of(&vec![0; LEN as usize]),
             bytes_read: BLOCK as u64,
-            body: Body::Changed { ranges: vec![[0, BLOCK as u32]], bytes: vec![0; BLOCK] },
+            body: Body::Changed { ranges: vec![[0, BLOCK as u32]], bytes: vec![0; BLOCK], packed: None },
         };
         let (m, payload) = message(1, "d", LEN, whole(chunk(3)).slot, zero, None, 0).unwrap();
         assert!(matches!(&m, Message::Chunk(c, _) if c.hash.is_none()) && payload == 0);

@@ -6,6 +6,7 @@
 use blake3::hazmat::ChainingValue;
 use siterecovery_store::ChunkHash;
 pub use siterecovery_store::tree::{BLOCK, block_cv, chunk_hash};
+use siterecovery_store::tree::{is_zero, zero_block_cv};
 use siterecovery_wire::Slot;
 
 /// What a read of a whole chunk tells: per block its CV and whether it is all zeros, and
@@ -19,10 +20,9 @@ pub struct Blocks {
 }
 
 impl Blocks {
-    /// Hashes every block of `chunk`.
+    /// Hashes every block of `chunk` (a block of zeros is looked up, not hashed).
     pub fn of(chunk: &[u8]) -> Self {
-        let (cvs, zero) =
-            chunk.chunks(BLOCK).enumerate().map(|(i, b)| (block_cv(b, i), b.iter().all(|&x| x == 0))).unzip();
+        let (cvs, zero) = chunk.chunks(BLOCK).enumerate().map(|(i, b)| block(b, i)).unzip();
         Self { cvs, zero }
     }
 
@@ -37,6 +37,11 @@ impl Blocks {
             None => data.filter(|d| d.len() as u64 == len).map(|d| Slot::Data(ChunkHash::of(d))),
         }
     }
+}
+
+/// Block `index` of a chunk, `bytes` long: its CV and whether it is all zeros.
+pub fn block(bytes: &[u8], index: usize) -> (ChainingValue, bool) {
+    if is_zero(bytes) { (zero_block_cv(index, bytes.len()), true) } else { (block_cv(bytes, index), false) }
 }
 
 #[cfg(test)]
