@@ -170,7 +170,11 @@ if [[ ",$phases," == *",imagedev,"* ]]; then
     imagedev_down # leftovers of an interrupted run
     mkdir -p "$(dirname "$dev_image")"
     cp --sparse=always "$image" "$dev_image"
-    devloop=$(losetup --find --show "$dev_image")
+    sync "$dev_image"
+    # Direct I/O to the backing file, as a disk reads: without it the loop device's worker
+    # copies every read through the backing file's page cache and zero-fills each page of
+    # the copy's holes first (2.4 s for a cold read of the 2 GiB image here, 0.55 s with it).
+    devloop=$(losetup --find --show --direct-io=on "$dev_image")
     log "imagedev: $devloop over a copy of the image ($(blockdev --getsize64 "$devloop") bytes)"
     blk_args+=(--imagedev "$devloop")
   fi
