@@ -41,6 +41,14 @@ impl Plan {
             _ => Plan::Whole,
         }
     }
+
+    /// The bytes this plan reads of a chunk of `len` bytes.
+    pub fn bytes(&self, len: u64) -> u64 {
+        match self {
+            Plan::Whole => len,
+            Plan::Blocks { which, .. } => which.iter().map(|&b| block_len(b, len)).sum(),
+        }
+    }
 }
 
 /// What a read found.

@@ -108,6 +108,8 @@ impl Agent {
         let level = self.config.compression_level;
         let chunk_size = wire.chunk_size;
         self.cache.use_chunk_size(chunk_size);
+        let read_budget = 2 * chunk_size;
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(read_budget as usize));
         for (d, disk) in wire.disks.iter().enumerate() {
             let size = wire.sizes[d];
             let count = size.div_ceil(u64::from(chunk_size));
@@ -130,13 +132,24 @@ impl Agent {
                 let mut reads = futures::stream::iter(plans)
                     .map(|(index, plan, held)| {
                         let disk = disk.clone();
-                        tokio::task::spawn_blocking(move || {
-                            read::read(&disk, index, chunk_size, size, plan, level, held)
-                        })
+                        let budget = budget.clone();
+                        let cost = plan.bytes(len_of(index)).clamp(1, u64::from(read_budget)) as u32;
+                        async move {
+                            // Held until the read is sent: what was read and not yet sent stays
+                            // within the budget.
+                            let permit = budget.acquire_many_owned(cost).await.map_err(err)?;
+                            let found = tokio::task::spawn_blocking(move || {
+                                read::read(&disk, index, chunk_size, size, plan, level, held)
+                            })
+                            .await
+                            .map_err(err)?
+                            .map_err(err)?;
+                            Ok::<_, SessionError>((permit, found))
+                        }
                     })
-                    .buffered(2);
+                    .buffered(READS_IN_FLIGHT);
                 while let Some(r) = reads.next().await {
-                    let found = r.map_err(err)?.map_err(err)?;
+                    let (_permit, found) = r?;
                     let len = len_of(found.index) as u32;
                     self.send_found(&mut wire.link, &mut wire.sent[d], (d, &disk.id), len, found, counted).await?;
                 }
@@ -196,6 +209,11 @@ impl Agent {
 
 /// Chunks planned at once (see [`Plan`]): bounds the copies of cached blocks in flight.
 const PLAN_BATCH: usize = 64;
+
+/// Reads at once, within a budget of two whole chunks' bytes: two chunks read whole, or
+/// up to this many chunks read by their dirty blocks. Each read waits for the device, and
+/// a tracked incremental is hundreds of small reads: two at a time left it idle.
+const READS_IN_FLIGHT: usize = 16;
 
 /// The message that brings the process server's copy of a chunk, `held`, to what `found`
 /// read, and its plaintext payload: a delta when the base is known and at most half the
