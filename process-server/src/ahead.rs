@@ -1,16 +1,24 @@
 //! What a session reads ahead of the frame it is handling: frames up to a byte budget
 //! (a whole chunk or two, or many small deltas), and for each queued delta whose base is
-//! not in memory, that base from the store. Deltas are checked against their base one
-//! after the other, in order; without this every base that is not among the recent
-//! chunks was a store round trip in series (most of an incremental's time on the process
-//! server once chunks are many times the recent-chunk budget).
+//! not in memory, that base from the store. Deltas are handled one after the other, in
+//! order; without this every base that is not among the recent chunks was a store round
+//! trip in series (most of an incremental's time on the process server once chunks are
+//! many times the recent-chunk budget).
+//!
+//! Each queued delta is also decoded and, when the block values of the base it names are
+//! known, checked from them, [`CHECKS_AHEAD`] at a time: an incremental is hundreds of
+//! small deltas, and checking them one after the other, each in a blocking task the
+//! session waited for, made the process server the slowest step of the replication. The
+//! session still checks in order that the base a delta names is the chunk it holds.
 
 use std::sync::Arc;
 
+use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
 use siterecovery_store::{BackendError, ChunkHash, StoreError};
 use siterecovery_wire::{ChunkDelta, Frame, Message, WireError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 use crate::recent::RecentChunks;
 use crate::state::ServerState;
@@ -20,12 +28,20 @@ use crate::state::ServerState;
 /// bases wait there for their delta.
 pub const BASES_AHEAD: usize = 8;
 
+/// Deltas decoded and checked at once, per session (each in a blocking task).
+pub const CHECKS_AHEAD: usize = 4;
+
+/// A queued delta's body decoded and, when the block values of its base were known,
+/// checked: the hash it produces and its blocks' new values (`None`: not checked).
+pub type Checked = Result<(Bytes, Option<(ChunkHash, Arc<[ChainingValue]>)>), String>;
+
 /// The read-ahead of one session.
 #[derive(Debug)]
 pub struct Ahead {
     bytes: Arc<Semaphore>,
     budget: u32,
     slots: Arc<Semaphore>,
+    checks: Arc<Semaphore>,
 }
 
 /// A frame read ahead; what it holds of the budget is given back when it is dropped.
@@ -35,29 +51,68 @@ pub struct Queued {
     pub frame: Frame,
     /// Its message, parsed once here for the read-ahead and the session.
     pub message: Result<Message, WireError>,
+    /// For a delta, its decoding and check (see [`Checked`]).
+    pub checked: Option<JoinHandle<Checked>>,
     _bytes: OwnedSemaphorePermit,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Ahead {
-    /// Frames of up to `budget` bytes together may be queued or being handled (each frame
-    /// counts at most the whole budget, so a large one is never refused).
+    /// Frames of up to `budget` bytes together, with what deltas decode to, may be queued
+    /// or being handled (each frame counts at most the whole budget, so a large one is
+    /// never refused).
     pub fn new(budget: u32) -> Self {
         let budget = budget.max(1);
-        Self { bytes: Arc::new(Semaphore::new(budget as usize)), budget, slots: Arc::new(Semaphore::new(BASES_AHEAD)) }
+        Self {
+            bytes: Arc::new(Semaphore::new(budget as usize)),
+            budget,
+            slots: Arc::new(Semaphore::new(BASES_AHEAD)),
+            checks: Arc::new(Semaphore::new(CHECKS_AHEAD)),
+        }
     }
 
-    /// Waits until `frame` fits in the budget, and starts downloading its base if it is a
-    /// delta whose base is neither in `recent` nor being downloaded.
+    /// Waits until `frame` fits in the budget; for a delta, starts its check and, when its
+    /// base is neither in `recent` nor being downloaded, the download of that base.
     pub async fn admit(&self, state: &Arc<ServerState>, recent: &Arc<RecentChunks>, frame: Frame) -> Queued {
-        let cost = (frame.encoded_len() as u64).clamp(1, u64::from(self.budget)) as u32;
-        let bytes = self.bytes.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed");
         let message = Message::from_frame(&frame);
-        let slot = match &message {
-            Ok(Message::Delta(d, _)) => self.fetch_base(state, recent, d).await,
-            _ => None,
+        // A delta is held decoded too, once checked.
+        let decoded = match &message {
+            Ok(Message::Delta(d, _)) => d.covered(),
+            _ => 0,
         };
-        Queued { frame, message, _bytes: bytes, _slot: slot }
+        let cost = (frame.encoded_len() as u64 + decoded).clamp(1, u64::from(self.budget)) as u32;
+        let bytes = self.bytes.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed");
+        let (slot, checked) = match &message {
+            Ok(Message::Delta(d, body)) => {
+                (self.fetch_base(state, recent, d).await, Some(self.check(state, recent, d, body).await))
+            }
+            _ => (None, None),
+        };
+        Queued { frame, message, checked, _bytes: bytes, _slot: slot }
+    }
+
+    /// Decodes delta `d` and checks it from the block values of the base it names, if
+    /// they are known (a base of zeros: computed from its length), in a blocking task,
+    /// once one of the [`CHECKS_AHEAD`] is free.
+    async fn check(
+        &self,
+        state: &Arc<ServerState>,
+        recent: &Arc<RecentChunks>,
+        d: &ChunkDelta,
+        body: &Bytes,
+    ) -> JoinHandle<Checked> {
+        let known =
+            d.base.as_deref().map(|h| ChunkHash::from_hex(h).and_then(|h| recent.cvs(&state.server, &d.disk, &h)));
+        let permit = self.checks.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (recent, ranges, len) = (recent.clone(), d.ranges.clone(), u64::from(d.len));
+        let (covered, encoding, body) = (d.covered() as usize, d.encoding, body.clone());
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let bytes = crate::session::decode(&body, encoding, covered)?;
+            let before = known.unwrap_or_else(|| recent.zero_cvs(len));
+            let checked = before.and_then(|before| crate::session::check_by_blocks(&before, len, &ranges, &bytes));
+            Ok((bytes, checked))
+        })
     }
 
     /// For a delta whose base must come from the store: waits for a slot (one of the

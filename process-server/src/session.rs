@@ -17,9 +17,10 @@ use siterecovery_wire::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::Shared;
-use crate::ahead::Ahead;
+use crate::ahead::{Ahead, Checked};
 use crate::group::Member;
 use crate::state::{ServerState, apply};
 
@@ -239,7 +240,7 @@ where
                     Some(Err(WireError::Truncated)) => break Err(refuse("ProtocolError", "connection closed in the middle of a frame")),
                     Some(Err(e)) => break Err(refuse("ProtocolError", e.to_string())),
                 };
-                match receive(shared, &state, member.as_ref(), &queued.frame, queued.message, &mut last_seq).await {
+                match receive(shared, &state, member.as_ref(), &queued.frame, queued.message, queued.checked, &mut last_seq).await {
                     Ok(()) => { let _ = appended_tx.send(last_seq); }
                     Err(r) => break Err(r),
                 }
@@ -322,6 +323,7 @@ async fn receive(
     member: Option<&Member>,
     frame: &Frame,
     message: Result<Message, WireError>,
+    checked: Option<JoinHandle<Checked>>,
     last_seq: &mut u64,
 ) -> Result<(), Refuse> {
     let m = message.map_err(|e| refuse("ProtocolError", e.to_string()))?;
@@ -337,8 +339,9 @@ async fn receive(
         return Err(refuse("ProtocolError", format!("sequence number {seq} after {}", *last_seq)));
     }
     match &m {
-        Message::Delta(d, body) => {
-            rebuild(shared, state, d, body).await?;
+        Message::Delta(d, _) => {
+            let checked = checked.ok_or_else(|| refuse("ProtocolError", "a delta that was not read ahead"))?;
+            rebuild(shared, state, d, checked).await?;
         }
         Message::Chunk(c, body) => {
             if let Some((plain, cvs)) = check_chunk(state, c, body).await? {
@@ -462,7 +465,7 @@ fn hash_blocks(plain: &[u8]) -> (ChunkHash, Arc<[ChainingValue]>) {
 /// follows (`siterecovery_store::tree`). `None` when it cannot be checked so: ranges not
 /// made of whole 64 KiB blocks, or a chunk of one block. Gives the hash the delta
 /// produces and the new values.
-fn check_by_blocks(
+pub(crate) fn check_by_blocks(
     before: &[ChainingValue],
     len: u64,
     ranges: &[[u32; 2]],
@@ -531,7 +534,12 @@ fn expected_len(state: &ServerState, disk: &str, index: u64) -> Result<u64, Refu
 
 /// Applies a delta to the process server's copy of its base chunk and checks the
 /// result hashes to what the agent claims; the result goes to the recent chunks.
-async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &Bytes) -> Result<(), Refuse> {
+async fn rebuild(
+    shared: &Shared,
+    state: &ServerState,
+    d: &ChunkDelta,
+    early: JoinHandle<Checked>,
+) -> Result<(), Refuse> {
     let len = expected_len(state, &d.disk, d.index)?;
     if u64::from(d.len) != len {
         return Err(refuse(
@@ -559,21 +567,20 @@ async fn rebuild(shared: &Shared, state: &ServerState, d: &ChunkDelta, body: &By
         refuse("ChecksumMismatch", why)
     };
     let blocking = |e: tokio::task::JoinError| refuse("ProtocolError", e.to_string());
-    // One blocking task decodes the body (once, whichever way the delta is checked) and
-    // checks it from its base's block values when they are known (for a base of zeros
-    // they are computed there, once per length).
-    let known = base.map(|h| shared.recent.cvs(&state.server, &d.disk, &h));
-    let (recent, ranges) = (shared.recent.clone(), d.ranges.clone());
-    let (covered, encoding, body) = (d.covered() as usize, d.encoding, body.clone());
-    let (bytes, checked) = tokio::task::spawn_blocking(move || {
-        let bytes = decode(&body, encoding, covered)?;
-        let before = known.unwrap_or_else(|| recent.zero_cvs(len));
-        let checked = before.and_then(|before| check_by_blocks(&before, len, &ranges, &bytes));
-        Ok::<_, String>((bytes, checked))
-    })
-    .await
-    .map_err(blocking)?
-    .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
+    // Decoded, and checked from the block values of the base it names when they were
+    // known, as it was read ahead (`ahead.rs`); the base it names is the one held (above).
+    let (bytes, mut checked) = early
+        .await
+        .map_err(blocking)?
+        .map_err(|e| refuse("ProtocolError", format!("delta of chunk {} of disk {}: {e}", d.index, d.disk)))?;
+    if checked.is_none()
+        && let Some(before) = base.and_then(|h| shared.recent.cvs(&state.server, &d.disk, &h))
+    {
+        // Its base came in after it was read ahead (an earlier delta of the same chunk).
+        let (ranges, b) = (d.ranges.clone(), bytes.clone());
+        checked =
+            tokio::task::spawn_blocking(move || check_by_blocks(&before, len, &ranges, &b)).await.map_err(blocking)?;
+    }
     if let Some((actual, cvs)) = checked {
         if actual != claimed {
             return Err(mismatch());
