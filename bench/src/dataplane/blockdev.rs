@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::report::Goal;
 
 use super::compare::{Cmp, Judge};
-use super::phases::{self, Baseline, Ours, Rpo, follow, percentile, report};
+use super::phases::{self, Baseline, Ours, Poll, Rpo, follow, percentile, report};
 use super::procs::{Usage, strip_ansi};
 use super::rig::{Rig, RigPaths, acknowledged_points, point_time};
 use super::workload::fill_files;
@@ -94,7 +94,7 @@ pub async fn run(base: &RigPaths, container: &str, setup: &Setup) -> anyhow::Res
     let base_figures = Baseline::take(&rig, None, None).await;
     out.initial = report(
         "block device, initial copy",
-        follow(&mut rig, &mut agent, since, started, base_figures, None, setup.timeout).await,
+        follow(&mut rig, &mut agent, since, started, base_figures, None, setup.timeout, Poll::Coarse).await,
     );
     if out.initial.is_some() {
         let lines_before = log_lines(&agent.log).len();

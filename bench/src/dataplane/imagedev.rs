@@ -16,7 +16,7 @@ use crate::report::Goal;
 
 use super::compare::{Cmp, Judge, Ratio};
 use super::peers::Backup;
-use super::phases::{self, Baseline, CHURN_SEED, Incremental, Ours, PeerRun, follow, report};
+use super::phases::{self, Baseline, CHURN_SEED, Incremental, Ours, PeerRun, Poll, follow, report};
 use super::procs::Usage;
 use super::rig::{Rig, RigPaths};
 use super::workload::{Churn, byte_len, churn, hash_file};
@@ -98,7 +98,7 @@ pub async fn run(base: &RigPaths, container: &str, setup: &Setup, azurite: Optio
     );
     out.incremental = report(
         "block device, incremental",
-        follow(&mut rig, &mut agent, since, started, base_figures, azurite, setup.timeout).await,
+        follow(&mut rig, &mut agent, since, started, base_figures, azurite, setup.timeout, Poll::Fine).await,
     );
     out.churned = report("hashing the churned device", hash_file(&setup.device).map_err(Into::into));
     out.agent_total = agent.stop(Duration::from_secs(20)).await;

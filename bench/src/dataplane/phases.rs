@@ -156,7 +156,7 @@ pub async fn initial(
         report("perf record", super::procs::PerfRecord::start(&pids, &dir.join(format!("{name}.data"))))
     });
     let baseline = Baseline { cpu_s: 0.0, wire: 0, ..Baseline::take(rig, None, azurite).await };
-    let ours = follow(rig, &mut agent, since, started, baseline, azurite, timeout).await;
+    let ours = follow(rig, &mut agent, since, started, baseline, azurite, timeout, Poll::Coarse).await;
     if let Some(r) = recorder {
         report("perf record", r.stop());
     }
@@ -189,9 +189,31 @@ impl Baseline {
     }
 }
 
+/// How often [`follow`] looks: every 50 ms for phases of seconds (an initial copy, where
+/// the polls' own CPU would compete with what is measured), every 10 ms for an
+/// incremental, whose replication takes a few tenths of a second and is timed from the
+/// last poll before the agent's first read to the first poll that finds the point.
+#[derive(Debug, Clone, Copy)]
+pub enum Poll {
+    /// Every 50 ms.
+    Coarse,
+    /// Every 10 ms.
+    Fine,
+}
+
+impl Poll {
+    fn every(self) -> Duration {
+        match self {
+            Poll::Coarse => Duration::from_millis(50),
+            Poll::Fine => Duration::from_millis(10),
+        }
+    }
+}
+
 /// Waits until the running agent has acknowledged a point taken at or after `since` and
-/// the process server has written it to the store; the phase's figures are the
-/// differences from `base`, its duration counted from `started`.
+/// the process server has written it to the store, looking as often as `poll` says; the
+/// phase's figures are the differences from `base`, its duration counted from `started`.
+#[allow(clippy::too_many_arguments)]
 pub async fn follow(
     rig: &mut Rig,
     agent: &mut Proc,
@@ -200,6 +222,7 @@ pub async fn follow(
     base: Baseline,
     azurite: Option<u32>,
     timeout: Duration,
+    poll: Poll,
 ) -> anyhow::Result<Ours> {
     let deadline = started + timeout;
     let failed_before = failed_sessions(&agent.log);
@@ -238,7 +261,7 @@ pub async fn follow(
             failed_sessions(&agent.log) - failed_before,
             super::procs::tail(&agent.log, 15)
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(poll.every()).await;
     };
     while rig.store.load_point(&rig.server, &id).await.is_err() {
         anyhow::ensure!(Instant::now() < deadline, "point {id} acknowledged but not in the store after {timeout:?}");
@@ -251,7 +274,7 @@ pub async fn follow(
             (c.received - base.received) / MIB,
             (c.uploaded - base.uploaded) / MIB,
         ]);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(poll.every()).await;
     }
     let seconds = started.elapsed().as_secs_f64();
     let now = Baseline::take(rig, Some(agent), azurite).await;
@@ -328,7 +351,8 @@ pub async fn incremental(
         out.churn.regions_4mib
     );
     if let Some(agent) = agent {
-        out.ours = report("ours, incremental", follow(rig, agent, since, started, base, azurite, timeout).await);
+        out.ours =
+            report("ours, incremental", follow(rig, agent, since, started, base, azurite, timeout, Poll::Fine).await);
     }
     out.restic = report("restic, incremental", restic_backup(restic, &disk, azurite));
     out.rsync = report("rsync, incremental", rsync(&disk, &copy, &rig.paths.work));
