@@ -81,7 +81,7 @@ impl BlockCache {
         self.order.insert(self.tick, key);
         match &entry.blocks {
             Some(b) => Some(b.clone()),
-            None => Some(Self::zero_blocks(len)),
+            None => Some(Blocks::zeros(len)),
         }
     }
 
@@ -113,7 +113,7 @@ impl BlockCache {
         self.used -= cost_of(&e);
         let blocks = match e.blocks {
             Some(b) => b,
-            None => Self::zero_blocks(e.len),
+            None => Blocks::zeros(e.len),
         };
         Some((e.slot, blocks))
     }
@@ -137,12 +137,6 @@ impl BlockCache {
         for (key, len, slot, blocks) in entries {
             self.insert(key, len, slot, blocks);
         }
-    }
-
-    /// The blocks of an all-zero chunk of `len` bytes.
-    fn zero_blocks(len: u64) -> Blocks {
-        let cvs = siterecovery_store::tree::zero_block_cvs(len);
-        Blocks { zero: vec![true; cvs.len()], cvs }
     }
 }
 

@@ -25,6 +25,8 @@ pub struct Disk {
     /// contents under new metadata. Direct reads go to the device, after writing back
     /// whatever was written through the cache.
     direct: Option<Arc<File>>,
+    /// An image file, whose holes read as zeros without being read.
+    holes: bool,
 }
 
 /// Memory alignment of direct reads (a multiple of every logical block size).
@@ -50,6 +52,8 @@ pub struct ReadChunk {
     pub data: Vec<u8>,
     /// The plaintext compressed, if the reader did.
     pub packed: Option<Vec<u8>>,
+    /// Bytes read from the disk: none for a hole.
+    pub bytes_read: u64,
     /// The chaining value of every [`DELTA_BLOCK`] of the chunk and whether it is all
     /// zeros, to find what changed next time and to hash it again from the blocks that did.
     pub blocks: Blocks,
@@ -65,7 +69,7 @@ impl Disk {
             .then(|| std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_DIRECT).open(path))
             .and_then(|r| r.inspect_err(|e| tracing::warn!(disk = id, error = %e, "no direct reads: reading through the page cache, which a mounted filesystem's writes bypass")).ok())
             .map(Arc::new);
-        Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct })
+        Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct, holes: !block })
     }
 
     /// Reads `len` bytes at `offset` into this thread's buffer and gives them to `f`;
@@ -120,14 +124,37 @@ impl Disk {
         let cs = u64::from(chunk_size);
         let offset = index * cs;
         let len = (size.saturating_sub(offset)).min(cs) as usize;
+        if self.is_hole(offset, len as u64) {
+            let blocks = Blocks::zeros(len as u64);
+            return Ok(ReadChunk { index, slot: Slot::Zero, data: Vec::new(), packed: None, blocks, bytes_read: 0 });
+        }
         // Short when the disk shrank under us: the rest reads as zeros; the next pass
         // notices the new size.
         self.read_with(len, offset, |bytes| {
             let blocks = Blocks::of(bytes);
             let slot = blocks.slot(len as u64, Some(bytes)).expect("the bytes are given");
             let (data, packed) = if slot == Slot::Zero { (Vec::new(), None) } else { keep(bytes, slot) };
-            ReadChunk { index, slot, data, packed, blocks }
+            ReadChunk { index, slot, data, packed, blocks, bytes_read: len as u64 }
         })
+    }
+
+    /// Whether bytes `[offset, offset + len)` of an image file are all a hole (zeros the
+    /// filesystem does not store): `SEEK_DATA` finds no data before their end. Filesystems
+    /// count written data still in the page cache as data (ext4 and XFS their delayed
+    /// allocations, tmpfs its pages); one without `SEEK_DATA` reports all of a file as
+    /// data. `false` for a block device, and whenever the answer is not a clear hole.
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        use nix::unistd::{Whence, lseek};
+        if !self.holes || len == 0 {
+            return false;
+        }
+        let Ok(at) = i64::try_from(offset) else { return false };
+        match lseek(&*self.file, at, Whence::SeekData) {
+            Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset + len),
+            // No data at or after `offset` (which is inside the file).
+            Err(nix::errno::Errno::ENXIO) => true,
+            Err(_) => false,
+        }
     }
 
     /// Reads the delta blocks `which` (indexes within chunk `index`, sorted) of a disk of

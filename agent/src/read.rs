@@ -127,7 +127,7 @@ pub fn read(
         index,
         slot: chunk.slot,
         blocks: chunk.blocks,
-        bytes_read: len,
+        bytes_read: chunk.bytes_read,
         body: Body::Whole { data: chunk.data, packed: chunk.packed },
     })
 }

@@ -147,3 +147,36 @@ fn a_chunk_read_whole_is_compressed_only_when_it_will_be_sent() {
         assert_eq!(data, &vec![7u8; size as usize], "the plaintext is kept for {why}");
     }
 }
+
+#[test]
+fn holes_of_an_image_file_are_zero_chunks_without_a_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sparse.img");
+    let size = 4 * u64::from(CHUNK);
+    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+    file.set_len(size).unwrap();
+    // Chunk 1 holds data; chunk 2 one block of data at its end, the rest a hole; chunk 3
+    // zeros written out (stored, so read, and still a zero chunk).
+    let data = pattern(CHUNK as usize, 9);
+    file.write_all_at(&data, u64::from(CHUNK)).unwrap();
+    file.write_all_at(&pattern(B as usize, 10), 3 * u64::from(CHUNK) - B).unwrap();
+    file.write_all_at(&vec![0u8; CHUNK as usize], 3 * u64::from(CHUNK)).unwrap();
+    let disk = Disk::open("d", &path).unwrap();
+    let read = |index| read(&disk, index, CHUNK, size, Plan::Whole, 0, Slot::Missing).unwrap();
+
+    let hole = read(0);
+    assert_eq!(hole.slot, Slot::Zero);
+    assert_eq!(hole.bytes_read, 0, "a hole is not read");
+    assert_eq!(hole.blocks, Blocks::of(&vec![0u8; CHUNK as usize]), "the blocks of a chunk of zeros");
+
+    let full = read(1);
+    assert_eq!((full.slot, full.bytes_read), (Slot::Data(ChunkHash::of(&data)), u64::from(CHUNK)));
+
+    let mut partly = vec![0u8; CHUNK as usize];
+    partly[CHUNK as usize - B as usize..].copy_from_slice(&pattern(B as usize, 10));
+    let part = read(2);
+    assert_eq!((part.slot, part.bytes_read), (Slot::Data(ChunkHash::of(&partly)), u64::from(CHUNK)), "part hole: read");
+
+    let zeros = read(3);
+    assert_eq!((zeros.slot, zeros.bytes_read), (Slot::Zero, u64::from(CHUNK)), "written zeros are read");
+}

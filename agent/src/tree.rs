@@ -26,6 +26,12 @@ impl Blocks {
         Self { cvs, zero }
     }
 
+    /// The blocks of a chunk of `len` zeros, without hashing.
+    pub fn zeros(len: u64) -> Self {
+        let cvs = siterecovery_store::tree::zero_block_cvs(len);
+        Self { zero: vec![true; cvs.len()], cvs }
+    }
+
     /// The chunk these blocks make, `len` bytes long: zero when every block is, else its
     /// hash (`data` is the chunk's bytes, needed only for a chunk of one block).
     pub fn slot(&self, len: u64, data: Option<&[u8]>) -> Option<Slot> {
