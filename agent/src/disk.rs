@@ -32,11 +32,15 @@ pub struct Disk {
 /// Memory alignment of direct reads (a multiple of every logical block size).
 const DIRECT_ALIGN: usize = 4096;
 
-thread_local! {
-    /// Each reading thread's buffer (a chunk plus the alignment slack of direct reads):
-    /// a read costs one copy at most, and none for a chunk of zeros.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Read buffers (a read's bytes plus the alignment slack of direct reads), reused: a read
+/// costs one copy at most, and none for a chunk of zeros. Shared rather than one per
+/// reading thread, so that what is kept is bounded ([`SPARE_BUFFERS`]) however many
+/// threads read at once.
+static BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Read buffers kept between reads: as many as whole chunks are read at once
+/// (`send.rs`).
+const SPARE_BUFFERS: usize = 2;
 
 /// Size of the blocks deltas are made of.
 pub const DELTA_BLOCK: usize = crate::tree::BLOCK;
@@ -75,25 +79,30 @@ impl Disk {
     /// Reads `len` bytes at `offset` into this thread's buffer and gives them to `f`;
     /// zeros past the end of the disk.
     fn read_with<T>(&self, len: usize, offset: u64, f: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
-        SCRATCH.with_borrow_mut(|raw| {
-            if raw.len() < len + DIRECT_ALIGN {
-                *raw = vec![0u8; len + DIRECT_ALIGN];
-            }
-            // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
-            // (chunks are, and so is a device's size).
-            let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-            let buf = &mut raw[skip..skip + len];
-            let n = match &self.direct {
-                Some(direct) => match read_full(direct, buf, offset) {
-                    // A device that refuses this alignment: the page cache is better than nothing.
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => read_full(&self.file, buf, offset)?,
-                    r => r?,
-                },
-                None => read_full(&self.file, buf, offset)?,
-            };
-            buf[n..].fill(0);
-            Ok(f(buf))
-        })
+        let spare = || BUFFERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut raw = spare().pop().unwrap_or_default();
+        if raw.len() < len + DIRECT_ALIGN {
+            raw = vec![0u8; len + DIRECT_ALIGN];
+        }
+        // O_DIRECT needs an aligned buffer; offsets and lengths are whole logical blocks
+        // (chunks are, and so is a device's size).
+        let skip = (DIRECT_ALIGN - raw.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        let buf = &mut raw[skip..skip + len];
+        let n = match &self.direct {
+            Some(direct) => match read_full(direct, buf, offset) {
+                // A device that refuses this alignment: the page cache is better than nothing.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => read_full(&self.file, buf, offset)?,
+                r => r?,
+            },
+            None => read_full(&self.file, buf, offset)?,
+        };
+        buf[n..].fill(0);
+        let out = f(buf);
+        let mut kept = spare();
+        if kept.len() < SPARE_BUFFERS {
+            kept.push(raw);
+        }
+        Ok(out)
     }
 
     /// Current size (seeking to the end works for block devices too).
