@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use blake3::hazmat::ChainingValue;
 use bytes::Bytes;
-use siterecovery_store::{BackendError, ChunkHash, StoreError};
+use siterecovery_store::{BackendError, ChunkHash, ServerRef, StoreError};
 use siterecovery_wire::{ChunkDelta, Frame, Message, WireError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -84,7 +84,7 @@ impl Ahead {
         let bytes = self.bytes.clone().acquire_many_owned(cost).await.expect("the semaphore is never closed");
         let (slot, checked) = match &message {
             Ok(Message::Delta(d, body)) => {
-                (self.fetch_base(state, recent, d).await, Some(self.check(state, recent, d, body).await))
+                (self.fetch_base(state, recent, d).await, Some(self.check(&state.server, recent, d, body).await))
             }
             _ => (None, None),
         };
@@ -96,13 +96,12 @@ impl Ahead {
     /// once one of the [`CHECKS_AHEAD`] is free.
     async fn check(
         &self,
-        state: &Arc<ServerState>,
+        server: &ServerRef,
         recent: &Arc<RecentChunks>,
         d: &ChunkDelta,
         body: &Bytes,
     ) -> JoinHandle<Checked> {
-        let known =
-            d.base.as_deref().map(|h| ChunkHash::from_hex(h).and_then(|h| recent.cvs(&state.server, &d.disk, &h)));
+        let known = d.base.as_deref().map(|h| ChunkHash::from_hex(h).and_then(|h| recent.cvs(server, &d.disk, &h)));
         let permit = self.checks.clone().acquire_owned().await.expect("the semaphore is never closed");
         let (recent, ranges, len) = (recent.clone(), d.ranges.clone(), u64::from(d.len));
         let (covered, encoding, body) = (d.covered() as usize, d.encoding, body.clone());
@@ -147,5 +146,70 @@ impl Ahead {
             }
         });
         Some(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use siterecovery_store::tree::{self, pseudo_random as bytes};
+    use siterecovery_wire::Encoding;
+
+    use super::*;
+    use crate::session::patched;
+
+    const B: usize = tree::BLOCK;
+
+    /// A delta of chunk 0 of disk `sda` (`len` bytes) from `base` (`None`: zeros).
+    fn delta(base: Option<&[u8]>, len: usize, ranges: Vec<[u32; 2]>, changed: &[u8]) -> ChunkDelta {
+        let before = base.map_or_else(|| vec![0u8; len], <[u8]>::to_vec);
+        ChunkDelta {
+            seq: 1,
+            disk: "sda".into(),
+            index: 0,
+            len: len as u32,
+            base: base.map(|b| ChunkHash::of(b).to_hex()),
+            hash: ChunkHash::of(&patched(&before, &ranges, changed)).to_hex(),
+            ranges,
+            encoding: Encoding::Zstd,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delta_read_ahead_is_checked_from_the_values_of_the_base_it_names_when_they_are_known() {
+        let recent = Arc::new(RecentChunks::new(1 << 20, 1 << 20));
+        let server = ServerRef::new("ns", "s").unwrap();
+        let ahead = Ahead::new(1 << 20);
+        let len = 8 * B;
+        let base = bytes(len, 1);
+        let changed = bytes(2 * B, 2);
+        let body = Bytes::from(zstd::bulk::compress(&changed, 1).unwrap());
+        let ranges = vec![[B as u32, B as u32], [5 * B as u32, B as u32]];
+        let check = |d: ChunkDelta, body: Bytes| {
+            let (ahead, server, recent) = (&ahead, &server, &recent);
+            async move { ahead.check(server, recent, &d, &body).await.await.unwrap() }
+        };
+
+        // Its base's values are not known yet: decoded, not checked (the session does it).
+        let d = delta(Some(&base), len, ranges.clone(), &changed);
+        let (decoded, checked) = check(d.clone(), body.clone()).await.unwrap();
+        assert_eq!(&decoded[..], &changed[..]);
+        assert!(checked.is_none());
+
+        // Known: checked, giving the hash the delta claims and the result's values.
+        recent.insert_cvs(&server, "sda", ChunkHash::of(&base), tree::block_cvs(&base).into());
+        let (_, checked) = check(d.clone(), body.clone()).await.unwrap();
+        let (hash, cvs) = checked.expect("checked from the base's values");
+        let result = patched(&base, &ranges, &changed);
+        assert_eq!(hash.to_hex(), d.hash);
+        assert_eq!(&*cvs, &tree::block_cvs(&result)[..]);
+
+        // A base of zeros is always known.
+        let z = delta(None, len, ranges.clone(), &changed);
+        let (_, checked) = check(z.clone(), body.clone()).await.unwrap();
+        assert_eq!(checked.expect("zeros").0.to_hex(), z.hash);
+
+        // A body that does not decode is an error, named.
+        let err = check(d, Bytes::from_static(b"not zstd")).await.unwrap_err();
+        assert!(err.contains("zstd"), "{err}");
     }
 }
