@@ -504,11 +504,24 @@ pub(crate) fn patched(base: &[u8], ranges: &[[u32; 2]], bytes: &[u8]) -> Vec<u8>
     chunk
 }
 
+thread_local! {
+    /// Each blocking thread's decompression context: made once, not per body (an
+    /// incremental is hundreds of small deltas).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A body as plaintext of exactly `len` bytes.
 pub(crate) fn decode(body: &Bytes, encoding: Encoding, len: usize) -> Result<Bytes, String> {
     let plain = match encoding {
         Encoding::Raw => body.clone(),
-        Encoding::Zstd => Bytes::from(zstd::bulk::decompress(body, len).map_err(|e| format!("zstd: {e}"))?),
+        Encoding::Zstd => DECOMPRESSOR.with_borrow_mut(|d| {
+            let d = match d {
+                Some(d) => d,
+                None => d.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?),
+            };
+            d.decompress(body, len).map(Bytes::from).map_err(|e| format!("zstd: {e}"))
+        })?,
     };
     if plain.len() != len {
         return Err(format!("body decodes to {} bytes, expected {len}", plain.len()));
