@@ -22,13 +22,28 @@
 # commit whose agent and process server to measure instead of the working tree's (built
 # from `git archive` into target/bench/, so work in progress in the tree stays out of
 # recorded figures). SR_BENCH_DP_AGENT_BIN / SR_BENCH_DP_PS_BIN measure other agent /
-# process-server binaries (an experiment built elsewhere) instead. Extra arguments go to
-# the `dataplane` binary (`dataplane --help`).
+# process-server binaries (an experiment built elsewhere) instead. BENCH_DP_REPEAT=N runs
+# all of it N times (results-run-K.json) and writes the medians, with the goals judged on
+# them, to results.json (`dataplane-median`). Extra arguments go to the `dataplane` binary
+# (`dataplane --help`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/.."
 SR_CACHE=${SR_CACHE:-$HOME/.cache/siterecovery}
 log() { printf '[bench-dataplane] %s\n' "$*" >&2; }
+
+repeat=${BENCH_DP_REPEAT:-1}
+if [ "$repeat" -gt 1 ]; then
+  rm -f target/bench/results-run-*.json
+  runs=()
+  for k in $(seq 1 "$repeat"); do
+    log "run $k of $repeat"
+    BENCH_DP_REPEAT=1 "$0" --out "target/bench/results-run-$k.json" "$@"
+    runs+=("target/bench/results-run-$k.json")
+  done
+  cargo build -q --release -p siterecovery-bench --bin dataplane-median
+  exec target/release/dataplane-median --out target/bench/results.json "${runs[@]}"
+fi
 
 # --- peers and tools, installed once -------------------------------------------------
 missing=()

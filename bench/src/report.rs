@@ -35,6 +35,18 @@ impl Goal {
             Goal::AtLeast(limit) => format!(">= {}", number(limit)),
         }
     }
+
+    /// The goal [`Goal::text`] wrote.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (op, limit) = text.trim().split_once(' ')?;
+        let limit: f64 = limit.trim().parse().ok()?;
+        match op {
+            "<=" => Some(Goal::AtMost(limit)),
+            "<" => Some(Goal::Below(limit)),
+            ">=" => Some(Goal::AtLeast(limit)),
+            _ => None,
+        }
+    }
 }
 
 /// One measured figure.
@@ -77,28 +89,38 @@ pub fn table(rows: &[Row]) -> String {
                 r.value.map(number).unwrap_or_else(|| "n/a".into()),
                 r.unit.to_owned(),
                 r.goal.map(Goal::text).unwrap_or_default(),
-                match r.met() {
-                    Some(true) => "ok".into(),
-                    Some(false) => "MISSED".into(),
-                    None => String::new(),
-                },
+                verdict(r.met()).into(),
             ]
         })
         .collect();
-    let header = ["metric", "value", "unit", "goal", ""].map(String::from);
-    let mut widths = [0usize; 5];
-    for row in std::iter::once(&header).chain(&cells) {
+    aligned(["metric", "value", "unit", "goal", ""], &cells, &[1])
+}
+
+/// `ok`, `MISSED`, or nothing for a figure without a goal.
+pub fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "ok",
+        Some(false) => "MISSED",
+        None => "",
+    }
+}
+
+/// `header` and `rows` as columns two spaces apart, the columns `right` aligned right.
+pub fn aligned<const N: usize>(header: [&str; N], rows: &[[String; N]], right: &[usize]) -> String {
+    let header = header.map(String::from);
+    let mut widths = [0usize; N];
+    for row in std::iter::once(&header).chain(rows) {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(&cells) {
+    for row in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = row
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (cell, w))| if i == 1 { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
+            .map(|(i, (cell, w))| if right.contains(&i) { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');

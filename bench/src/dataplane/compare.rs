@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::report::{Goal, number};
+use crate::report::{Goal, aligned, number, verdict};
 
 /// How two figures compare.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,7 +106,6 @@ fn cell(v: Option<f64>) -> String {
 
 /// The rows as an aligned text table.
 pub fn table(rows: &[Cmp]) -> String {
-    let header = ["metric", "ours", "peer", "peer value", "ratio", "unit", "goal", ""].map(String::from);
     let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
@@ -118,32 +117,11 @@ pub fn table(rows: &[Cmp]) -> String {
                 r.ratio_text(),
                 r.unit.to_owned(),
                 r.goal_text(),
-                match r.met() {
-                    Some(true) => "ok".into(),
-                    Some(false) => "MISSED".into(),
-                    None => String::new(),
-                },
+                verdict(r.met()).into(),
             ]
         })
         .collect();
-    let mut widths = [0usize; 8];
-    for row in std::iter::once(&header).chain(&cells) {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&cells) {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .enumerate()
-            .map(|(i, (c, w))| if matches!(i, 1 | 3) { format!("{c:>w$}") } else { format!("{c:<w$}") })
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    aligned(["metric", "ours", "peer", "peer value", "ratio", "unit", "goal", ""], &cells, &[1, 3])
 }
 
 /// The JSON document: `context` and one object per row with `metric`, `unit`, `ours`,

@@ -4,6 +4,7 @@
 pub mod blockdev;
 pub mod compare;
 pub mod imagedev;
+pub mod median;
 pub mod peers;
 pub mod phases;
 pub mod procs;
