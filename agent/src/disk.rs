@@ -25,8 +25,9 @@ pub struct Disk {
     /// contents under new metadata. Direct reads go to the device, after writing back
     /// whatever was written through the cache.
     direct: Option<Arc<File>>,
-    /// An image file, whose holes read as zeros without being read.
-    holes: bool,
+    /// A block device; otherwise an image file, whose holes read as zeros without being
+    /// read.
+    block: bool,
 }
 
 /// Memory alignment of direct reads (a multiple of every logical block size).
@@ -73,10 +74,10 @@ impl Disk {
             .then(|| std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_DIRECT).open(path))
             .and_then(|r| r.inspect_err(|e| tracing::warn!(disk = id, error = %e, "no direct reads: reading through the page cache, which a mounted filesystem's writes bypass")).ok())
             .map(Arc::new);
-        Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct, holes: !block })
+        Ok(Self { id: id.to_string(), path: path.to_path_buf(), file: Arc::new(file), direct, block })
     }
 
-    /// Reads `len` bytes at `offset` into this thread's buffer and gives them to `f`;
+    /// Reads `len` bytes at `offset` into a buffer of the pool and gives them to `f`;
     /// zeros past the end of the disk.
     fn read_with<T>(&self, len: usize, offset: u64, f: impl FnOnce(&[u8]) -> T) -> std::io::Result<T> {
         let spare = || BUFFERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -112,7 +113,7 @@ impl Disk {
 
     /// Whether this is a block device (no usable modification time).
     pub fn is_block_device(&self) -> bool {
-        self.file.metadata().map(|m| m.file_type().is_block_device()).unwrap_or(false)
+        self.block
     }
 
     /// Modification time and size of an image file: a change tells that it was written.
@@ -154,7 +155,7 @@ impl Disk {
     /// data. `false` for a block device, and whenever the answer is not a clear hole.
     fn is_hole(&self, offset: u64, len: u64) -> bool {
         use nix::unistd::{Whence, lseek};
-        if !self.holes || len == 0 {
+        if self.block || len == 0 {
             return false;
         }
         let Ok(at) = i64::try_from(offset) else { return false };
