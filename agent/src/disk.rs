@@ -168,28 +168,31 @@ impl Disk {
     }
 
     /// Reads the delta blocks `which` (indexes within chunk `index`, sorted) of a disk of
-    /// `size` bytes: `(block, bytes)` per block, adjacent blocks in one read. Offsets are
-    /// whole blocks and lengths whole blocks or the end of the disk, as direct reads need.
+    /// `size` bytes, adjacent blocks in one read, and gives each to `each` with its index,
+    /// from the read buffer. Offsets are whole blocks and lengths whole blocks or the end
+    /// of the disk, as direct reads need.
     pub fn read_blocks(
         &self,
         index: u64,
         chunk_size: u32,
         size: u64,
         which: &[u32],
-    ) -> std::io::Result<Vec<(u32, Vec<u8>)>> {
+        mut each: impl FnMut(u32, &[u8]),
+    ) -> std::io::Result<()> {
         let start = index * u64::from(chunk_size);
         let end = size.min(start + u64::from(chunk_size));
         let block = DELTA_BLOCK as u64;
-        let mut out = Vec::with_capacity(which.len());
         let mut rest = which;
         while let Some(&first) = rest.first() {
             let run = rest.iter().zip(first..).take_while(|(b, i)| **b == *i).count();
             let offset = start + u64::from(first) * block;
             let len = (end.saturating_sub(offset)).min(run as u64 * block) as usize;
-            self.read_with(len, offset, |buf| out.extend((first..).zip(buf.chunks(DELTA_BLOCK).map(<[u8]>::to_vec))))?;
+            self.read_with(len, offset, |buf| {
+                (first..).zip(buf.chunks(DELTA_BLOCK)).for_each(|(b, data)| each(b, data))
+            })?;
             rest = &rest[run..];
         }
-        Ok(out)
+        Ok(())
     }
 }
 

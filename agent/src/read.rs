@@ -166,19 +166,18 @@ fn read_blocks(
     if len <= DELTA_BLOCK as u64 {
         return Ok(None);
     }
-    let reads = disk.read_blocks(index, chunk_size, size, which)?;
-    let bytes_read = reads.iter().map(|(_, b)| b.len() as u64).sum();
-    let (mut changed, mut bytes) = (Vec::new(), Vec::new());
-    for (b, data) in reads {
+    let (mut changed, mut bytes, mut bytes_read) = (Vec::new(), Vec::new(), 0u64);
+    disk.read_blocks(index, chunk_size, size, which, |b, data| {
         let i = b as usize;
-        let (cv, zero) = tree::block(&data, i);
+        let (cv, zero) = tree::block(data, i);
         if cv != blocks.cvs[i] {
             changed.push(i);
-            bytes.extend_from_slice(&data);
+            bytes.extend_from_slice(data);
         }
         blocks.cvs[i] = cv;
         blocks.zero[i] = zero;
-    }
+        bytes_read += data.len() as u64;
+    })?;
     let Some(slot) = blocks.slot(len, None) else { return Ok(None) };
     let ranges = ranges(changed, len as u32);
     let packed = compress(&bytes, level);
