@@ -37,8 +37,8 @@ pub struct Ours {
     /// Replication sessions that ended in an error (the agent reconnected).
     pub sessions_failed: usize,
     /// From the start of the phase until the agent's `/metrics` first showed a chunk read
-    /// after it (polled every 50 ms; a chunk counts once read, hashed and compressed): in
-    /// an incremental, the wait for the agent's next interval; `None` when not seen.
+    /// after it (polled as [`Poll`] says; a chunk counts once read, hashed and
+    /// compressed): in an incremental, the wait for the agent's next interval; `None` when not seen.
     pub first_read_s: Option<f64>,
     /// The last poll before [`Ours::first_read_s`] (the start of the phase if none):
     /// nothing had been read then, so the replication began after it.
@@ -47,15 +47,16 @@ pub struct Ours {
     /// the rest of [`Ours::seconds`] is the point's marker, its acknowledgement and the
     /// process server's uploads and manifest.
     pub point_s: Option<f64>,
-    /// Every poll (about every 50 ms): seconds since the start of the phase, chunks the
-    /// agent had compared, MiB the process server had received (plaintext) and uploaded,
+    /// Every poll ([`Poll`]): seconds since the start of the phase, chunks the agent had
+    /// compared, MiB the process server had received (plaintext) and uploaded,
     /// each counted from the start of the phase.
     pub timeline: Vec<[f64; 4]>,
 }
 
 impl Ours {
     /// The replication itself, first chunk read → point in the store, bounded from above:
-    /// from the last poll that saw no read yet (at most one poll, 50 ms, too long).
+    /// from the last poll that saw no read yet (at most one poll too long: 10 ms in an
+    /// incremental).
     pub fn replication_s(&self) -> Option<f64> {
         self.first_read_s.map(|_| self.seconds - self.quiet_s)
     }
