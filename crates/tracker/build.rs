@@ -1,32 +1,36 @@
-//! Compiles the eBPF program (src/bpf/tracker.bpf.c) with clang and generates its
-//! libbpf-rs skeleton into OUT_DIR. Needs clang (hack/tools.sh installs it).
+//! Compiles the eBPF programs (src/bpf/tracker.bpf.c for block devices, src/bpf/files.bpf.c
+//! for image files) with clang and generates their libbpf-rs skeletons into OUT_DIR. Needs
+//! clang (hack/tools.sh installs it).
 
 use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-const SRC: &str = "src/bpf/tracker.bpf.c";
+/// Each program and the name of its skeleton.
+const PROGRAMS: [(&str, &str); 2] = [("src/bpf/tracker.bpf.c", "tracker"), ("src/bpf/files.bpf.c", "files")];
 
 fn main() {
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("tracker.skel.rs");
-    SkeletonBuilder::new()
-        .source(SRC)
-        // The program carries its own CO-RE type declarations (src/bpf/kernel.h), so no
-        // kernel headers or vmlinux.h are needed at build time.
-        .clang_args(["-Wall", "-Werror", "-O2"])
-        .build_and_generate(&out)
-        .unwrap_or_else(|e| panic!("building {SRC} failed (is clang installed? run hack/tools.sh): {e:#}"));
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for (src, name) in PROGRAMS {
+        SkeletonBuilder::new()
+            .source(src)
+            .obj(out_dir.join(format!("{name}.bpf.o")))
+            // The programs carry their own CO-RE type declarations (src/bpf/kernel.h), so
+            // no kernel headers or vmlinux.h are needed at build time.
+            .clang_args(["-Wall", "-Werror", "-O2"])
+            .build_and_generate(out_dir.join(format!("{name}.skel.rs")))
+            .unwrap_or_else(|e| panic!("building {src} failed (is clang installed? run hack/tools.sh): {e:#}"));
+    }
     println!("cargo:rerun-if-changed=src/bpf");
     println!("cargo:rustc-env=SITERECOVERY_TRACKER_BPF_ID={:016x}", source_id());
 }
 
-/// FNV-1a of the eBPF sources (names and contents, in name order): the identity under
-/// which a tracker pins its program and maps, so a build with a different program never
-/// resumes another's (src/pin.rs). Stable across compilers, unlike `DefaultHasher`.
+/// FNV-1a of the block tracker's eBPF sources (names and contents, in name order): the
+/// identity under which a block tracker pins its program and maps, so a build with a
+/// different program never resumes another's (src/pin.rs). Stable across compilers,
+/// unlike `DefaultHasher`. The file tracker is never pinned.
 fn source_id() -> u64 {
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir("src/bpf").expect("src/bpf exists").map(|e| e.expect("src/bpf is readable").path()).collect();
-    files.sort();
+    let files = [PathBuf::from("src/bpf/kernel.h"), PathBuf::from(PROGRAMS[0].0)];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for f in files {
         let name = f.file_name().expect("a file name").to_string_lossy().into_owned();

@@ -57,22 +57,26 @@ impl TrackedDevice {
 
     /// The disk's dev_t in the kernel's internal encoding (MKDEV), as the tracepoints see it.
     pub(crate) fn kernel_disk_dev(&self) -> u32 {
-        (self.disk.0 << 20) | self.disk.1
+        mkdev(self.disk)
     }
 
-    /// The blocks of this device that a write of `nr_sectors` at absolute disk sector
-    /// `sector` touches, as an inclusive range, or `None` when it misses the device.
-    pub(crate) fn blocks_touched(&self, sector: u64, nr_sectors: u64, granularity: u64) -> Option<(u64, u64)> {
+    /// The window of its disk's sectors this device covers, for the accumulator.
+    pub(crate) fn target(&self) -> crate::worker::Target {
         // A whole disk is not clipped at its end: it may grow (losetup -c) while tracked.
-        let end_limit =
-            if self.is_partition() { self.start_sector.saturating_add(self.size_sectors) } else { u64::MAX };
-        blocks_touched(self.start_sector, end_limit, sector, nr_sectors, granularity)
+        let end = if self.is_partition() { self.start_sector.saturating_add(self.size_sectors) } else { u64::MAX };
+        crate::worker::Target { path: self.path.clone(), start: self.start_sector, end }
     }
 }
 
 /// Blocks (of `granularity` bytes, counted from `start`) touched by the sector range
 /// `[sector, sector + nr_sectors)` clipped to `[start, end)`; inclusive.
-fn blocks_touched(start: u64, end: u64, sector: u64, nr_sectors: u64, granularity: u64) -> Option<(u64, u64)> {
+pub(crate) fn blocks_touched(
+    start: u64,
+    end: u64,
+    sector: u64,
+    nr_sectors: u64,
+    granularity: u64,
+) -> Option<(u64, u64)> {
     let lo = sector.max(start);
     let hi = sector.saturating_add(nr_sectors).min(end);
     if nr_sectors == 0 || lo >= hi {
@@ -82,8 +86,18 @@ fn blocks_touched(start: u64, end: u64, sector: u64, nr_sectors: u64, granularit
     Some(((lo - start) / per_block, (hi - 1 - start) / per_block))
 }
 
+/// The kernel's internal dev_t encoding (MKDEV) of `(major, minor)`.
+fn mkdev((major, minor): (u32, u32)) -> u32 {
+    (major << 20) | minor
+}
+
+/// A `st_dev` or `st_rdev` as the kernel encodes it internally (what tracepoints see).
+pub(crate) fn kernel_dev(dev: u64) -> u32 {
+    mkdev(split_rdev(dev))
+}
+
 /// glibc's `gnu_dev_major`/`gnu_dev_minor` split of `st_rdev`.
-fn split_rdev(rdev: u64) -> (u32, u32) {
+pub(crate) fn split_rdev(rdev: u64) -> (u32, u32) {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
     let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
     (major as u32, minor as u32)

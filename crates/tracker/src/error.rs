@@ -27,6 +27,37 @@ pub enum TrackerError {
     #[error("{0} is not a block device: pass a disk or partition such as /dev/sda or /dev/sda2")]
     NotBlockDevice(PathBuf),
 
+    /// An image-file path exists but is not a regular file.
+    #[error("{0} is not a regular file: image-file tracking follows files; block devices have a tracker of their own")]
+    NotRegularFile(PathBuf),
+
+    /// An image file lives on a filesystem whose ways of changing data are not followed.
+    #[error(
+        "{path} is on a filesystem with statfs magic {magic:#x}, not ext4: image-file tracking follows ext4 only; fall back to checksum scans"
+    )]
+    UnsupportedFilesystem {
+        /// The file as given.
+        path: PathBuf,
+        /// The filesystem's `f_type`.
+        magic: i64,
+    },
+
+    /// An image file whose data changes without going through page-cache buffers.
+    #[error("{path} cannot be tracked from the page cache: {reason}; fall back to checksum scans")]
+    Untrackable {
+        /// The file as given.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+
+    /// More image files than the kernel-side filter holds.
+    #[error(
+        "{0} image files requested but the tracker follows at most {max}: split them over several trackers",
+        max = crate::files::MAX_FILES
+    )]
+    TooManyFiles(usize),
+
     /// sysfs did not describe a block device the way the tracker expects.
     #[error("cannot read {path} for {device}: {reason}; is /sys mounted?")]
     Sysfs {

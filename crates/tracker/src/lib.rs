@@ -7,13 +7,19 @@
 //! the set of dirty blocks since the previous call. When the kernel could not record a
 //! write (ring buffer or in-flight table full) the set says so (`lost`), and the caller
 //! must resynchronise that device by checksums. See docs/change-tracking.md.
+//!
+//! [`FileTracker`] does the same for image files on ext4, from the page cache: a second
+//! program reports the blocks ext4 marks dirty, direct-I/O writes, punched holes and
+//! zeroed ranges (docs/change-tracking.md "Image files").
 #![deny(unsafe_code)]
 
 mod bpf;
 mod device;
 mod error;
+mod files;
 mod pin;
 mod privileges;
+mod sys;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +29,7 @@ use std::time::Duration;
 
 pub use device::TrackedDevice;
 pub use error::TrackerError;
+pub use files::{FileTracker, TrackedFile};
 
 /// Tuning knobs; [`TrackerOptions::new`] gives the defaults for a granularity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,7 +196,7 @@ impl BlockTracker {
 }
 
 /// Sends libbpf's messages (verifier logs included) to `tracing` instead of stderr.
-fn route_libbpf_logs() {
+pub(crate) fn route_libbpf_logs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Warn, |level, msg| {

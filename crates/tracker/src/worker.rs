@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -15,6 +16,7 @@ use libbpf_rs::{MapCore as _, MapFlags, MapHandle, RingBufferBuilder};
 use roaring::RoaringTreemap;
 
 use crate::bpf::{TrackerSkel, TrackerSkelBuilder};
+use crate::device::blocks_touched;
 use crate::{DeviceDirty, DirtySet, TrackedDevice, TrackerError, TrackerOptions, pin};
 
 /// Size of the kernel-side disk filter and drop counters (MAX_DISKS in tracker.bpf.c).
@@ -31,17 +33,26 @@ pub(crate) enum Command {
     Suspend(Sender<Result<DirtySet, TrackerError>>),
 }
 
-/// Starts the worker and waits until the program is attached (or failed to be).
+/// Starts the block worker and waits until the program is attached (or failed to be).
 pub(crate) fn spawn(
     devices: Vec<TrackedDevice>,
     options: TrackerOptions,
 ) -> Result<(JoinHandle<()>, Sender<Command>, Started), TrackerError> {
     let slots = assign_slots(&devices)?;
+    spawn_thread("block-tracker", move |ready, inbox| run(devices, slots, options, ready, inbox))
+}
+
+/// Runs `body` on a thread of its own named `name`, with the receiving end of the
+/// command channel, and waits until it reports that its program is attached (or failed).
+pub(crate) fn spawn_thread<F>(name: &str, body: F) -> Result<(JoinHandle<()>, Sender<Command>, Started), TrackerError>
+where
+    F: FnOnce(Sender<Result<Started, TrackerError>>, Receiver<Command>) + Send + 'static,
+{
     let (commands, inbox) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
-        .name("block-tracker".into())
-        .spawn(move || run(devices, slots, options, ready_tx, inbox))
+        .name(name.into())
+        .spawn(move || body(ready_tx, inbox))
         .map_err(|_| TrackerError::WorkerGone)?;
     match ready_rx.recv() {
         Ok(Ok(started)) => Ok((handle, commands, started)),
@@ -86,28 +97,17 @@ fn run(
             return;
         }
     };
-    let acc = match read_seen(&maps, &slots) {
-        Ok(seen) => {
-            let lost = started == Started::ResumedUnclean;
-            Rc::new(RefCell::new(Accumulator::new(&devices, &slots, options.granularity, seen, lost)))
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let mut builder = RingBufferBuilder::new();
-    let sink = Rc::clone(&acc);
-    let ring = builder
-        .add(&maps.events, move |data: &[u8]| {
-            sink.borrow_mut().record(data);
-            0
-        })
-        .map(|_| ())
-        .and_then(|()| builder.build())
-        .map_err(TrackerError::bpf("set up the ring buffer"));
-    let ring = match ring.and_then(|ring| maps.set_suspended(false).map(|()| ring)) {
-        Ok(ring) => ring,
+    let targets: Vec<Target> = devices.iter().map(TrackedDevice::target).collect();
+    let slot_of: Vec<u32> = devices.iter().map(|d| slots[&d.kernel_disk_dev()]).collect();
+    let prepared = read_seen(&maps, &slots).and_then(|seen| {
+        let lost = started == Started::ResumedUnclean;
+        let acc = Accumulator::new(targets, &slot_of, slots.len(), options.granularity, seen, lost);
+        let (acc, ring) = drain_into(&maps.events, acc)?;
+        maps.set_suspended(false)?;
+        Ok((acc, ring))
+    });
+    let (acc, ring) = match prepared {
+        Ok(p) => p,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
@@ -117,29 +117,62 @@ fn run(
         return;
     }
     tracing::debug!(devices = devices.len(), ?started, "block tracker attached");
+    serve(&ring, &inbox, options.drain_interval, "block", |suspending| {
+        let set = take(&acc, &maps, &slots)?;
+        if suspending {
+            // Nothing is drained after this take: later writes wait in the ring buffer
+            // for the tracker that resumes the pins.
+            maps.set_suspended(true)?;
+        }
+        Ok(set)
+    });
+}
 
+/// An accumulator fed by a ring buffer of `struct event` records.
+pub(crate) fn drain_into(
+    events: &MapHandle,
+    acc: Accumulator,
+) -> Result<(Rc<RefCell<Accumulator>>, libbpf_rs::RingBuffer<'static>), TrackerError> {
+    let acc = Rc::new(RefCell::new(acc));
+    let mut builder = RingBufferBuilder::new();
+    let sink = Rc::clone(&acc);
+    builder
+        .add(events, move |data: &[u8]| {
+            sink.borrow_mut().record(data);
+            0
+        })
+        .map_err(TrackerError::bpf("set up the ring buffer"))?;
+    let ring = builder.build().map_err(TrackerError::bpf("set up the ring buffer"))?;
+    Ok((acc, ring))
+}
+
+/// The worker's loop: drains `ring` every `interval` and answers each command with
+/// `take(suspending)` after a last drain. Returns after a suspension, or when the
+/// tracker is dropped (its worker then drops the skeleton, which detaches the program
+/// unless it is pinned).
+pub(crate) fn serve(
+    ring: &libbpf_rs::RingBuffer<'_>,
+    inbox: &Receiver<Command>,
+    interval: std::time::Duration,
+    what: &str,
+    mut take: impl FnMut(bool) -> Result<DirtySet, TrackerError>,
+) {
     loop {
-        let command = inbox.recv_timeout(options.drain_interval);
+        let command = inbox.recv_timeout(interval);
         let drained = ring.consume().map_err(TrackerError::bpf("drain the ring buffer"));
         match command {
             Ok(Command::Take(reply)) => {
-                let _ = reply.send(drained.and_then(|()| take(&acc, &maps, &slots)));
+                let _ = reply.send(drained.and_then(|()| take(false)));
             }
             Ok(Command::Suspend(reply)) => {
-                // Nothing is drained after this take: later writes wait in the ring
-                // buffer for the tracker that resumes the pins.
-                let set = drained
-                    .and_then(|()| take(&acc, &maps, &slots))
-                    .and_then(|set| maps.set_suspended(true).map(|()| set));
-                let _ = reply.send(set);
+                let _ = reply.send(drained.and_then(|()| take(true)));
                 break;
             }
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = drained {
-                    tracing::warn!(error = %e, "block tracker could not drain its ring buffer");
+                    tracing::warn!(error = %e, tracker = what, "the change tracker could not drain its ring buffer");
                 }
             }
-            // The BlockTracker was dropped: detach by dropping the skeleton (unless pinned).
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -147,7 +180,7 @@ fn run(
 
 /// Hands over the dirty set and records the drop counters it saw (in the `seen` map).
 fn take(acc: &RefCell<Accumulator>, maps: &pin::Maps, slots: &BTreeMap<u32, u32>) -> Result<DirtySet, TrackerError> {
-    let drops = read_drops(&maps.drops, slots)?;
+    let drops = read_drops(&maps.drops, slots.len())?;
     let set = acc.borrow_mut().take(&drops);
     for (slot, &n) in acc.borrow().seen_drops.iter().enumerate() {
         pin::write_u64(&maps.seen, slot as u32, n)?;
@@ -208,26 +241,33 @@ fn load<'obj>(
     Ok(skel)
 }
 
-/// Reads the per-slot drop counters (cumulative since load).
-fn read_drops(drops: &MapHandle, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
-    let mut out = vec![0; slots.len()];
-    for &slot in slots.values() {
-        out[slot as usize] = pin::read_u64(drops, slot)?;
-    }
-    Ok(out)
+/// Reads the drop counters (cumulative since load) of slots `0..slots`.
+pub(crate) fn read_drops(drops: &MapHandle, slots: usize) -> Result<Vec<u64>, TrackerError> {
+    (0..slots as u32).map(|slot| pin::read_u64(drops, slot)).collect()
 }
 
 /// The drop counters as of the previous take (kept in the `seen` map, which a resumed
 /// tracker inherits).
 fn read_seen(maps: &pin::Maps, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
-    read_drops(&maps.seen, slots)
+    read_drops(&maps.seen, slots.len())
+}
+
+/// What a tracked device or file is to the accumulator: a window of its slot's sectors.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The device or file as given.
+    pub(crate) path: PathBuf,
+    /// Its first sector in what the kernel reports (0 but for a partition).
+    pub(crate) start: u64,
+    /// The sector after its last one (`u64::MAX`: unbounded, it may grow while tracked).
+    pub(crate) end: u64,
 }
 
 /// Dirty blocks since the last take, per tracked device.
-struct Accumulator {
+pub(crate) struct Accumulator {
     granularity: u64,
-    devices: Vec<TrackedDevice>,
-    /// For each slot, the tracked devices on that disk (indexes into `devices`).
+    targets: Vec<Target>,
+    /// For each slot, the tracked devices on that disk (indexes into `targets`).
     by_slot: Vec<Vec<usize>>,
     dirty: Vec<RoaringTreemap>,
     /// Drop counters as of the last take.
@@ -241,22 +281,24 @@ struct Accumulator {
 }
 
 impl Accumulator {
-    fn new(
-        devices: &[TrackedDevice],
-        slots: &BTreeMap<u32, u32>,
+    /// `slot_of[i]`: the slot (below `slots`) whose records concern `targets[i]`.
+    pub(crate) fn new(
+        targets: Vec<Target>,
+        slot_of: &[u32],
+        slots: usize,
         granularity: u64,
         seen: Vec<u64>,
         lost: bool,
     ) -> Self {
-        let mut by_slot = vec![Vec::new(); slots.len()];
-        for (i, d) in devices.iter().enumerate() {
-            by_slot[slots[&d.kernel_disk_dev()] as usize].push(i);
+        let mut by_slot = vec![Vec::new(); slots];
+        for (i, &slot) in slot_of.iter().enumerate() {
+            by_slot[slot as usize].push(i);
         }
         Self {
             granularity,
-            devices: devices.to_vec(),
+            dirty: vec![RoaringTreemap::new(); targets.len()],
+            targets,
             by_slot,
-            dirty: vec![RoaringTreemap::new(); devices.len()],
             seen_drops: seen,
             malformed: 0,
             lost,
@@ -266,7 +308,7 @@ impl Accumulator {
 
     /// Marks the blocks that one ring-buffer record touches on every tracked device of
     /// its disk (a disk and its partitions may all be tracked).
-    fn record(&mut self, data: &[u8]) {
+    pub(crate) fn record(&mut self, data: &[u8]) {
         self.records += 1;
         let Some(event) = parse_event(data) else {
             self.malformed += 1;
@@ -277,7 +319,8 @@ impl Accumulator {
             return;
         };
         for &i in devices {
-            let touched = self.devices[i].blocks_touched(event.sector, u64::from(event.nr_sectors), self.granularity);
+            let t = &self.targets[i];
+            let touched = blocks_touched(t.start, t.end, event.sector, u64::from(event.nr_sectors), self.granularity);
             if let Some((first, last)) = touched {
                 self.dirty[i].insert_range(first..=last);
             }
@@ -287,7 +330,7 @@ impl Accumulator {
     /// Hands over the blocks gathered so far and starts afresh. `drops` are the
     /// cumulative kernel drop counters per slot; any increase since the previous take
     /// marks that disk's devices as lost.
-    fn take(&mut self, drops: &[u64]) -> DirtySet {
+    pub(crate) fn take(&mut self, drops: &[u64]) -> DirtySet {
         let mut lost_slots = vec![self.malformed > 0 || std::mem::take(&mut self.lost); self.by_slot.len()];
         for (slot, (&now, seen)) in drops.iter().zip(self.seen_drops.iter_mut()).enumerate() {
             if now != *seen {
@@ -297,7 +340,7 @@ impl Accumulator {
             }
         }
         self.malformed = 0;
-        let mut devices = Vec::with_capacity(self.devices.len());
+        let mut devices = Vec::with_capacity(self.targets.len());
         for (slot, members) in self.by_slot.iter().enumerate() {
             for &i in members {
                 devices.push((i, lost_slots[slot]));
@@ -307,7 +350,7 @@ impl Accumulator {
         let devices: Vec<DeviceDirty> = devices
             .into_iter()
             .map(|(i, lost)| DeviceDirty {
-                path: self.devices[i].path.clone(),
+                path: self.targets[i].path.clone(),
                 blocks: std::mem::take(&mut self.dirty[i]).iter().collect(),
                 lost,
             })

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (BSD-2-Clause OR GPL-2.0-only) */
 /*
- * The few kernel types and constants tracker.bpf.c needs, declared by hand instead of
+ * The few kernel types and constants tracker.bpf.c and files.bpf.c need, declared by hand instead of
  * a generated vmlinux.h: with preserve_access_index, libbpf relocates every field
  * access against the running kernel's BTF (CO-RE), so only the field names and types
  * have to match, not the layout, and the build needs no kernel headers.
@@ -74,5 +74,47 @@ struct request {
 } __attribute__((preserve_access_index));
 
 typedef __u8 blk_status_t;
+
+/* The file tracker (files.bpf.c). */
+typedef unsigned long size_t;
+
+struct super_block {
+	dev_t s_dev;
+} __attribute__((preserve_access_index));
+
+struct inode {
+	unsigned long i_ino;
+	struct super_block *i_sb;
+} __attribute__((preserve_access_index));
+
+struct address_space {
+	struct inode *host;
+} __attribute__((preserve_access_index));
+
+struct file {
+	struct inode *f_inode;
+} __attribute__((preserve_access_index));
+
+struct folio {
+	struct address_space *mapping;
+	unsigned long index;
+	unsigned int _nr_pages;
+} __attribute__((preserve_access_index));
+
+struct buffer_head {
+	struct folio *b_folio;
+	size_t b_size;
+	char *b_data;
+} __attribute__((preserve_access_index));
+
+struct kiocb {
+	struct file *ki_filp;
+	long long ki_pos;
+} __attribute__((preserve_access_index));
+
+struct iov_iter {
+	_Bool data_source;
+	size_t count;
+} __attribute__((preserve_access_index));
 
 #endif

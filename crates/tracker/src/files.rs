@@ -1,0 +1,297 @@
+//! Change tracking for image files on ext4, from the page cache: an eBPF program
+//! (src/bpf/files.bpf.c) reports each page of a tracked file that goes from clean to dirty,
+//! each direct-I/O write, and each hole punched or range zeroed; truncating, collapsing or
+//! inserting ranges reports the file lost. See docs/change-tracking.md "Image files".
+//!
+//! A dirty page reports once, when it becomes dirty, not at every write. So each take
+//! writes the file back (`sync_file_range`) after collecting its records: every page it
+//! reported is clean again, and the next write to it reports it again. Pages dirtied
+//! before tracking began are written back when it starts.
+
+use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapCore as _, MapFlags, MapHandle};
+
+use crate::bpf::FilesSkelBuilder;
+use crate::device::kernel_dev;
+use crate::worker::{self, Accumulator, Command, Target};
+use crate::{DirtySet, TrackerError, TrackerOptions, privileges, sys};
+
+/// Most files one tracker follows (MAX_FILES in files.bpf.c).
+pub(crate) const MAX_FILES: usize = 64;
+
+/// `statfs` magic of ext4 (and ext2/ext3, which ext4 mounts).
+const EXT4_MAGIC: i64 = 0xEF53;
+
+/// Inode flags under which ext4 writes file data without marking page-cache blocks dirty
+/// (include/uapi/linux/fs.h).
+const FS_JOURNAL_DATA_FL: u32 = 0x0000_4000;
+const FS_DAX_FL: u32 = 0x0200_0000;
+
+/// The super-block options of the filesystem on `dev` (a `st_dev`), from mountinfo.
+fn ext4_options(mountinfo: &str, dev: u64) -> impl Iterator<Item = &str> {
+    let (major, minor) = crate::device::split_rdev(dev);
+    let id = format!("{major}:{minor}");
+    let line = mountinfo.lines().find(|l| l.split(' ').nth(2) == Some(id.as_str()));
+    let supers = line.and_then(|l| l.split_once(" - ")).and_then(|(_, rest)| rest.split(' ').nth(2));
+    supers.unwrap_or_default().split(',')
+}
+
+/// Mount options under which file data is journalled or written in place (DAX), not
+/// through dirty page-cache blocks, so the program would not see it.
+fn data_bypasses_buffers(option: &str) -> bool {
+    option == "data=journal" || option == "dax" || option == "dax=always"
+}
+
+/// An image file being tracked, as resolved when tracking started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedFile {
+    /// The path as given.
+    pub path: PathBuf,
+    /// `st_dev` of the filesystem holding it.
+    pub dev: u64,
+    /// Its inode number.
+    pub ino: u64,
+}
+
+impl TrackedFile {
+    /// Checks that `path` is a regular file on ext4, the filesystem whose ways of changing
+    /// a file's data the program follows, whose data goes through the page cache (not
+    /// journalled, not DAX), and notes its identity.
+    pub fn resolve(path: &Path) -> Result<Self, TrackerError> {
+        let io_err = |source| TrackerError::Device { path: path.to_owned(), source };
+        let meta = std::fs::metadata(path).map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(TrackerError::NotRegularFile(path.to_owned()));
+        }
+        let fs = nix::sys::statfs::statfs(path).map_err(|e| io_err(e.into()))?;
+        let magic = fs.filesystem_type().0 as i64;
+        if magic != EXT4_MAGIC {
+            return Err(TrackerError::UnsupportedFilesystem { path: path.to_owned(), magic });
+        }
+        let untrackable = |reason: String| TrackerError::Untrackable { path: path.to_owned(), reason };
+        let options = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| untrackable(format!("cannot read /proc/self/mountinfo ({e}) to check the mount options")))?;
+        if let Some(opt) = ext4_options(&options, meta.dev()).find(|o| data_bypasses_buffers(o)) {
+            return Err(untrackable(format!("its filesystem is mounted with {opt}")));
+        }
+        let flags = sys::inode_flags(&File::open(path).map_err(io_err)?).map_err(io_err)?;
+        if flags & (FS_JOURNAL_DATA_FL | FS_DAX_FL) != 0 {
+            return Err(untrackable("it has the journalled-data (+j) or DAX (+x) attribute".into()));
+        }
+        Ok(Self { path: path.to_owned(), dev: meta.dev(), ino: meta.ino() })
+    }
+
+    /// Whether `path` still names this file (not a new file renamed over it).
+    fn unchanged(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// The key of the program's `files` map: inode number, kernel dev_t, padding.
+    fn key(&self) -> [u8; 16] {
+        let mut key = [0; 16];
+        key[..8].copy_from_slice(&self.ino.to_ne_bytes());
+        key[8..12].copy_from_slice(&kernel_dev(self.dev).to_ne_bytes());
+        key
+    }
+}
+
+/// A running image-file tracker. Dropping it detaches the eBPF program. Unlike the
+/// block tracker it is never pinned: a new tracker starts blind (its caller compares
+/// everything once).
+#[derive(Debug)]
+pub struct FileTracker {
+    files: Vec<TrackedFile>,
+    granularity: u64,
+    commands: Option<Sender<Command>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl FileTracker {
+    /// Loads and attaches the eBPF program for `files` (regular files on ext4), with
+    /// `granularity`-byte tracking blocks (a power of two, at least 4096), and writes
+    /// back what the page cache holds dirty of them.
+    pub fn start(files: &[PathBuf], granularity: u64) -> Result<Self, TrackerError> {
+        Self::start_with(files, TrackerOptions::new(granularity))
+    }
+
+    /// [`FileTracker::start`] with explicit [`TrackerOptions`]; `pin_dir` must be `None`.
+    pub fn start_with(files: &[PathBuf], options: TrackerOptions) -> Result<Self, TrackerError> {
+        options.validate()?;
+        if let Some(dir) = &options.pin_dir {
+            return Err(TrackerError::Pin {
+                path: dir.clone(),
+                source: std::io::Error::other("image-file tracking cannot be pinned"),
+            });
+        }
+        let files = files.iter().map(|p| TrackedFile::resolve(p)).collect::<Result<Vec<_>, _>>()?;
+        if files.len() > MAX_FILES {
+            return Err(TrackerError::TooManyFiles(files.len()));
+        }
+        privileges::check()?;
+        crate::route_libbpf_logs();
+        let granularity = options.granularity;
+        let tracked = files.clone();
+        let (worker, commands, _) =
+            worker::spawn_thread("file-tracker", move |ready, inbox| run(tracked, options, ready, inbox))?;
+        Ok(Self { files, granularity, commands: Some(commands), worker: Some(worker) })
+    }
+
+    /// The files being tracked, as resolved at start.
+    pub fn files(&self) -> &[TrackedFile] {
+        &self.files
+    }
+
+    /// Tracking block size in bytes.
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// The blocks written since the previous call (or since start), per file in the order
+    /// given, as [`crate::BlockTracker::take_dirty`]. Before it returns, each file with
+    /// blocks in the set is written back, so a later write to them is in the next set. A
+    /// file that was truncated, had ranges collapsed or inserted, was replaced by another
+    /// under its path, or could not be written back is `lost`.
+    pub fn take_dirty(&self) -> Result<DirtySet, TrackerError> {
+        let (reply, answer) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .ok_or(TrackerError::WorkerGone)?
+            .send(Command::Take(reply))
+            .map_err(|_| TrackerError::WorkerGone)?;
+        answer.recv().map_err(|_| TrackerError::WorkerGone)?
+    }
+
+    /// Whether image-file tracking can run here; `Err` says why not. Loads and attaches
+    /// the program (tracking nothing) to be sure.
+    pub fn probe() -> Result<(), String> {
+        privileges::check().map_err(|e| e.to_string())?;
+        Self::start(&[], 65536).map(drop).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for FileTracker {
+    fn drop(&mut self) {
+        drop(self.commands.take());
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn run(
+    files: Vec<TrackedFile>,
+    options: TrackerOptions,
+    ready: Sender<Result<worker::Started, TrackerError>>,
+    inbox: Receiver<Command>,
+) {
+    let mut storage = MaybeUninit::uninit();
+    // The skeleton must live as long as the loop: dropping it detaches the program.
+    let prepared = attach(&mut storage, &files, &options).and_then(|(skel, drops, events)| {
+        let opened = open_and_write_back(&files)?;
+        let targets = files.iter().map(|f| Target { path: f.path.clone(), start: 0, end: u64::MAX }).collect();
+        let slot_of: Vec<u32> = (0..files.len() as u32).collect();
+        let acc = Accumulator::new(targets, &slot_of, files.len(), options.granularity, vec![0; files.len()], false);
+        let (acc, ring) = worker::drain_into(&events, acc)?;
+        Ok((skel, drops, opened, acc, ring))
+    });
+    let (_skel, drops, opened, acc, ring) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok(worker::Started::Fresh)).is_err() {
+        return;
+    }
+    tracing::debug!(files = files.len(), "image-file tracker attached");
+    worker::serve(&ring, &inbox, options.drain_interval, "image-file", |_| {
+        let counts = worker::read_drops(&drops, files.len())?;
+        let mut set = acc.borrow_mut().take(&counts);
+        for ((device, file), handle) in set.devices.iter_mut().zip(&files).zip(&opened) {
+            if !file.unchanged() {
+                tracing::warn!(path = %file.path.display(), "a tracked image file was replaced; restart tracking to follow the new one");
+                device.lost = true;
+            }
+            if device.blocks.is_empty() && !device.lost {
+                continue;
+            }
+            if let Err(e) = sys::write_back(handle) {
+                tracing::warn!(path = %file.path.display(), error = %e, "could not write back a tracked image file; its next take is a full comparison");
+                device.lost = true;
+            }
+        }
+        set.lost = set.devices.iter().any(|d| d.lost);
+        Ok(set)
+    });
+}
+
+type Attached<'obj> = (crate::bpf::FilesSkel<'obj>, MapHandle, MapHandle);
+
+/// Loads the program, fills the file filter, attaches.
+fn attach<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    files: &[TrackedFile],
+    options: &TrackerOptions,
+) -> Result<Attached<'obj>, TrackerError> {
+    let mut open = FilesSkelBuilder::default().open(storage).map_err(TrackerError::bpf("open the eBPF object"))?;
+    open.maps.events.set_max_entries(options.ring_buffer_bytes).map_err(TrackerError::bpf("size the ring buffer"))?;
+    if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
+        rodata.page_shift = page_size().trailing_zeros();
+    }
+    let mut skel = open.load().map_err(TrackerError::bpf("load the eBPF program"))?;
+    // Fill the filter before attaching so no change to a tracked file is missed.
+    for (slot, file) in files.iter().enumerate() {
+        skel.maps
+            .files
+            .update(&file.key(), &(slot as u32).to_ne_bytes(), MapFlags::ANY)
+            .map_err(TrackerError::bpf("fill the file filter"))?;
+    }
+    skel.attach().map_err(TrackerError::bpf("attach to the page-cache tracepoints"))?;
+    let handle = |m| MapHandle::try_from(m).map_err(TrackerError::bpf("duplicate a map handle"));
+    let (drops, events) = (handle(&skel.maps.drops)?, handle(&skel.maps.events)?);
+    Ok((skel, drops, events))
+}
+
+/// Opens each file and writes back its dirty pages, which were dirtied before the
+/// program attached and would not report their next write.
+fn open_and_write_back(files: &[TrackedFile]) -> Result<Vec<File>, TrackerError> {
+    files
+        .iter()
+        .map(|f| {
+            let io_err = |source| TrackerError::Device { path: f.path.clone(), source };
+            let file = File::open(&f.path).map_err(io_err)?;
+            sys::write_back(&file).map_err(io_err)?;
+            Ok(file)
+        })
+        .collect()
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |n| n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_options_come_from_the_files_filesystem() {
+        let info = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,data=ordered\n\
+                    40 27 7:3 / /mnt rw - ext4 /dev/loop3 rw,data=journal\n";
+        let vda = 254u64 << 8;
+        let loop3 = (7u64 << 8) | 3;
+        assert_eq!(ext4_options(info, vda).collect::<Vec<_>>(), ["rw", "discard", "data=ordered"]);
+        assert!(!ext4_options(info, vda).any(data_bypasses_buffers));
+        assert!(ext4_options(info, loop3).any(data_bypasses_buffers));
+        assert_eq!(ext4_options(info, 99).collect::<Vec<_>>(), [""]);
+        assert!(data_bypasses_buffers("dax=always") && !data_bypasses_buffers("dax=never"));
+    }
+}
