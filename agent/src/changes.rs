@@ -108,18 +108,35 @@ impl ChangeTracker for StampTracker {
     }
 }
 
-/// The block-device tracker: writes followed in the kernel's block layer with eBPF
-/// (`siterecovery-tracker`, docs/change-tracking.md). A quiet look proves that nothing
-/// was submitted or completed on any protected device since the previous one. The first
-/// look after start is `All` (writes before the tracker ran are unknown), and so is a
-/// look after lost events.
+/// The eBPF tracker (`siterecovery-tracker`, docs/change-tracking.md): for block devices,
+/// writes followed in the kernel's block layer; for image files on ext4, the blocks the
+/// page cache marks dirty, direct-I/O writes and punched holes. A quiet look proves that
+/// nothing was written to any protected disk since the previous one. The first look after
+/// start is `All` (writes before the tracker ran are unknown), and so is a look after lost
+/// events.
 #[derive(Debug)]
 pub struct EbpfTracker {
     /// `None` once suspended.
-    tracker: Option<siterecovery_tracker::BlockTracker>,
+    tracker: Option<Kernel>,
     started: bool,
     /// Blocks a previous agent handed over, for the first take.
     pending: Vec<Vec<u64>>,
+}
+
+/// The kernel side of an [`EbpfTracker`].
+#[derive(Debug)]
+enum Kernel {
+    Blocks(siterecovery_tracker::BlockTracker),
+    Files(siterecovery_tracker::FileTracker),
+}
+
+impl Kernel {
+    fn take_dirty(&self) -> Result<siterecovery_tracker::DirtySet, siterecovery_tracker::TrackerError> {
+        match self {
+            Kernel::Blocks(t) => t.take_dirty(),
+            Kernel::Files(t) => t.take_dirty(),
+        }
+    }
 }
 
 /// Tracking block size: writes are recorded at this granularity.
@@ -129,6 +146,14 @@ impl EbpfTracker {
     /// Attaches to the devices of `disks` (block devices or partitions).
     pub fn start(disks: &[Disk]) -> Result<Self, siterecovery_tracker::TrackerError> {
         Self::start_pinned(disks, None)
+    }
+
+    /// Attaches to the image files of `disks` (regular files on ext4). Not pinned: an
+    /// agent restart compares every chunk.
+    pub fn start_files(disks: &[Disk]) -> Result<Self, siterecovery_tracker::TrackerError> {
+        let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
+        let tracker = siterecovery_tracker::FileTracker::start(&paths, EBPF_GRANULARITY)?;
+        Ok(Self { tracker: Some(Kernel::Files(tracker)), started: false, pending: Vec::new() })
     }
 
     /// [`EbpfTracker::start`], pinned under `pin_dir` (a directory on a bpf filesystem) when
@@ -148,10 +173,10 @@ impl EbpfTracker {
             }
             r => r?,
         };
-        Ok(Self { tracker: Some(tracker), started: false, pending: Vec::new() })
+        Ok(Self { tracker: Some(Kernel::Blocks(tracker)), started: false, pending: Vec::new() })
     }
 
-    fn tracker(&self) -> std::io::Result<&siterecovery_tracker::BlockTracker> {
+    fn tracker(&self) -> std::io::Result<&Kernel> {
         self.tracker.as_ref().ok_or_else(|| std::io::Error::other("the change tracker was suspended"))
     }
 }
@@ -186,7 +211,9 @@ impl ChangeTracker for EbpfTracker {
     }
 
     fn suspend(&mut self) -> Option<Vec<Vec<u64>>> {
-        let tracker = self.tracker.take()?;
+        let Kernel::Blocks(tracker) = self.tracker.take()? else {
+            return None;
+        };
         let pinned = tracker.pinned();
         match tracker.suspend() {
             Ok(set) if pinned && !set.lost && self.started => {
@@ -205,7 +232,8 @@ impl ChangeTracker for EbpfTracker {
     }
 
     fn resume(&mut self, pending: Vec<Vec<u64>>) -> bool {
-        let resumed = self.tracker.as_ref().is_some_and(|t| t.resumed() && t.devices().len() == pending.len());
+        let resumed =
+            matches!(&self.tracker, Some(Kernel::Blocks(t)) if t.resumed() && t.devices().len() == pending.len());
         if resumed {
             self.started = true;
             self.pending = pending;
@@ -237,7 +265,8 @@ pub fn chunks_of(blocks: impl IntoIterator<Item = u64>, block_size: u64, chunk_s
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tracking {
-    /// eBPF when every disk is a block device and eBPF works here, else checksum scans.
+    /// eBPF when it works here and every disk is a block device, or every disk an image
+    /// file on ext4; else checksum scans.
     #[default]
     Auto,
     /// eBPF, or fail.
@@ -247,17 +276,28 @@ pub enum Tracking {
 }
 
 /// The tracker `mode` asks for, for `disks`.
-/// `pin_dir`: where the eBPF tracker pins itself to outlive the agent (see
+/// `pin_dir`: where the block-device tracker pins itself to outlive the agent (see
 /// [`EbpfTracker::start_pinned`]).
 pub fn tracker_for(mode: Tracking, disks: &[Disk], pin_dir: Option<&Path>) -> anyhow::Result<Box<dyn ChangeTracker>> {
     let all_devices = !disks.is_empty() && disks.iter().all(Disk::is_block_device);
+    let all_files = !disks.is_empty() && !disks.iter().any(Disk::is_block_device);
+    let ebpf = || {
+        if all_devices { EbpfTracker::start_pinned(disks, pin_dir) } else { EbpfTracker::start_files(disks) }
+    };
     match mode {
         Tracking::Scan => Ok(Box::new(StampTracker::new(disks))),
-        Tracking::Ebpf => Ok(Box::new(EbpfTracker::start_pinned(disks, pin_dir)?)),
-        Tracking::Auto if all_devices => match EbpfTracker::start_pinned(disks, pin_dir) {
+        Tracking::Ebpf if !all_devices && !all_files => {
+            anyhow::bail!("eBPF tracking follows either block devices or image files: a server's disks cannot mix both")
+        }
+        Tracking::Ebpf => Ok(Box::new(ebpf()?)),
+        Tracking::Auto if all_devices || all_files => match ebpf() {
             Ok(t) => Ok(Box::new(t)),
-            Err(e) => {
+            Err(e) if all_devices => {
                 tracing::warn!(error = %e, "eBPF change tracking unavailable; falling back to checksum scans, which cannot prove a quiet instant on block devices (no crash-consistent points)");
+                Ok(Box::new(StampTracker::new(disks)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF change tracking of image files unavailable; falling back to checksum scans, which compare whole files and take points only once writes pause");
                 Ok(Box::new(StampTracker::new(disks)))
             }
         },
