@@ -246,6 +246,10 @@ async fn image_phases(
     let work = paths.work.clone();
     let disk = paths.disk.clone();
     std::fs::copy(&args.image, &disk)?;
+    // A disk at rest: the copy's dirty pages are written out before anyone reads it, not
+    // during the first tool's run (the image-file tracker writes back a file's dirty pages
+    // when it starts).
+    std::fs::File::open(&disk)?.sync_all()?;
     let size_mib = std::fs::metadata(&disk)?.len() as f64 / MIB;
     let mut rig = Rig::start(paths, &format!("sr-bench-{stamp}")).await?;
     let restic = Restic::new(&args.rclone, &args.azurite, &format!("restic-bench-{stamp}"), &work);
