@@ -380,7 +380,8 @@ pub struct DiskStatus {
 /// Change-tracking mechanism.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum ChangeTracker {
-    /// Block-layer tracepoints followed with eBPF into a persisted dirty bitmap.
+    /// Kernel tracepoints followed with eBPF: the block layer for block devices (into a
+    /// persisted dirty bitmap), the page cache for image files on ext4.
     Ebpf,
     /// Periodic checksum comparison (image files, hosts without eBPF).
     ChecksumScan,

@@ -12,8 +12,7 @@ use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{Receiver, Sender};
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore as _, MapFlags, MapHandle};
@@ -109,8 +108,7 @@ impl TrackedFile {
 pub struct FileTracker {
     files: Vec<TrackedFile>,
     granularity: u64,
-    commands: Option<Sender<Command>>,
-    worker: Option<JoinHandle<()>>,
+    worker: worker::Handle,
 }
 
 impl FileTracker {
@@ -138,9 +136,9 @@ impl FileTracker {
         crate::route_libbpf_logs();
         let granularity = options.granularity;
         let tracked = files.clone();
-        let (worker, commands, _) =
+        let (worker, _) =
             worker::spawn_thread("file-tracker", move |ready, inbox| run(tracked, options, ready, inbox))?;
-        Ok(Self { files, granularity, commands: Some(commands), worker: Some(worker) })
+        Ok(Self { files, granularity, worker })
     }
 
     /// The files being tracked, as resolved at start.
@@ -159,13 +157,7 @@ impl FileTracker {
     /// file that was truncated, had ranges collapsed or inserted, was replaced by another
     /// under its path, or could not be written back is `lost`.
     pub fn take_dirty(&self) -> Result<DirtySet, TrackerError> {
-        let (reply, answer) = mpsc::channel();
-        self.commands
-            .as_ref()
-            .ok_or(TrackerError::WorkerGone)?
-            .send(Command::Take(reply))
-            .map_err(|_| TrackerError::WorkerGone)?;
-        answer.recv().map_err(|_| TrackerError::WorkerGone)?
+        self.worker.request(Command::Take)
     }
 
     /// Whether image-file tracking can run here; `Err` says why not. Loads and attaches
@@ -173,15 +165,6 @@ impl FileTracker {
     pub fn probe() -> Result<(), String> {
         privileges::check().map_err(|e| e.to_string())?;
         Self::start(&[], 65536).map(drop).map_err(|e| e.to_string())
-    }
-}
-
-impl Drop for FileTracker {
-    fn drop(&mut self) {
-        drop(self.commands.take());
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
     }
 }
 

@@ -23,8 +23,6 @@ mod sys;
 mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use device::TrackedDevice;
@@ -92,13 +90,12 @@ pub struct DeviceDirty {
     pub lost: bool,
 }
 
-/// A running tracker. Dropping it detaches the eBPF program.
+/// A running block-device tracker. Dropping it detaches the eBPF program (unless pinned).
 #[derive(Debug)]
 pub struct BlockTracker {
     devices: Vec<TrackedDevice>,
     granularity: u64,
-    commands: Option<Sender<worker::Command>>,
-    worker: Option<JoinHandle<()>>,
+    worker: worker::Handle,
     started: worker::Started,
     pinned: bool,
 }
@@ -117,8 +114,8 @@ impl BlockTracker {
         privileges::check()?;
         route_libbpf_logs();
         let (granularity, pinned) = (options.granularity, options.pin_dir.is_some());
-        let (worker, commands, started) = worker::spawn(devices.clone(), options)?;
-        Ok(Self { devices, granularity, commands: Some(commands), worker: Some(worker), started, pinned })
+        let (worker, started) = worker::spawn(devices.clone(), options)?;
+        Ok(Self { devices, granularity, worker, started, pinned })
     }
 
     /// Whether the program is pinned (tracking goes on after this tracker ends).
@@ -139,14 +136,8 @@ impl BlockTracker {
     /// pinned ring buffer for the next tracker to resume. Without a pin directory it is
     /// a take followed by a drop.
     pub fn suspend(mut self) -> Result<DirtySet, TrackerError> {
-        let (reply, answer) = mpsc::channel();
-        let sent = self.commands.as_ref().ok_or(TrackerError::WorkerGone)?.send(worker::Command::Suspend(reply));
-        sent.map_err(|_| TrackerError::WorkerGone)?;
-        let set = answer.recv().map_err(|_| TrackerError::WorkerGone)?;
-        drop(self.commands.take());
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
+        let set = self.worker.request(worker::Command::Suspend);
+        self.worker.finish();
         set
     }
 
@@ -172,13 +163,7 @@ impl BlockTracker {
     /// is reported again when it completes, so reading a returned block never misses
     /// data that is still on its way to the disk.
     pub fn take_dirty(&self) -> Result<DirtySet, TrackerError> {
-        let (reply, answer) = mpsc::channel();
-        self.commands
-            .as_ref()
-            .ok_or(TrackerError::WorkerGone)?
-            .send(worker::Command::Take(reply))
-            .map_err(|_| TrackerError::WorkerGone)?;
-        answer.recv().map_err(|_| TrackerError::WorkerGone)?
+        self.worker.request(worker::Command::Take)
     }
 
     /// Whether eBPF tracking can run here; `Err` says why not, so the agent can log
@@ -207,14 +192,4 @@ pub(crate) fn route_libbpf_logs() {
             }
         })));
     });
-}
-
-impl Drop for BlockTracker {
-    fn drop(&mut self) {
-        // Closing the channel stops the worker, which detaches the program.
-        drop(self.commands.take());
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
-    }
 }

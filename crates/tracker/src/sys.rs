@@ -3,12 +3,18 @@
 
 use std::os::fd::AsRawFd;
 
-/// Writes back every dirty page of `file` and waits for it (`sync_file_range` with
-/// `WAIT_BEFORE | WRITE | WAIT_AFTER` over the whole file): afterwards each page that was
-/// dirty when the call began is clean, so its next write dirties it again. Unlike
-/// `fdatasync` it neither commits the journal nor flushes the device's cache.
+/// Starts writing back every dirty page of `file`, after waiting for the writeback
+/// already under way (`sync_file_range` with `WAIT_BEFORE | WRITE` over the whole file):
+/// when it returns, each page that was dirty when it began has been made clean (and, if
+/// mapped, write-protected), so its next write dirties it again. It does not wait for the
+/// new writes to reach the disk, and unlike `fdatasync` it neither commits the journal nor
+/// flushes the device's cache: page-cache bookkeeping, not durability.
+///
+/// Why the wait before: a page already under writeback is skipped by the write pass. It
+/// was made clean when that writeback began, but a store since may have dirtied it again
+/// (reported then); once that writeback ends the write pass makes it clean again.
 pub(crate) fn write_back(file: &std::fs::File) -> std::io::Result<()> {
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE;
     // SAFETY: a plain system call on a descriptor that `file` keeps open for the call's
     // duration; it takes no pointers.
     let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };

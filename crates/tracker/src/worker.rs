@@ -33,18 +33,50 @@ pub(crate) enum Command {
     Suspend(Sender<Result<DirtySet, TrackerError>>),
 }
 
+/// The tracker's end of its worker: dropping it stops the worker, which detaches the
+/// program (unless pinned).
+#[derive(Debug)]
+pub(crate) struct Handle {
+    commands: Option<Sender<Command>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Sends the command `make` builds around a reply channel, and waits for the reply.
+    pub(crate) fn request(
+        &self,
+        make: impl FnOnce(Sender<Result<DirtySet, TrackerError>>) -> Command,
+    ) -> Result<DirtySet, TrackerError> {
+        let (reply, answer) = mpsc::channel();
+        let commands = self.commands.as_ref().ok_or(TrackerError::WorkerGone)?;
+        commands.send(make(reply)).map_err(|_| TrackerError::WorkerGone)?;
+        answer.recv().map_err(|_| TrackerError::WorkerGone)?
+    }
+
+    /// Closes the command channel and waits for the worker to end.
+    pub(crate) fn finish(&mut self) {
+        drop(self.commands.take());
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// Starts the block worker and waits until the program is attached (or failed to be).
-pub(crate) fn spawn(
-    devices: Vec<TrackedDevice>,
-    options: TrackerOptions,
-) -> Result<(JoinHandle<()>, Sender<Command>, Started), TrackerError> {
+pub(crate) fn spawn(devices: Vec<TrackedDevice>, options: TrackerOptions) -> Result<(Handle, Started), TrackerError> {
     let slots = assign_slots(&devices)?;
     spawn_thread("block-tracker", move |ready, inbox| run(devices, slots, options, ready, inbox))
 }
 
 /// Runs `body` on a thread of its own named `name`, with the receiving end of the
 /// command channel, and waits until it reports that its program is attached (or failed).
-pub(crate) fn spawn_thread<F>(name: &str, body: F) -> Result<(JoinHandle<()>, Sender<Command>, Started), TrackerError>
+pub(crate) fn spawn_thread<F>(name: &str, body: F) -> Result<(Handle, Started), TrackerError>
 where
     F: FnOnce(Sender<Result<Started, TrackerError>>, Receiver<Command>) + Send + 'static,
 {
@@ -55,7 +87,7 @@ where
         .spawn(move || body(ready_tx, inbox))
         .map_err(|_| TrackerError::WorkerGone)?;
     match ready_rx.recv() {
-        Ok(Ok(started)) => Ok((handle, commands, started)),
+        Ok(Ok(started)) => Ok((Handle { commands: Some(commands), worker: Some(handle) }, started)),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(e)

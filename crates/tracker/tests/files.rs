@@ -1,6 +1,8 @@
 //! Real page-cache tracking of image files on ext4: buffered, mapped and direct writes,
 //! punched holes and truncation must come back as the blocks they touched (or `lost`),
 //! and a copy kept up to date from the dirty sets alone must equal the file.
+// Mapping a file for the writable-mapping cases needs mmap.
+#![allow(unsafe_code)]
 
 mod common;
 
@@ -206,9 +208,39 @@ fn what_cannot_be_tracked_is_refused_with_a_clear_error() {
     assert!(matches!(err, TrackerError::Device { .. }), "{err}");
 }
 
+/// A shared, writable mapping of a whole file, unmapped on drop.
+struct Mapping {
+    at: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &File, len: usize) -> Self {
+        use std::os::fd::AsRawFd;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: maps a file this test keeps open; no Rust object aliases the region.
+        let at = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        assert_ne!(at, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Self { at: at.cast(), len }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped for `len` bytes while `self` lives, and the
+        // `&mut self` borrow makes this the only slice over it.
+        unsafe { std::slice::from_raw_parts_mut(self.at, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; no slice over it outlives `self`.
+        unsafe { libc::munmap(self.at.cast(), self.len) };
+    }
+}
+
 /// What the agent relies on: a copy updated only from the blocks each take reports,
-/// read after the take, equals the file once the writer stops, however the writes and
-/// the takes interleave.
+/// read after the take, equals the file once the writers stop (buffered writes and stores
+/// through a mapping), however the writes and the takes interleave.
 #[test]
 fn a_copy_kept_from_the_dirty_sets_equals_the_file() {
     if !ebpf_available() {
@@ -239,6 +271,21 @@ fn a_copy_kept_from_the_dirty_sets_equals_the_file() {
                 let len = 1 + (x >> 40) % 9000;
                 let offset = x % (size - len);
                 f.write_all_at(&vec![x as u8; len as usize], offset).unwrap();
+            }
+        });
+        // Stores through a shared mapping of the same file, racing the takes too.
+        s.spawn(|| {
+            let f = open_rw(&path);
+            let mut map = Mapping::new(&f, size as usize);
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = 1 + (x >> 40) % 300;
+                let offset = (x % (size - len)) as usize;
+                map.bytes()[offset..offset + len as usize].fill(x as u8);
+                std::thread::sleep(Duration::from_micros(200));
             }
         });
         let deadline = Instant::now() + Duration::from_secs(2);

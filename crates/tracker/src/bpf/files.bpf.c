@@ -185,26 +185,29 @@ int BPF_PROG(on_dio_complete, struct kiocb *iocb, int error, long ret)
 	return 0;
 }
 
-SEC("tp_btf/ext4_punch_hole")
-int BPF_PROG(on_punch_hole, struct inode *inode, long long offset, long long len, int mode)
+/* The range reads as zeros afterwards. */
+static __always_inline int zeroed(struct inode *inode, long long offset, long long len)
 {
 	__u32 *slot = slot_of(inode);
 
 	if (slot)
 		emit(*slot, offset, len);
 	return 0;
+}
+
+SEC("tp_btf/ext4_punch_hole")
+int BPF_PROG(on_punch_hole, struct inode *inode, long long offset, long long len, int mode)
+{
+	return zeroed(inode, offset, len);
 }
 
 SEC("tp_btf/ext4_zero_range")
 int BPF_PROG(on_zero_range, struct inode *inode, long long offset, long long len, int mode)
 {
-	__u32 *slot = slot_of(inode);
-
-	if (slot)
-		emit(*slot, offset, len);
-	return 0;
+	return zeroed(inode, offset, len);
 }
 
+/* The data moves or goes: the file must be compared whole. */
 static __always_inline int moved(struct inode *inode)
 {
 	__u32 *slot = slot_of(inode);
