@@ -44,8 +44,8 @@ async fn churn(w: &World) -> anyhow::Result<()> {
                     }
                 }
                 // Now and then a longer lull, in which every server can reach a quiet
-                // instant at once (the checksum tracker of image files needs two full
-                // comparisons without a write).
+                // instant at once (where eBPF is unavailable, the checksum tracker of
+                // image files needs two full comparisons without a write).
                 std::thread::sleep(Duration::from_millis(if n.is_multiple_of(16 * 5) { 4000 } else { 700 }));
             }
             Ok(n)
