@@ -1,11 +1,13 @@
 //! Change tracking for image files on ext4, from the page cache: an eBPF program
-//! (src/bpf/files.bpf.c) reports each page of a tracked file that goes from clean to dirty,
-//! each direct-I/O write, and each hole punched or range zeroed; truncating, collapsing or
-//! inserting ranges reports the file lost. See docs/change-tracking.md "Image files".
+//! (src/bpf/files.bpf.c) reports each block of a tracked file that ext4 marks dirty (at
+//! every buffered write, and at the first store through a mapping after the page was
+//! clean), each direct-I/O write, and each hole punched or range zeroed; truncating,
+//! collapsing or inserting ranges reports the file lost. See docs/change-tracking.md
+//! "Image files".
 //!
-//! A dirty page reports once, when it becomes dirty, not at every write. So each take
-//! writes the file back (`sync_file_range`) after collecting its records: every page it
-//! reported is clean again, and the next write to it reports it again. Pages dirtied
+//! A mapped page only reports when a store faults on it, after it was clean. So each take
+//! writes the file back (`sync_file_range`) after collecting its records: every page is
+//! clean and write-protected again, and the next store to it reports. Pages dirtied
 //! before tracking began are written back when it starts.
 
 use std::fs::File;
@@ -195,19 +197,24 @@ fn run(
         return;
     }
     tracing::debug!(files = files.len(), "image-file tracker attached");
+    // Files found replaced under their path (warned about once).
+    let mut replaced = vec![false; files.len()];
     worker::serve(&ring, &inbox, options.drain_interval, "image-file", |_| {
         let counts = worker::read_drops(&drops, files.len())?;
         let mut set = acc.borrow_mut().take(&counts);
-        for ((device, file), handle) in set.devices.iter_mut().zip(&files).zip(&opened) {
+        for (i, device) in set.devices.iter_mut().enumerate() {
+            let file = &files[i];
             if !file.unchanged() {
-                tracing::warn!(path = %file.path.display(), "a tracked image file was replaced; restart tracking to follow the new one");
+                if !std::mem::replace(&mut replaced[i], true) {
+                    tracing::warn!(path = %file.path.display(), "a tracked image file was replaced by another under its path: it is compared whole at every look until tracking restarts");
+                }
                 device.lost = true;
             }
             if device.blocks.is_empty() && !device.lost {
                 continue;
             }
-            if let Err(e) = sys::write_back(handle) {
-                tracing::warn!(path = %file.path.display(), error = %e, "could not write back a tracked image file; its next take is a full comparison");
+            if let Err(e) = sys::write_back(&opened[i]) {
+                tracing::warn!(path = %file.path.display(), error = %e, "could not write back a tracked image file: it is reported lost, to be compared whole");
                 device.lost = true;
             }
         }
