@@ -3,7 +3,9 @@
 //! needs, see docs/replication-protocol.md "Recovery points").
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use siterecovery_tracker::TrackerOptions;
 
 use crate::disk::{DELTA_BLOCK, Disk};
 
@@ -137,6 +139,22 @@ impl Kernel {
             Kernel::Files(t) => t.take_dirty(),
         }
     }
+
+    /// Whether it was pinned, and its last take.
+    fn suspend(self) -> (bool, Result<siterecovery_tracker::DirtySet, siterecovery_tracker::TrackerError>) {
+        match self {
+            Kernel::Blocks(t) => (t.pinned(), t.suspend()),
+            Kernel::Files(t) => (t.pinned(), t.suspend()),
+        }
+    }
+
+    /// Whether it continued what an earlier tracker suspended, for `disks` disks.
+    fn resumed(&self, disks: usize) -> bool {
+        match self {
+            Kernel::Blocks(t) => t.resumed() && t.devices().len() == disks,
+            Kernel::Files(t) => t.resumed() && t.files().len() == disks,
+        }
+    }
 }
 
 /// Tracking block size: writes are recorded at this granularity.
@@ -148,32 +166,48 @@ impl EbpfTracker {
         Self::start_pinned(disks, None)
     }
 
-    /// Attaches to the image files of `disks` (regular files on ext4). Not pinned: an
-    /// agent restart compares every chunk.
+    /// Attaches to the image files of `disks` (regular files on ext4).
     pub fn start_files(disks: &[Disk]) -> Result<Self, siterecovery_tracker::TrackerError> {
-        let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
-        let tracker = siterecovery_tracker::FileTracker::start(&paths, EBPF_GRANULARITY)?;
-        Ok(Self { tracker: Some(Kernel::Files(tracker)), started: false, pending: Vec::new() })
+        Self::start_files_pinned(disks, None)
+    }
+
+    /// [`EbpfTracker::start_files`], pinned under `pin_dir` when given, as
+    /// [`EbpfTracker::start_pinned`].
+    pub fn start_files_pinned(
+        disks: &[Disk],
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, siterecovery_tracker::TrackerError> {
+        Self::start_kind(disks, pin_dir, |paths, options| {
+            siterecovery_tracker::FileTracker::start_with(paths, options).map(Kernel::Files)
+        })
     }
 
     /// [`EbpfTracker::start`], pinned under `pin_dir` (a directory on a bpf filesystem) when
     /// given, so tracking goes on while the agent restarts (docs/change-tracking.md
     /// "Across restarts"). When pinning fails, tracking runs unpinned (and says so).
     pub fn start_pinned(disks: &[Disk], pin_dir: Option<&Path>) -> Result<Self, siterecovery_tracker::TrackerError> {
+        Self::start_kind(disks, pin_dir, |paths, options| {
+            siterecovery_tracker::BlockTracker::start_with(paths, options).map(Kernel::Blocks)
+        })
+    }
+
+    fn start_kind(
+        disks: &[Disk],
+        pin_dir: Option<&Path>,
+        start: impl Fn(&[PathBuf], TrackerOptions) -> Result<Kernel, siterecovery_tracker::TrackerError>,
+    ) -> Result<Self, siterecovery_tracker::TrackerError> {
         let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
-        let options = siterecovery_tracker::TrackerOptions {
-            pin_dir: pin_dir.map(Path::to_owned),
-            ..siterecovery_tracker::TrackerOptions::new(EBPF_GRANULARITY)
-        };
-        let tracker = match siterecovery_tracker::BlockTracker::start_with(&paths, options) {
+        let options = TrackerOptions::new(EBPF_GRANULARITY);
+        let pinned = TrackerOptions { pin_dir: pin_dir.map(Path::to_owned), ..options.clone() };
+        let tracker = match start(&paths, pinned) {
             Err(e) if pin_dir.is_some() => {
-                let t = siterecovery_tracker::BlockTracker::start(&paths, EBPF_GRANULARITY)?;
+                let t = start(&paths, options)?;
                 tracing::warn!(error = %e, "could not pin the change tracker: an agent restart will compare every chunk");
                 t
             }
             r => r?,
         };
-        Ok(Self { tracker: Some(Kernel::Blocks(tracker)), started: false, pending: Vec::new() })
+        Ok(Self { tracker: Some(tracker), started: false, pending: Vec::new() })
     }
 
     fn tracker(&self) -> std::io::Result<&Kernel> {
@@ -211,11 +245,8 @@ impl ChangeTracker for EbpfTracker {
     }
 
     fn suspend(&mut self) -> Option<Vec<Vec<u64>>> {
-        let Kernel::Blocks(tracker) = self.tracker.take()? else {
-            return None;
-        };
-        let pinned = tracker.pinned();
-        match tracker.suspend() {
+        let (pinned, suspended) = self.tracker.take()?.suspend();
+        match suspended {
             Ok(set) if pinned && !set.lost && self.started => {
                 let mut blocks: Vec<Vec<u64>> = set.devices.into_iter().map(|d| d.blocks).collect();
                 for (b, handed) in blocks.iter_mut().zip(std::mem::take(&mut self.pending)) {
@@ -232,8 +263,7 @@ impl ChangeTracker for EbpfTracker {
     }
 
     fn resume(&mut self, pending: Vec<Vec<u64>>) -> bool {
-        let resumed =
-            matches!(&self.tracker, Some(Kernel::Blocks(t)) if t.resumed() && t.devices().len() == pending.len());
+        let resumed = self.tracker.as_ref().is_some_and(|t| t.resumed(pending.len()));
         if resumed {
             self.started = true;
             self.pending = pending;
@@ -276,13 +306,17 @@ pub enum Tracking {
 }
 
 /// The tracker `mode` asks for, for `disks`.
-/// `pin_dir`: where the block-device tracker pins itself to outlive the agent (see
+/// `pin_dir`: where the eBPF tracker pins itself to outlive the agent (see
 /// [`EbpfTracker::start_pinned`]).
 pub fn tracker_for(mode: Tracking, disks: &[Disk], pin_dir: Option<&Path>) -> anyhow::Result<Box<dyn ChangeTracker>> {
     let all_devices = !disks.is_empty() && disks.iter().all(Disk::is_block_device);
     let all_files = !disks.is_empty() && !disks.iter().any(Disk::is_block_device);
     let ebpf = || {
-        if all_devices { EbpfTracker::start_pinned(disks, pin_dir) } else { EbpfTracker::start_files(disks) }
+        if all_devices {
+            EbpfTracker::start_pinned(disks, pin_dir)
+        } else {
+            EbpfTracker::start_files_pinned(disks, pin_dir)
+        }
     };
     match mode {
         Tracking::Scan => Ok(Box::new(StampTracker::new(disks))),

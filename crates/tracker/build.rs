@@ -22,15 +22,16 @@ fn main() {
             .unwrap_or_else(|e| panic!("building {src} failed (is clang installed? run hack/tools.sh): {e:#}"));
     }
     println!("cargo:rerun-if-changed=src/bpf");
-    println!("cargo:rustc-env=SITERECOVERY_TRACKER_BPF_ID={:016x}", source_id());
+    println!("cargo:rustc-env=SITERECOVERY_TRACKER_BPF_ID={:016x}", source_id(PROGRAMS[0].0));
+    println!("cargo:rustc-env=SITERECOVERY_FILES_BPF_ID={:016x}", source_id(PROGRAMS[1].0));
 }
 
-/// FNV-1a of the block tracker's eBPF sources (names and contents, in name order): the
-/// identity under which a block tracker pins its program and maps, so a build with a
-/// different program never resumes another's (src/pin.rs). Stable across compilers,
-/// unlike `DefaultHasher`. The file tracker is never pinned.
-fn source_id() -> u64 {
-    let files = [PathBuf::from("src/bpf/kernel.h"), PathBuf::from(PROGRAMS[0].0)];
+/// FNV-1a of a program's eBPF sources (kernel.h and the program: names and contents): the
+/// identity under which a tracker pins its program and maps, so a build with a different
+/// program never resumes another's (src/pin.rs). Stable across compilers, unlike
+/// `DefaultHasher`.
+fn source_id(program: &str) -> u64 {
+    let files = [PathBuf::from("src/bpf/kernel.h"), PathBuf::from(program)];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for f in files {
         let name = f.file_name().expect("a file name").to_string_lossy().into_owned();

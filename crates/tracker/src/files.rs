@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{MapCore as _, MapFlags, MapHandle};
+use libbpf_rs::{MapCore as _, MapFlags};
 
-use crate::bpf::FilesSkelBuilder;
+use crate::bpf::{FilesSkel, FilesSkelBuilder};
 use crate::device::kernel_dev;
-use crate::worker::{self, Accumulator, Command, Target};
-use crate::{DirtySet, TrackerError, TrackerOptions, privileges, sys};
+use crate::worker::{self, Accumulator, Command, Started, Target};
+use crate::{DirtySet, TrackerError, TrackerOptions, pin, privileges, sys};
 
 /// Most files one tracker follows (MAX_FILES in files.bpf.c).
 pub(crate) const MAX_FILES: usize = 64;
@@ -103,14 +103,15 @@ impl TrackedFile {
     }
 }
 
-/// A running image-file tracker. Dropping it detaches the eBPF program. Unlike the
-/// block tracker it is never pinned: a new tracker starts blind (its caller compares
-/// everything once).
+/// A running image-file tracker. Dropping it detaches the eBPF program, unless pinned
+/// (`TrackerOptions::pin_dir`, as for [`crate::BlockTracker`]).
 #[derive(Debug)]
 pub struct FileTracker {
     files: Vec<TrackedFile>,
     granularity: u64,
     worker: worker::Handle,
+    started: Started,
+    pinned: bool,
 }
 
 impl FileTracker {
@@ -121,26 +122,42 @@ impl FileTracker {
         Self::start_with(files, TrackerOptions::new(granularity))
     }
 
-    /// [`FileTracker::start`] with explicit [`TrackerOptions`]; `pin_dir` must be `None`.
+    /// [`FileTracker::start`] with explicit [`TrackerOptions`]. With a pin directory the
+    /// program and its maps are pinned there, as the block tracker's are (in a directory
+    /// of their own, so both kinds can share one pin directory), and a tracker that finds
+    /// pins for the same files (same inodes) resumes them.
     pub fn start_with(files: &[PathBuf], options: TrackerOptions) -> Result<Self, TrackerError> {
         options.validate()?;
-        if let Some(dir) = &options.pin_dir {
-            return Err(TrackerError::Pin {
-                path: dir.clone(),
-                source: std::io::Error::other("image-file tracking cannot be pinned"),
-            });
-        }
         let files = files.iter().map(|p| TrackedFile::resolve(p)).collect::<Result<Vec<_>, _>>()?;
         if files.len() > MAX_FILES {
             return Err(TrackerError::TooManyFiles(files.len()));
         }
         privileges::check()?;
         crate::route_libbpf_logs();
-        let granularity = options.granularity;
+        let (granularity, pinned) = (options.granularity, options.pin_dir.is_some());
         let tracked = files.clone();
-        let (worker, _) =
+        let (worker, started) =
             worker::spawn_thread("file-tracker", move |ready, inbox| run(tracked, options, ready, inbox))?;
-        Ok(Self { files, granularity, worker })
+        Ok(Self { files, granularity, worker, started, pinned })
+    }
+
+    /// Whether the program is pinned (tracking goes on after this tracker ends).
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Whether this tracker continued pinned tracking that an earlier one suspended, as
+    /// [`crate::BlockTracker::resumed`].
+    pub fn resumed(&self) -> bool {
+        self.started == Started::Resumed
+    }
+
+    /// The last take of a pinned tracker, as [`crate::BlockTracker::suspend`] (the files
+    /// are written back as at every take).
+    pub fn suspend(mut self) -> Result<DirtySet, TrackerError> {
+        let set = self.worker.request(Command::Suspend);
+        self.worker.finish();
+        set
     }
 
     /// The files being tracked, as resolved at start.
@@ -173,35 +190,65 @@ impl FileTracker {
 fn run(
     files: Vec<TrackedFile>,
     options: TrackerOptions,
-    ready: Sender<Result<worker::Started, TrackerError>>,
+    ready: Sender<Result<Started, TrackerError>>,
     inbox: Receiver<Command>,
 ) {
     let mut storage = MaybeUninit::uninit();
-    // The skeleton must live as long as the loop: dropping it detaches the program.
-    let prepared = attach(&mut storage, &files, &options).and_then(|(skel, drops, events)| {
+    let filter = files.iter().enumerate().map(|(slot, f)| (f.key().to_vec(), slot as u32)).collect();
+    let pin_it = |skel: &mut FilesSkel<'_>, pin_dir: &Path| {
+        let l = &mut skel.links;
+        let links = vec![
+            l.on_dirty_buffer.as_mut(),
+            l.on_dio_begin.as_mut(),
+            l.on_dio_complete.as_mut(),
+            l.on_punch_hole.as_mut(),
+            l.on_zero_range.as_mut(),
+            l.on_truncate.as_mut(),
+            l.on_collapse_range.as_mut(),
+            l.on_insert_range.as_mut(),
+        ];
+        let m = &mut skel.maps;
+        pin::pin(
+            pin_dir,
+            &pin::FILES,
+            links,
+            [&mut m.events, &mut m.drops, &mut m.files, &mut m.seen, &mut m.suspended],
+        )
+    };
+    let maps_of = |skel: &FilesSkel<'_>| {
+        let m = &skel.maps;
+        pin::Maps::of(&m.events, &m.drops, &m.seen, &m.suspended)
+    };
+    // A skeleton loaded here must live as long as the loop: unpinned, dropping it
+    // detaches the program.
+    let loaded =
+        worker::setup(&options, &pin::FILES, &filter, || load(&mut storage, &files, &options), pin_it, maps_of);
+    let prepared = loaded.and_then(|(skel, maps, started)| {
         let opened = open_and_write_back(&files)?;
         let targets = files.iter().map(|f| Target { path: f.path.clone(), start: 0, end: u64::MAX }).collect();
         let slot_of: Vec<u32> = (0..files.len() as u32).collect();
-        let acc = Accumulator::new(targets, &slot_of, files.len(), options.granularity, vec![0; files.len()], false);
-        let (acc, ring) = worker::drain_into(&events, acc)?;
-        Ok((skel, drops, opened, acc, ring))
+        let seen = worker::read_seen(&maps, files.len())?;
+        let lost = started == Started::ResumedUnclean;
+        let acc = Accumulator::new(targets, &slot_of, files.len(), options.granularity, seen, lost);
+        let (acc, ring) = worker::drain_into(&maps.events, acc)?;
+        maps.set_suspended(false)?;
+        Ok((skel, maps, started, opened, acc, ring))
     });
-    let (_skel, drops, opened, acc, ring) = match prepared {
+    let (_skel, maps, started, opened, acc, ring) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    if ready.send(Ok(worker::Started::Fresh)).is_err() {
+    if ready.send(Ok(started)).is_err() {
         return;
     }
-    tracing::debug!(files = files.len(), "image-file tracker attached");
+    tracing::debug!(files = files.len(), ?started, "image-file tracker attached");
     // Files found replaced under their path (warned about once).
     let mut replaced = vec![false; files.len()];
-    worker::serve(&ring, &inbox, options.drain_interval, "image-file", |_| {
-        let counts = worker::read_drops(&drops, files.len())?;
-        let mut set = acc.borrow_mut().take(&counts);
+    worker::serve(&ring, &inbox, options.drain_interval, "image-file", |suspending| {
+        let mut set = worker::take(&acc, &maps, files.len())?;
         for (i, device) in set.devices.iter_mut().enumerate() {
             let file = &files[i];
             if !file.unchanged() {
@@ -219,18 +266,20 @@ fn run(
             }
         }
         set.lost = set.devices.iter().any(|d| d.lost);
+        if suspending {
+            // Later changes wait in the pinned ring buffer for the tracker that resumes.
+            maps.set_suspended(true)?;
+        }
         Ok(set)
     });
 }
 
-type Attached<'obj> = (crate::bpf::FilesSkel<'obj>, MapHandle, MapHandle);
-
 /// Loads the program, fills the file filter, attaches.
-fn attach<'obj>(
+fn load<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     files: &[TrackedFile],
     options: &TrackerOptions,
-) -> Result<Attached<'obj>, TrackerError> {
+) -> Result<FilesSkel<'obj>, TrackerError> {
     let mut open = FilesSkelBuilder::default().open(storage).map_err(TrackerError::bpf("open the eBPF object"))?;
     open.maps.events.set_max_entries(options.ring_buffer_bytes).map_err(TrackerError::bpf("size the ring buffer"))?;
     if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
@@ -245,9 +294,7 @@ fn attach<'obj>(
             .map_err(TrackerError::bpf("fill the file filter"))?;
     }
     skel.attach().map_err(TrackerError::bpf("attach to the page-cache tracepoints"))?;
-    let handle = |m| MapHandle::try_from(m).map_err(TrackerError::bpf("duplicate a map handle"));
-    let (drops, events) = (handle(&skel.maps.drops)?, handle(&skel.maps.events)?);
-    Ok((skel, drops, events))
+    Ok(skel)
 }
 
 /// Opens each file and writes back its dirty pages, which were dirtied before the

@@ -4,10 +4,11 @@
 //! blind. See docs/change-tracking.md "Across restarts".
 //!
 //! Layout: `<pin_dir>/<program id>/{link_bio_queue, link_rq_complete, link_bio_complete,
-//! events, drops, disks, seen, suspended}`, where the program id is a hash of the eBPF
-//! sources (build.rs), so a tracker never resumes a different program's maps.
-//! `suspended` is pinned last: a directory without it is an interrupted pinning and is
-//! removed.
+//! events, drops, disks, seen, suspended}` for the block tracker and `<pin_dir>/files-<program
+//! id>/{link_…, events, drops, files, seen, suspended}` for the image-file tracker, where the
+//! program id is a hash of the program's eBPF sources (build.rs), so a tracker never
+//! resumes a different program's maps. `suspended` is pinned last: a directory without it
+//! is an interrupted pinning and is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,12 +16,55 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
 use crate::TrackerError;
-use crate::bpf::TrackerSkel;
 
-/// Identity of the compiled eBPF program (build.rs).
-const PROGRAM_ID: &str = env!("SITERECOVERY_TRACKER_BPF_ID");
+/// What one kind of tracker pins, and where.
+pub(crate) struct Kind {
+    /// Its directories' names under the pin directory start with this.
+    prefix: &'static str,
+    /// Identity of the compiled eBPF program (build.rs).
+    id: &'static str,
+    /// The names its links are pinned under, in the order [`pin`] is given them.
+    pub(crate) links: &'static [&'static str],
+    /// The map that says what it tracks: key -> slot.
+    filter: &'static str,
+}
 
-const LINKS: [&str; 3] = ["link_bio_queue", "link_rq_complete", "link_bio_complete"];
+/// The block-device tracker (tracker.bpf.c).
+pub(crate) const BLOCKS: Kind = Kind {
+    prefix: "",
+    id: env!("SITERECOVERY_TRACKER_BPF_ID"),
+    links: &["link_bio_queue", "link_rq_complete", "link_bio_complete"],
+    filter: "disks",
+};
+
+/// The image-file tracker (files.bpf.c).
+pub(crate) const FILES: Kind = Kind {
+    prefix: "files-",
+    id: env!("SITERECOVERY_FILES_BPF_ID"),
+    links: &[
+        "link_dirty_buffer",
+        "link_dio_begin",
+        "link_dio_complete",
+        "link_punch_hole",
+        "link_zero_range",
+        "link_truncate",
+        "link_collapse_range",
+        "link_insert_range",
+    ],
+    filter: "files",
+};
+
+impl Kind {
+    /// The directory this build's program of this kind pins into under `pin_dir`.
+    pub(crate) fn dir(&self, pin_dir: &Path) -> PathBuf {
+        pin_dir.join(format!("{}{}", self.prefix, self.id))
+    }
+
+    /// Whether a directory under the pin directory holds a program of this kind.
+    fn owns(&self, name: &str) -> bool {
+        if self.prefix.is_empty() { !name.starts_with(FILES.prefix) } else { name.starts_with(self.prefix) }
+    }
+}
 
 /// The maps the user-space side of a tracker works with.
 pub(crate) struct Maps {
@@ -32,14 +76,14 @@ pub(crate) struct Maps {
 
 impl Maps {
     /// Handles on a freshly loaded skeleton's maps.
-    pub(crate) fn of(skel: &TrackerSkel<'_>) -> Result<Self, TrackerError> {
+    pub(crate) fn of(
+        events: &libbpf_rs::MapMut<'_>,
+        drops: &libbpf_rs::MapMut<'_>,
+        seen: &libbpf_rs::MapMut<'_>,
+        suspended: &libbpf_rs::MapMut<'_>,
+    ) -> Result<Self, TrackerError> {
         let handle = |m| MapHandle::try_from(m).map_err(TrackerError::bpf("duplicate a map handle"));
-        Ok(Self {
-            events: handle(&skel.maps.events)?,
-            drops: handle(&skel.maps.drops)?,
-            seen: handle(&skel.maps.seen)?,
-            suspended: handle(&skel.maps.suspended)?,
-        })
+        Ok(Self { events: handle(events)?, drops: handle(drops)?, seen: handle(seen)?, suspended: handle(suspended)? })
     }
 
     /// Whether the tracker that owned these maps suspended cleanly after its last take.
@@ -64,21 +108,21 @@ pub(crate) fn write_u64(map: &MapHandle, index: u32, value: u64) -> Result<(), T
     map.update(&index.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY).map_err(TrackerError::bpf("write a map"))
 }
 
-/// The directory this build pins into under `pin_dir`.
-pub(crate) fn dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(PROGRAM_ID)
-}
-
-/// Opens what an earlier tracker pinned for the same disks. `None` when nothing usable is
-/// there (nothing pinned, an interrupted pinning, or other disks): whatever was there is
-/// removed, and the caller loads the program afresh.
-pub(crate) fn resume(pin_dir: &Path, slots: &BTreeMap<u32, u32>) -> Result<Option<Maps>, TrackerError> {
-    remove_other_programs(pin_dir)?;
-    let dir = dir(pin_dir);
+/// Opens what an earlier tracker of `kind` pinned for the same disks or files (`filter`:
+/// the key and slot of each). `None` when nothing usable is there (nothing pinned, an
+/// interrupted pinning, or other disks): whatever was there is removed, and the caller
+/// loads the program afresh.
+pub(crate) fn resume(
+    pin_dir: &Path,
+    kind: &Kind,
+    filter: &BTreeMap<Vec<u8>, u32>,
+) -> Result<Option<Maps>, TrackerError> {
+    remove_other_programs(pin_dir, kind)?;
+    let dir = kind.dir(pin_dir);
     if !dir.exists() {
         return Ok(None);
     }
-    match open(&dir, slots) {
+    match open(&dir, kind, filter) {
         Some(maps) => Ok(Some(maps)),
         None => {
             tracing::info!(dir = %dir.display(), "removing pinned tracking that cannot be resumed");
@@ -88,56 +132,58 @@ pub(crate) fn resume(pin_dir: &Path, slots: &BTreeMap<u32, u32>) -> Result<Optio
     }
 }
 
-fn open(dir: &Path, slots: &BTreeMap<u32, u32>) -> Option<Maps> {
+fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps> {
     let map = |name: &str| MapHandle::from_pinned_path(dir.join(name)).ok();
     // The marker pinned last first: without it the pinning was interrupted.
     let suspended = map("suspended")?;
-    for link in LINKS {
+    for link in kind.links {
         // Closing a pinned link's descriptor leaves it attached (the pin holds it).
         drop(Link::open(dir.join(link)).ok()?);
     }
-    let disks = map("disks")?;
+    let tracked = map(kind.filter)?;
     let mut pinned = BTreeMap::new();
-    for key in disks.keys() {
-        let dev = u32::from_ne_bytes(key.as_slice().try_into().ok()?);
-        let slot = disks.lookup(&key, MapFlags::ANY).ok()??;
-        pinned.insert(dev, u32::from_ne_bytes(slot.as_slice().try_into().ok()?));
+    for key in tracked.keys() {
+        let slot = tracked.lookup(&key, MapFlags::ANY).ok()??;
+        pinned.insert(key, u32::from_ne_bytes(slot.as_slice().try_into().ok()?));
     }
-    if &pinned != slots {
-        tracing::info!(pinned = ?pinned, wanted = ?slots, "pinned tracking follows other disks");
+    if &pinned != filter {
+        tracing::info!(dir = %dir.display(), "pinned tracking follows other disks or files");
         return None;
     }
     Some(Maps { events: map("events")?, drops: map("drops")?, seen: map("seen")?, suspended })
 }
 
-/// Pins a loaded and attached skeleton's links and maps, the `suspended` marker last.
-pub(crate) fn pin(skel: &mut TrackerSkel<'_>, pin_dir: &Path) -> Result<(), TrackerError> {
-    let dir = dir(pin_dir);
+/// Pins a loaded and attached skeleton's links (named as `kind.links`, in that order)
+/// and maps (`events`, `drops`, the filter, `seen`, `suspended`: the marker last).
+pub(crate) fn pin(
+    pin_dir: &Path,
+    kind: &Kind,
+    links: Vec<Option<&mut Link>>,
+    maps: [&mut libbpf_rs::MapMut<'_>; 5],
+) -> Result<(), TrackerError> {
+    let dir = kind.dir(pin_dir);
     if dir.exists() {
         remove(&dir)?;
     }
     std::fs::create_dir_all(&dir).map_err(|source| TrackerError::Pin { path: dir.clone(), source })?;
-    let links = [&mut skel.links.on_bio_queue, &mut skel.links.on_rq_complete, &mut skel.links.on_bio_complete];
-    for (name, link) in LINKS.into_iter().zip(links) {
+    for (name, link) in kind.links.iter().zip(links) {
         if let Some(link) = link {
             link.pin(dir.join(name)).map_err(TrackerError::bpf("pin a link"))?;
         }
     }
-    let maps = &mut skel.maps;
-    maps.events.pin(dir.join("events")).map_err(TrackerError::bpf("pin a map"))?;
-    maps.drops.pin(dir.join("drops")).map_err(TrackerError::bpf("pin a map"))?;
-    maps.disks.pin(dir.join("disks")).map_err(TrackerError::bpf("pin a map"))?;
-    maps.seen.pin(dir.join("seen")).map_err(TrackerError::bpf("pin a map"))?;
-    maps.suspended.pin(dir.join("suspended")).map_err(TrackerError::bpf("pin a map"))?;
+    for (name, map) in ["events", "drops", kind.filter, "seen", "suspended"].into_iter().zip(maps) {
+        map.pin(dir.join(name)).map_err(TrackerError::bpf("pin a map"))?;
+    }
     Ok(())
 }
 
-/// Removes the pins of programs other than this build's under `pin_dir` (an upgrade
-/// leaves the previous version's behind).
-fn remove_other_programs(pin_dir: &Path) -> Result<(), TrackerError> {
+/// Removes the pins of other programs of `kind` than this build's under `pin_dir` (an
+/// upgrade leaves the previous version's behind).
+fn remove_other_programs(pin_dir: &Path, kind: &Kind) -> Result<(), TrackerError> {
     let Ok(entries) = std::fs::read_dir(pin_dir) else { return Ok(()) };
+    let ours = kind.dir(pin_dir);
     for entry in entries.flatten() {
-        if entry.file_name() != PROGRAM_ID {
+        if kind.owns(&entry.file_name().to_string_lossy()) && entry.path() != ours {
             tracing::info!(dir = %entry.path().display(), "removing another program's pinned tracking");
             remove(&entry.path())?;
         }

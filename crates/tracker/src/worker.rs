@@ -122,7 +122,24 @@ fn run(
     let mut storage = MaybeUninit::uninit();
     // A skeleton loaded here must live as long as the loop: unpinned, dropping it
     // detaches the program.
-    let (_skel, maps, started) = match setup(&mut storage, &slots, &options) {
+    let filter = slots.iter().map(|(dev, slot)| (dev.to_ne_bytes().to_vec(), *slot)).collect();
+    let pin_it = |skel: &mut TrackerSkel<'_>, pin_dir: &std::path::Path| {
+        let l = &mut skel.links;
+        let links = vec![l.on_bio_queue.as_mut(), l.on_rq_complete.as_mut(), l.on_bio_complete.as_mut()];
+        let m = &mut skel.maps;
+        pin::pin(
+            pin_dir,
+            &pin::BLOCKS,
+            links,
+            [&mut m.events, &mut m.drops, &mut m.disks, &mut m.seen, &mut m.suspended],
+        )
+    };
+    let maps_of = |skel: &TrackerSkel<'_>| {
+        let m = &skel.maps;
+        pin::Maps::of(&m.events, &m.drops, &m.seen, &m.suspended)
+    };
+    let loaded = setup(&options, &pin::BLOCKS, &filter, || load(&mut storage, &slots, &options), pin_it, maps_of);
+    let (_skel, maps, started) = match loaded {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -131,7 +148,7 @@ fn run(
     };
     let targets: Vec<Target> = devices.iter().map(TrackedDevice::target).collect();
     let slot_of: Vec<u32> = devices.iter().map(|d| slots[&d.kernel_disk_dev()]).collect();
-    let prepared = read_seen(&maps, &slots).and_then(|seen| {
+    let prepared = read_seen(&maps, slots.len()).and_then(|seen| {
         let lost = started == Started::ResumedUnclean;
         let acc = Accumulator::new(targets, &slot_of, slots.len(), options.granularity, seen, lost);
         let (acc, ring) = drain_into(&maps.events, acc)?;
@@ -150,7 +167,7 @@ fn run(
     }
     tracing::debug!(devices = devices.len(), ?started, "block tracker attached");
     serve(&ring, &inbox, options.drain_interval, "block", |suspending| {
-        let set = take(&acc, &maps, &slots)?;
+        let set = take(&acc, &maps, slots.len())?;
         if suspending {
             // Nothing is drained after this take: later writes wait in the ring buffer
             // for the tracker that resumes the pins.
@@ -211,8 +228,8 @@ pub(crate) fn serve(
 }
 
 /// Hands over the dirty set and records the drop counters it saw (in the `seen` map).
-fn take(acc: &RefCell<Accumulator>, maps: &pin::Maps, slots: &BTreeMap<u32, u32>) -> Result<DirtySet, TrackerError> {
-    let drops = read_drops(&maps.drops, slots.len())?;
+pub(crate) fn take(acc: &RefCell<Accumulator>, maps: &pin::Maps, slots: usize) -> Result<DirtySet, TrackerError> {
+    let drops = read_drops(&maps.drops, slots)?;
     let set = acc.borrow_mut().take(&drops);
     for (slot, &n) in acc.borrow().seen_drops.iter().enumerate() {
         pin::write_u64(&maps.seen, slot as u32, n)?;
@@ -233,24 +250,28 @@ pub(crate) enum Started {
     ResumedUnclean,
 }
 
-/// Resumes pinned tracking when `options.pin_dir` holds one for these disks, else loads
-/// and attaches the program (and pins it when asked).
-fn setup<'obj>(
-    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    slots: &BTreeMap<u32, u32>,
+/// Resumes the pinned tracking of `kind` when `options.pin_dir` holds one for the same
+/// disks or files (`filter`), else loads and attaches the program (`load`) and pins it
+/// (`pin_it`) when asked.
+pub(crate) fn setup<S>(
     options: &TrackerOptions,
-) -> Result<(Option<TrackerSkel<'obj>>, pin::Maps, Started), TrackerError> {
+    kind: &pin::Kind,
+    filter: &BTreeMap<Vec<u8>, u32>,
+    load: impl FnOnce() -> Result<S, TrackerError>,
+    pin_it: impl FnOnce(&mut S, &std::path::Path) -> Result<(), TrackerError>,
+    maps_of: impl FnOnce(&S) -> Result<pin::Maps, TrackerError>,
+) -> Result<(Option<S>, pin::Maps, Started), TrackerError> {
     if let Some(pin_dir) = &options.pin_dir
-        && let Some(maps) = pin::resume(pin_dir, slots)?
+        && let Some(maps) = pin::resume(pin_dir, kind, filter)?
     {
         let started = if maps.was_suspended()? { Started::Resumed } else { Started::ResumedUnclean };
         return Ok((None, maps, started));
     }
-    let mut skel = load(storage, slots, options)?;
+    let mut skel = load()?;
     if let Some(pin_dir) = &options.pin_dir {
-        pin::pin(&mut skel, pin_dir)?;
+        pin_it(&mut skel, pin_dir)?;
     }
-    let maps = pin::Maps::of(&skel)?;
+    let maps = maps_of(&skel)?;
     Ok((Some(skel), maps, Started::Fresh))
 }
 
@@ -280,8 +301,8 @@ pub(crate) fn read_drops(drops: &MapHandle, slots: usize) -> Result<Vec<u64>, Tr
 
 /// The drop counters as of the previous take (kept in the `seen` map, which a resumed
 /// tracker inherits).
-fn read_seen(maps: &pin::Maps, slots: &BTreeMap<u32, u32>) -> Result<Vec<u64>, TrackerError> {
-    read_drops(&maps.seen, slots.len())
+pub(crate) fn read_seen(maps: &pin::Maps, slots: usize) -> Result<Vec<u64>, TrackerError> {
+    read_drops(&maps.seen, slots)
 }
 
 /// What a tracked device or file is to the accumulator: a window of its slot's sectors.

@@ -62,6 +62,22 @@ struct {
 	__type(value, __u64);
 } drops SEC(".maps");
 
+/* The drop counters as of user space's last take, per slot (src/pin.rs). Only user space uses it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_FILES);
+	__type(key, __u32);
+	__type(value, __u64);
+} seen SEC(".maps");
+
+/* 1 when the tracker owning the pinned maps suspended cleanly. Only user space uses it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} suspended SEC(".maps");
+
 /* A direct-I/O write waiting for its completion, keyed by the kiocb's address. */
 struct dio {
 	__u64 pos;
