@@ -26,12 +26,12 @@ fn main() {
     println!("cargo:rustc-env=SITERECOVERY_FILES_BPF_ID={:016x}", source_id(PROGRAMS[1].0));
 }
 
-/// FNV-1a of a program's eBPF sources (kernel.h and the program: names and contents): the
+/// FNV-1a of a program's eBPF sources (the headers and the program: names and contents): the
 /// identity under which a tracker pins its program and maps, so a build with a different
 /// program never resumes another's (src/pin.rs). Stable across compilers, unlike
 /// `DefaultHasher`.
 fn source_id(program: &str) -> u64 {
-    let files = [PathBuf::from("src/bpf/kernel.h"), PathBuf::from(program)];
+    let files = [PathBuf::from("src/bpf/kernel.h"), PathBuf::from("src/bpf/slots.h"), PathBuf::from(program)];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for f in files {
         let name = f.file_name().expect("a file name").to_string_lossy().into_owned();

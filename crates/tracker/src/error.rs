@@ -54,7 +54,7 @@ pub enum TrackerError {
     /// More image files than the kernel-side filter holds.
     #[error(
         "{0} image files requested but the tracker follows at most {max}: split them over several trackers",
-        max = crate::files::MAX_FILES
+        max = crate::worker::MAX_SLOTS
     )]
     TooManyFiles(usize),
 
@@ -72,7 +72,7 @@ pub enum TrackerError {
     /// More whole disks than the kernel-side filter holds.
     #[error(
         "{0} distinct disks requested but the tracker follows at most {max}: split them over several trackers",
-        max = crate::worker::MAX_DISKS
+        max = crate::worker::MAX_SLOTS
     )]
     TooManyDisks(usize),
 

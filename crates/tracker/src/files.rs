@@ -24,9 +24,6 @@ use crate::device::kernel_dev;
 use crate::worker::{self, Accumulator, Command, Started, Target};
 use crate::{DirtySet, TrackerError, TrackerOptions, pin, privileges, sys};
 
-/// Most files one tracker follows (MAX_FILES in files.bpf.c).
-pub(crate) const MAX_FILES: usize = 64;
-
 /// `statfs` magic of ext4 (and ext2/ext3, which ext4 mounts).
 const EXT4_MAGIC: i64 = 0xEF53;
 
@@ -129,7 +126,7 @@ impl FileTracker {
     pub fn start_with(files: &[PathBuf], options: TrackerOptions) -> Result<Self, TrackerError> {
         options.validate()?;
         let files = files.iter().map(|p| TrackedFile::resolve(p)).collect::<Result<Vec<_>, _>>()?;
-        if files.len() > MAX_FILES {
+        if files.len() > worker::MAX_SLOTS {
             return Err(TrackerError::TooManyFiles(files.len()));
         }
         privileges::check()?;

@@ -19,10 +19,11 @@ use crate::bpf::{TrackerSkel, TrackerSkelBuilder};
 use crate::device::blocks_touched;
 use crate::{DeviceDirty, DirtySet, TrackedDevice, TrackerError, TrackerOptions, pin};
 
-/// Size of the kernel-side disk filter and drop counters (MAX_DISKS in tracker.bpf.c).
-pub(crate) const MAX_DISKS: usize = 64;
+/// Size of the kernel-side filters and drop counters (MAX_SLOTS in src/bpf/slots.h): the
+/// most disks, or files, one tracker follows.
+pub(crate) const MAX_SLOTS: usize = 64;
 
-/// Size of one ring-buffer record (struct event in tracker.bpf.c).
+/// Size of one ring-buffer record (struct event in src/bpf/slots.h).
 const EVENT_LEN: usize = 16;
 
 /// A request to the worker.
@@ -106,7 +107,7 @@ fn assign_slots(devices: &[TrackedDevice]) -> Result<BTreeMap<u32, u32>, Tracker
         let next = slots.len() as u32;
         slots.entry(d.kernel_disk_dev()).or_insert(next);
     }
-    if slots.len() > MAX_DISKS {
+    if slots.len() > MAX_SLOTS {
         return Err(TrackerError::TooManyDisks(slots.len()));
     }
     Ok(slots)
@@ -417,7 +418,7 @@ impl Accumulator {
     }
 }
 
-/// One ring-buffer record (struct event in tracker.bpf.c: u32 slot, u32 nr_sectors,
+/// One ring-buffer record (struct event in src/bpf/slots.h: u32 slot, u32 nr_sectors,
 /// u64 sector, native endian).
 struct Event {
     slot: u32,

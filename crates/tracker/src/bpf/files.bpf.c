@@ -23,21 +23,14 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
+#include "slots.h"
 
-#define MAX_FILES 64
 #define PG_HEAD 6
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* The page size's shift, set by user space before load. */
 const volatile __u32 page_shift = 12;
-
-/* Same layout as struct event in tracker.bpf.c (src/worker.rs parses both). */
-struct event {
-	__u32 slot;
-	__u32 nr_sectors;
-	__u64 sector;
-};
 
 /* A tracked file: the kernel's dev_t of its filesystem (s_dev) and its inode number. */
 struct file_key {
@@ -49,34 +42,10 @@ struct file_key {
 /* File -> slot. Filled by user space before attaching. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_FILES);
+	__uint(max_entries, MAX_SLOTS);
 	__type(key, struct file_key);
 	__type(value, __u32);
 } files SEC(".maps");
-
-/* Per-slot count of changes that could not be recorded. Only ever grows. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_FILES);
-	__type(key, __u32);
-	__type(value, __u64);
-} drops SEC(".maps");
-
-/* The drop counters as of user space's last take, per slot (src/pin.rs). Only user space uses it. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_FILES);
-	__type(key, __u32);
-	__type(value, __u64);
-} seen SEC(".maps");
-
-/* 1 when the tracker owning the pinned maps suspended cleanly. Only user space uses it. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} suspended SEC(".maps");
 
 /* A direct-I/O write waiting for its completion, keyed by the kiocb's address. */
 struct dio {
@@ -93,11 +62,6 @@ struct {
 	__type(value, struct dio);
 } inflight SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 << 20);
-} events SEC(".maps");
-
 static __always_inline __u32 *slot_of(struct inode *inode)
 {
 	struct file_key key = {};
@@ -107,19 +71,10 @@ static __always_inline __u32 *slot_of(struct inode *inode)
 	return bpf_map_lookup_elem(&files, &key);
 }
 
-static __always_inline void count_drop(__u32 slot)
-{
-	__u64 *n = bpf_map_lookup_elem(&drops, &slot);
-
-	if (n)
-		__sync_fetch_and_add(n, 1);
-}
-
 /* Reports bytes [pos, pos + len) of the file in `slot`, widened to whole sectors. */
 static __always_inline void emit(__u32 slot, __u64 pos, __u64 len)
 {
 	__u64 first = pos >> 9, end = (pos + len + 511) >> 9;
-	struct event *e;
 
 	if (len == 0)
 		return;
@@ -127,15 +82,7 @@ static __always_inline void emit(__u32 slot, __u64 pos, __u64 len)
 		count_drop(slot);
 		return;
 	}
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count_drop(slot);
-		return;
-	}
-	e->slot = slot;
-	e->nr_sectors = end - first;
-	e->sector = first;
-	bpf_ringbuf_submit(e, 0);
+	emit_sectors(slot, first, end - first);
 }
 
 SEC("tp_btf/block_dirty_buffer")

@@ -22,17 +22,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
-
-#define MAX_DISKS 64
+#include "slots.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-/* One record per reported range; layout mirrored in src/worker.rs (Event). */
-struct event {
-	__u32 slot;
-	__u32 nr_sectors;
-	__u64 sector;
-};
 
 /* A bio-based write waiting for its completion, keyed by the bio's address. */
 struct inflight {
@@ -44,42 +36,10 @@ struct inflight {
 /* Whole-disk dev_t (kernel encoding, MKDEV) -> slot of that disk. Filled by user space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_DISKS);
+	__uint(max_entries, MAX_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32);
 } disks SEC(".maps");
-
-/* Per-slot count of writes that could not be recorded. Only ever grows. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_DISKS);
-	__type(key, __u32);
-	__type(value, __u64);
-} drops SEC(".maps");
-
-/*
- * The drop counters as of user space's last take, per slot. Only user space reads and
- * writes it: it keeps that baseline with the pinned maps, so a tracker that resumes
- * pinned maps after its process restarted (src/pin.rs) knows which drops it has not
- * seen yet.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_DISKS);
-	__type(key, __u32);
-	__type(value, __u64);
-} seen SEC(".maps");
-
-/*
- * 1 when the user-space tracker owning the pinned maps suspended cleanly after its last
- * take (it drained nothing since), 0 while one runs. Only user space uses it.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} suspended SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -87,33 +47,6 @@ struct {
 	__type(key, __u64);
 	__type(value, struct inflight);
 } inflight SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 << 20);
-} events SEC(".maps");
-
-static __always_inline void count_drop(__u32 slot)
-{
-	__u64 *n = bpf_map_lookup_elem(&drops, &slot);
-
-	if (n)
-		__sync_fetch_and_add(n, 1);
-}
-
-static __always_inline void emit(__u32 slot, __u64 sector, __u32 nr_sectors)
-{
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-
-	if (!e) {
-		count_drop(slot);
-		return;
-	}
-	e->slot = slot;
-	e->nr_sectors = nr_sectors;
-	e->sector = sector;
-	bpf_ringbuf_submit(e, 0);
-}
 
 static __always_inline int is_write(__u32 opf)
 {
@@ -151,7 +84,7 @@ int BPF_PROG(on_bio_queue, struct bio *bio)
 	f.sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
 	f.nr_sectors = size >> 9;
 	f.slot = *slot;
-	emit(f.slot, f.sector, f.nr_sectors);
+	emit_sectors(f.slot, f.sector, f.nr_sectors);
 	/* blk-mq disks report completions per request (on_rq_complete). */
 	if (BPF_CORE_READ(disk, queue, mq_ops))
 		return 0;
@@ -171,7 +104,7 @@ int BPF_PROG(on_rq_complete, struct request *rq, blk_status_t error, unsigned in
 	slot = bpf_map_lookup_elem(&disks, &dev);
 	if (!slot)
 		return 0;
-	emit(*slot, BPF_CORE_READ(rq, __sector), nr_bytes >> 9);
+	emit_sectors(*slot, BPF_CORE_READ(rq, __sector), nr_bytes >> 9);
 	return 0;
 }
 
@@ -183,7 +116,7 @@ int BPF_PROG(on_bio_complete, struct request_queue *q, struct bio *bio)
 
 	if (!f)
 		return 0;
-	emit(f->slot, f->sector, f->nr_sectors);
+	emit_sectors(f->slot, f->sector, f->nr_sectors);
 	bpf_map_delete_elem(&inflight, &key);
 	return 0;
 }
