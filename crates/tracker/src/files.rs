@@ -123,6 +123,10 @@ impl FileTracker {
     /// program and its maps are pinned there, as the block tracker's are (in a directory
     /// of their own, so both kinds can share one pin directory), and a tracker that finds
     /// pins for the same files (same inodes) resumes them.
+    ///
+    /// Before that, a test write to a temporary file on each files' filesystem must come
+    /// back as a dirty block (see [`canary`]), or the files are refused as
+    /// [`TrackerError::Untrackable`].
     pub fn start_with(files: &[PathBuf], options: TrackerOptions) -> Result<Self, TrackerError> {
         options.validate()?;
         let files = files.iter().map(|p| TrackedFile::resolve(p)).collect::<Result<Vec<_>, _>>()?;
@@ -131,6 +135,16 @@ impl FileTracker {
         }
         privileges::check()?;
         crate::route_libbpf_logs();
+        let mut checked = std::collections::BTreeSet::new();
+        for f in &files {
+            if checked.insert(f.dev) {
+                canary(&f.path)?;
+            }
+        }
+        Self::spawn(files, options)
+    }
+
+    fn spawn(files: Vec<TrackedFile>, options: TrackerOptions) -> Result<Self, TrackerError> {
         let (granularity, pinned) = (options.granularity, options.pin_dir.is_some());
         let tracked = files.clone();
         let (worker, started) =
@@ -292,6 +306,35 @@ fn load<'obj>(
     }
     skel.attach().map_err(TrackerError::bpf("attach to the page-cache tracepoints"))?;
     Ok(skel)
+}
+
+/// Checks that writes to files on `file`'s filesystem reach the program: tracks an unnamed
+/// temporary file (`O_TMPFILE`) in its directory, writes a block to it, and expects that
+/// block back. Its data is written as the tracked files' is, so this catches what the
+/// checks of [`TrackedFile::resolve`] cannot: a kernel whose ext4 no longer marks buffers
+/// dirty (buffered I/O moved to iomap), a device number the program sees otherwise than
+/// `stat` (a stacking filesystem), a tracepoint that never fires. Without it those would
+/// report nothing, and nothing written would ever be sent.
+fn canary(file: &Path) -> Result<(), TrackerError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let untrackable = |reason: String| TrackerError::Untrackable { path: file.to_owned(), reason };
+    let tmp =
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open(dir).map_err(|e| {
+            untrackable(format!("no test file could be made in {} to check tracking ({e})", dir.display()))
+        })?;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", tmp.as_raw_fd()));
+    let tracker = FileTracker::spawn(vec![TrackedFile::resolve(&path)?], TrackerOptions::new(4096))?;
+    tmp.write_all_at(&[0x5a; 4096], 4096).map_err(|e| untrackable(format!("the test write failed ({e})")))?;
+    let set = tracker.take_dirty()?;
+    if set.devices[0].blocks != [1] || set.lost {
+        return Err(untrackable(format!(
+            "a test write to a file beside it was not reported (got blocks {:?}): this kernel's ext4 changes data in a way the tracker does not follow",
+            set.devices[0].blocks
+        )));
+    }
+    Ok(())
 }
 
 /// Opens each file and writes back its dirty pages, which were dirtied before the
