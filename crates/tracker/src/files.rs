@@ -138,7 +138,7 @@ impl FileTracker {
         let mut checked = std::collections::BTreeSet::new();
         for f in &files {
             if checked.insert(f.dev) {
-                canary(&f.path)?;
+                canary(f)?;
             }
         }
         Self::spawn(files, options)
@@ -309,21 +309,36 @@ fn load<'obj>(
 }
 
 /// Checks that writes to files on `file`'s filesystem reach the program: tracks an unnamed
-/// temporary file (`O_TMPFILE`) in its directory, writes a block to it, and expects that
-/// block back. Its data is written as the tracked files' is, so this catches what the
+/// temporary file (`O_TMPFILE`) in its directory (or in /var/tmp or /tmp when on the same
+/// filesystem), writes a block to it, and expects that block back. Its data is written as the tracked files' is, so this catches what the
 /// checks of [`TrackedFile::resolve`] cannot: a kernel whose ext4 no longer marks buffers
 /// dirty (buffered I/O moved to iomap), a device number the program sees otherwise than
 /// `stat` (a stacking filesystem), a tracepoint that never fires. Without it those would
 /// report nothing, and nothing written would ever be sent.
-fn canary(file: &Path) -> Result<(), TrackerError> {
+fn canary(file: &TrackedFile) -> Result<(), TrackerError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let untrackable = |reason: String| TrackerError::Untrackable { path: file.to_owned(), reason };
-    let tmp =
-        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open(dir).map_err(|e| {
-            untrackable(format!("no test file could be made in {} to check tracking ({e})", dir.display()))
-        })?;
+    let untrackable = |reason: String| TrackerError::Untrackable { path: file.path.clone(), reason };
+    // Its directory, else a usual scratch directory on the same filesystem (the images'
+    // directory may be mounted read-only in the agent's container).
+    let parent = file.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut failures = Vec::new();
+    let mut made = None;
+    for dir in [parent, Path::new("/var/tmp"), Path::new("/tmp")] {
+        if dir != parent && !std::fs::metadata(dir).is_ok_and(|m| m.dev() == file.dev) {
+            continue;
+        }
+        match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open(dir) {
+            Ok(f) => {
+                made = Some(f);
+                break;
+            }
+            Err(e) => failures.push(format!("{}: {e}", dir.display())),
+        }
+    }
+    let tmp = made.ok_or_else(|| {
+        untrackable(format!("no test file could be made on its filesystem to check tracking ({})", failures.join("; ")))
+    })?;
     let path = PathBuf::from(format!("/proc/self/fd/{}", tmp.as_raw_fd()));
     let tracker = FileTracker::spawn(vec![TrackedFile::resolve(&path)?], TrackerOptions::new(4096))?;
     tmp.write_all_at(&[0x5a; 4096], 4096).map_err(|e| untrackable(format!("the test write failed ({e})")))?;

@@ -365,3 +365,44 @@ fn image_file_tracking_pinned_reaches_the_next_tracker() {
     let other = image(dir.path(), "q.img", MIB);
     assert!(!pinned_files(std::slice::from_ref(&other), &pins).resumed());
 }
+
+/// An image seen through a read-only bind mount (as in an agent container): the test write
+/// goes to /var/tmp or /tmp when one is on the same filesystem, and writes made through
+/// the writable path are tracked through the read-only one.
+#[test]
+fn an_image_under_a_read_only_mount_is_tracked() {
+    if !ebpf_available() {
+        return;
+    }
+    let Some(dir) = ext4_dir() else { return };
+    let (source, view) = (dir.path().join("rw"), dir.path().join("ro"));
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::create_dir_all(&view).unwrap();
+    let path = image(&source, "r.img", MIB);
+    let run = |args: &[&str]| assert!(Command::new("mount").args(args).status().unwrap().success(), "mount {args:?}");
+    run(&["--bind", source.to_str().unwrap(), view.to_str().unwrap()]);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(view.clone());
+    run(&["-o", "remount,ro,bind", view.to_str().unwrap()]);
+
+    let scratch_on_same_fs = ["/var/tmp", "/tmp"].iter().any(|d| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(d).is_ok_and(|m| m.dev() == std::fs::metadata(&path).unwrap().dev())
+    });
+    match FileTracker::start(&[view.join("r.img")], G) {
+        Ok(tracker) => {
+            assert!(scratch_on_same_fs);
+            open_rw(&path).write_all_at(&[1; 10], 3 * G).unwrap();
+            assert_eq!(dirty(&tracker.take_dirty().unwrap()), set(&[3]));
+        }
+        Err(e) => {
+            assert!(!scratch_on_same_fs, "{e}");
+            assert!(matches!(e, TrackerError::Untrackable { .. }) && e.to_string().contains("test file"), "{e}");
+        }
+    }
+}
