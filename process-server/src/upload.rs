@@ -236,8 +236,11 @@ impl Uploader<'_> {
                 rebuilt_bytes = 0;
             }
         }
+        let (started, read) = (std::time::Instant::now(), messages.len());
         self.upload(jobs, known, &mut work.chains, &mut places).await?;
+        let uploaded = started.elapsed();
 
+        let points = manifests.len();
         for (p, mut manifest) in manifests {
             place_in_manifest(&mut manifest, &places);
             match store.put_manifest(&state.server, &manifest).await {
@@ -260,6 +263,7 @@ impl Uploader<'_> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        tracing::debug!(server = %state.server, records = read, points, ?uploaded, total = ?started.elapsed(), "upload round");
         *state.uploaded.lock().unwrap_or_else(|p| p.into_inner()) = work.chains.clone();
         *cp = work;
         tokio::task::block_in_place(|| journal.release(end)).map_err(|e| e.to_string())?;

@@ -33,13 +33,14 @@ pub struct Usage {
 }
 
 impl Proc {
-    /// Starts `bin args…` with plain-text `info` logs into `log`.
+    /// Starts `bin args…` with plain-text logs into `log`: `info`, or what `BENCH_DP_LOG`
+    /// says (a `RUST_LOG` filter, e.g. `info,siterecovery_process_server::upload=debug`).
     pub fn spawn(name: &str, bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Self> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(bin)
             .args(args)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("BENCH_DP_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
