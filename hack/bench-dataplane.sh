@@ -17,8 +17,8 @@
 # Environment: BENCH_RPO_SECONDS (default 120), BENCH_RPO_RATE_MB (20),
 # BENCH_DP_PHASES (image,imagedev,blockdev: any of them), BENCH_DP_PERF (1: `perf record`
 # the initial replications into target/bench/perf), BENCH_BLOCKDEV_SYNC (1: the
-# block-device writer calls fdatasync after every write),
-# BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
+# block-device writer calls fdatasync after every write), BENCH_DP_LOG (the agents' and
+# process servers' RUST_LOG, default info), BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
 # commit whose agent and process server to measure instead of the working tree's (built
 # from `git archive` into target/bench/, so work in progress in the tree stays out of
 # recorded figures). SR_BENCH_DP_AGENT_BIN / SR_BENCH_DP_PS_BIN measure other agent /
