@@ -406,3 +406,28 @@ fn an_image_under_a_read_only_mount_is_tracked() {
         }
     }
 }
+
+/// Records the ring buffer had no room for make the file `lost`, once.
+#[test]
+fn a_full_ring_buffer_reports_the_file_lost() {
+    if !ebpf_available() {
+        return;
+    }
+    let Some(dir) = ext4_dir() else { return };
+    let path = image(dir.path(), "full.img", 4 * MIB);
+    let options = TrackerOptions {
+        // One page holds ~170 records; drain too rarely to keep up.
+        ring_buffer_bytes: 4096,
+        drain_interval: Duration::from_secs(3600),
+        ..TrackerOptions::new(G)
+    };
+    let tracker = FileTracker::start_with(std::slice::from_ref(&path), options).unwrap();
+    // 1 MiB of buffered writes: 256 dirty blocks, a record each.
+    open_rw(&path).write_all_at(&vec![7; MIB as usize], 0).unwrap();
+    let taken = tracker.take_dirty().unwrap();
+    assert!(taken.lost && taken.devices[0].lost, "overflow went unnoticed");
+    open_rw(&path).write_all_at(&[1; 10], 40 * G).unwrap();
+    let next = tracker.take_dirty().unwrap();
+    assert!(!next.lost, "the loss is reported once");
+    assert_eq!(dirty(&next), set(&[40]));
+}
