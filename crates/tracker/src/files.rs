@@ -105,10 +105,7 @@ impl TrackedFile {
 #[derive(Debug)]
 pub struct FileTracker {
     files: Vec<TrackedFile>,
-    granularity: u64,
     worker: worker::Handle,
-    started: Started,
-    pinned: bool,
 }
 
 impl FileTracker {
@@ -145,30 +142,28 @@ impl FileTracker {
     }
 
     fn spawn(files: Vec<TrackedFile>, options: TrackerOptions) -> Result<Self, TrackerError> {
-        let (granularity, pinned) = (options.granularity, options.pin_dir.is_some());
         let tracked = files.clone();
-        let (worker, started) =
-            worker::spawn_thread("file-tracker", move |ready, inbox| run(tracked, options, ready, inbox))?;
-        Ok(Self { files, granularity, worker, started, pinned })
+        let worker = worker::spawn_thread("file-tracker", options, move |options, ready, inbox| {
+            run(tracked, options, ready, inbox)
+        })?;
+        Ok(Self { files, worker })
     }
 
     /// Whether the program is pinned (tracking goes on after this tracker ends).
     pub fn pinned(&self) -> bool {
-        self.pinned
+        self.worker.pinned()
     }
 
     /// Whether this tracker continued pinned tracking that an earlier one suspended, as
     /// [`crate::BlockTracker::resumed`].
     pub fn resumed(&self) -> bool {
-        self.started == Started::Resumed
+        self.worker.resumed()
     }
 
     /// The last take of a pinned tracker, as [`crate::BlockTracker::suspend`] (the files
     /// are written back as at every take).
-    pub fn suspend(mut self) -> Result<DirtySet, TrackerError> {
-        let set = self.worker.request(Command::Suspend);
-        self.worker.finish();
-        set
+    pub fn suspend(self) -> Result<DirtySet, TrackerError> {
+        self.worker.suspend()
     }
 
     /// The files being tracked, as resolved at start.
@@ -178,7 +173,7 @@ impl FileTracker {
 
     /// Tracking block size in bytes.
     pub fn granularity(&self) -> u64 {
-        self.granularity
+        self.worker.granularity()
     }
 
     /// The blocks written since the previous call (or since start), per file in the order
@@ -187,14 +182,7 @@ impl FileTracker {
     /// file that was truncated, had ranges collapsed or inserted, was replaced by another
     /// under its path, or could not be written back is `lost`.
     pub fn take_dirty(&self) -> Result<DirtySet, TrackerError> {
-        self.worker.request(Command::Take)
-    }
-
-    /// Whether image-file tracking can run here; `Err` says why not. Loads and attaches
-    /// the program (tracking nothing) to be sure.
-    pub fn probe() -> Result<(), String> {
-        privileges::check().map_err(|e| e.to_string())?;
-        Self::start(&[], 65536).map(drop).map_err(|e| e.to_string())
+        self.worker.take()
     }
 }
 

@@ -94,10 +94,7 @@ pub struct DeviceDirty {
 #[derive(Debug)]
 pub struct BlockTracker {
     devices: Vec<TrackedDevice>,
-    granularity: u64,
     worker: worker::Handle,
-    started: worker::Started,
-    pinned: bool,
 }
 
 impl BlockTracker {
@@ -113,14 +110,13 @@ impl BlockTracker {
         let devices = devices.iter().map(|p| TrackedDevice::resolve(p)).collect::<Result<Vec<_>, _>>()?;
         privileges::check()?;
         route_libbpf_logs();
-        let (granularity, pinned) = (options.granularity, options.pin_dir.is_some());
-        let (worker, started) = worker::spawn(devices.clone(), options)?;
-        Ok(Self { devices, granularity, worker, started, pinned })
+        let worker = worker::spawn(devices.clone(), options)?;
+        Ok(Self { devices, worker })
     }
 
     /// Whether the program is pinned (tracking goes on after this tracker ends).
     pub fn pinned(&self) -> bool {
-        self.pinned
+        self.worker.pinned()
     }
 
     /// Whether this tracker continued pinned tracking that an earlier one suspended
@@ -128,17 +124,15 @@ impl BlockTracker {
     /// tracker's last take. `false` for a fresh start, and when the earlier tracker ended
     /// without suspending (its first take then reports every device `lost`).
     pub fn resumed(&self) -> bool {
-        self.started == worker::Started::Resumed
+        self.worker.resumed()
     }
 
     /// The last take of a pinned tracker: hands over the blocks written since the
     /// previous take and stops, leaving the program attached and recording into its
     /// pinned ring buffer for the next tracker to resume. Without a pin directory it is
     /// a take followed by a drop.
-    pub fn suspend(mut self) -> Result<DirtySet, TrackerError> {
-        let set = self.worker.request(worker::Command::Suspend);
-        self.worker.finish();
-        set
+    pub fn suspend(self) -> Result<DirtySet, TrackerError> {
+        self.worker.suspend()
     }
 
     /// Removes the tracking pinned under `pin_dir` (for good: the program detaches once
@@ -154,7 +148,7 @@ impl BlockTracker {
 
     /// Tracking block size in bytes.
     pub fn granularity(&self) -> u64 {
-        self.granularity
+        self.worker.granularity()
     }
 
     /// The blocks written since the previous call (or since start), per device in the
@@ -163,7 +157,7 @@ impl BlockTracker {
     /// is reported again when it completes, so reading a returned block never misses
     /// data that is still on its way to the disk.
     pub fn take_dirty(&self) -> Result<DirtySet, TrackerError> {
-        self.worker.request(worker::Command::Take)
+        self.worker.take()
     }
 
     /// Whether eBPF tracking can run here; `Err` says why not, so the agent can log

@@ -34,17 +34,20 @@ pub(crate) enum Command {
     Suspend(Sender<Result<DirtySet, TrackerError>>),
 }
 
-/// The tracker's end of its worker: dropping it stops the worker, which detaches the
-/// program (unless pinned).
+/// A tracker's end of its worker, whichever kind: what both public trackers do with it.
+/// Dropping it stops the worker, which detaches the program (unless pinned).
 #[derive(Debug)]
 pub(crate) struct Handle {
     commands: Option<Sender<Command>>,
     worker: Option<JoinHandle<()>>,
+    started: Started,
+    pinned: bool,
+    granularity: u64,
 }
 
 impl Handle {
     /// Sends the command `make` builds around a reply channel, and waits for the reply.
-    pub(crate) fn request(
+    fn request(
         &self,
         make: impl FnOnce(Sender<Result<DirtySet, TrackerError>>) -> Command,
     ) -> Result<DirtySet, TrackerError> {
@@ -54,8 +57,35 @@ impl Handle {
         answer.recv().map_err(|_| TrackerError::WorkerGone)?
     }
 
+    /// The blocks written since the previous take.
+    pub(crate) fn take(&self) -> Result<DirtySet, TrackerError> {
+        self.request(Command::Take)
+    }
+
+    /// The last take; the worker then stops (leaving pinned tracking recording).
+    pub(crate) fn suspend(mut self) -> Result<DirtySet, TrackerError> {
+        let set = self.request(Command::Suspend);
+        self.finish();
+        set
+    }
+
+    /// Whether it continued pinned tracking that an earlier tracker suspended.
+    pub(crate) fn resumed(&self) -> bool {
+        self.started == Started::Resumed
+    }
+
+    /// Whether the program is pinned.
+    pub(crate) fn pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Tracking block size in bytes.
+    pub(crate) fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
     /// Closes the command channel and waits for the worker to end.
-    pub(crate) fn finish(&mut self) {
+    fn finish(&mut self) {
         drop(self.commands.take());
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
@@ -70,25 +100,27 @@ impl Drop for Handle {
 }
 
 /// Starts the block worker and waits until the program is attached (or failed to be).
-pub(crate) fn spawn(devices: Vec<TrackedDevice>, options: TrackerOptions) -> Result<(Handle, Started), TrackerError> {
+pub(crate) fn spawn(devices: Vec<TrackedDevice>, options: TrackerOptions) -> Result<Handle, TrackerError> {
     let slots = assign_slots(&devices)?;
-    spawn_thread("block-tracker", move |ready, inbox| run(devices, slots, options, ready, inbox))
+    spawn_thread("block-tracker", options, move |options, ready, inbox| run(devices, slots, options, ready, inbox))
 }
 
-/// Runs `body` on a thread of its own named `name`, with the receiving end of the
-/// command channel, and waits until it reports that its program is attached (or failed).
-pub(crate) fn spawn_thread<F>(name: &str, body: F) -> Result<(Handle, Started), TrackerError>
+/// Runs `body` with `options` on a thread of its own named `name`, with the receiving end
+/// of the command channel, and waits until it reports that its program is attached (or
+/// failed).
+pub(crate) fn spawn_thread<F>(name: &str, options: TrackerOptions, body: F) -> Result<Handle, TrackerError>
 where
-    F: FnOnce(Sender<Result<Started, TrackerError>>, Receiver<Command>) + Send + 'static,
+    F: FnOnce(TrackerOptions, Sender<Result<Started, TrackerError>>, Receiver<Command>) + Send + 'static,
 {
+    let (pinned, granularity) = (options.pin_dir.is_some(), options.granularity);
     let (commands, inbox) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || body(ready_tx, inbox))
+        .spawn(move || body(options, ready_tx, inbox))
         .map_err(|_| TrackerError::WorkerGone)?;
     match ready_rx.recv() {
-        Ok(Ok(started)) => Ok((Handle { commands: Some(commands), worker: Some(handle) }, started)),
+        Ok(Ok(started)) => Ok(Handle { commands: Some(commands), worker: Some(handle), started, pinned, granularity }),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(e)
