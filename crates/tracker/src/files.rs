@@ -41,6 +41,14 @@ fn ext4_options(mountinfo: &str, dev: u64) -> impl Iterator<Item = &str> {
     supers.unwrap_or_default().split(',')
 }
 
+/// The mount table, to check the mount options of `path`'s filesystem.
+fn read_mountinfo(path: &Path) -> Result<String, TrackerError> {
+    std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| TrackerError::Untrackable {
+        path: path.to_owned(),
+        reason: format!("cannot read /proc/self/mountinfo ({e}) to check the mount options"),
+    })
+}
+
 /// Mount options under which file data is journalled or written in place (DAX), not
 /// through dirty page-cache blocks, so the program would not see it.
 fn data_bypasses_buffers(option: &str) -> bool {
@@ -63,6 +71,11 @@ impl TrackedFile {
     /// a file's data the program follows, whose data goes through the page cache (not
     /// journalled, not DAX), and notes its identity.
     pub fn resolve(path: &Path) -> Result<Self, TrackerError> {
+        Self::resolve_in(path, &read_mountinfo(path)?)
+    }
+
+    /// [`TrackedFile::resolve`] with the mount table already read (`mountinfo`).
+    fn resolve_in(path: &Path, mountinfo: &str) -> Result<Self, TrackerError> {
         let io_err = |source| TrackerError::Device { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(io_err)?;
         if !meta.is_file() {
@@ -74,9 +87,7 @@ impl TrackedFile {
             return Err(TrackerError::UnsupportedFilesystem { path: path.to_owned(), magic });
         }
         let untrackable = |reason: String| TrackerError::Untrackable { path: path.to_owned(), reason };
-        let options = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| untrackable(format!("cannot read /proc/self/mountinfo ({e}) to check the mount options")))?;
-        if let Some(opt) = ext4_options(&options, meta.dev()).find(|o| data_bypasses_buffers(o)) {
+        if let Some(opt) = ext4_options(mountinfo, meta.dev()).find(|o| data_bypasses_buffers(o)) {
             return Err(untrackable(format!("its filesystem is mounted with {opt}")));
         }
         let flags = sys::inode_flags(&File::open(path).map_err(io_err)?).map_err(io_err)?;
@@ -126,7 +137,11 @@ impl FileTracker {
     /// [`TrackerError::Untrackable`].
     pub fn start_with(files: &[PathBuf], options: TrackerOptions) -> Result<Self, TrackerError> {
         options.validate()?;
-        let files = files.iter().map(|p| TrackedFile::resolve(p)).collect::<Result<Vec<_>, _>>()?;
+        let mountinfo = match files.first() {
+            Some(first) => read_mountinfo(first)?,
+            None => String::new(),
+        };
+        let files = files.iter().map(|p| TrackedFile::resolve_in(p, &mountinfo)).collect::<Result<Vec<_>, _>>()?;
         if files.len() > worker::MAX_SLOTS {
             return Err(TrackerError::TooManyFiles(files.len()));
         }
@@ -135,7 +150,7 @@ impl FileTracker {
         let mut checked = std::collections::BTreeSet::new();
         for f in &files {
             if checked.insert(f.dev) {
-                canary(f)?;
+                canary(f, &mountinfo)?;
             }
         }
         Self::spawn(files, options)
@@ -303,7 +318,7 @@ fn load<'obj>(
 /// dirty (buffered I/O moved to iomap), a device number the program sees otherwise than
 /// `stat` (a stacking filesystem), a tracepoint that never fires. Without it those would
 /// report nothing, and nothing written would ever be sent.
-fn canary(file: &TrackedFile) -> Result<(), TrackerError> {
+fn canary(file: &TrackedFile, mountinfo: &str) -> Result<(), TrackerError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let untrackable = |reason: String| TrackerError::Untrackable { path: file.path.clone(), reason };
@@ -330,7 +345,7 @@ fn canary(file: &TrackedFile) -> Result<(), TrackerError> {
     let path = PathBuf::from(format!("/proc/self/fd/{}", tmp.as_raw_fd()));
     // One record comes back: a small ring buffer does.
     let options = TrackerOptions { ring_buffer_bytes: 64 * 1024, ..TrackerOptions::new(4096) };
-    let tracker = FileTracker::spawn(vec![TrackedFile::resolve(&path)?], options)?;
+    let tracker = FileTracker::spawn(vec![TrackedFile::resolve_in(&path, mountinfo)?], options)?;
     tmp.write_all_at(&[0x5a; 4096], 4096).map_err(|e| untrackable(format!("the test write failed ({e})")))?;
     let set = tracker.take_dirty()?;
     if set.devices[0].blocks != [1] || set.lost {
