@@ -209,34 +209,9 @@ fn run(
 ) {
     let mut storage = MaybeUninit::uninit();
     let filter = files.iter().enumerate().map(|(slot, f)| (f.key().to_vec(), slot as u32)).collect();
-    let pin_it = |skel: &mut FilesSkel<'_>, pin_dir: &Path| {
-        let l = &mut skel.links;
-        let links = vec![
-            l.on_dirty_buffer.as_mut(),
-            l.on_dio_begin.as_mut(),
-            l.on_dio_complete.as_mut(),
-            l.on_punch_hole.as_mut(),
-            l.on_zero_range.as_mut(),
-            l.on_truncate.as_mut(),
-            l.on_collapse_range.as_mut(),
-            l.on_insert_range.as_mut(),
-        ];
-        let m = &mut skel.maps;
-        pin::pin(
-            pin_dir,
-            &pin::FILES,
-            links,
-            [&mut m.events, &mut m.drops, &mut m.files, &mut m.seen, &mut m.suspended],
-        )
-    };
-    let maps_of = |skel: &FilesSkel<'_>| {
-        let m = &skel.maps;
-        pin::Maps::of(&m.events, &m.drops, &m.seen, &m.suspended)
-    };
     // A skeleton loaded here must live as long as the loop: unpinned, dropping it
     // detaches the program.
-    let loaded =
-        worker::setup(&options, &pin::FILES, &filter, || load(&mut storage, &files, &options), pin_it, maps_of);
+    let loaded = worker::setup(&options, &pin::FILES, &filter, || load(&mut storage, &files, &options), file_links);
     let prepared = loaded.and_then(|(skel, maps, started)| {
         let opened = open_and_write_back(&files)?;
         let targets = files.iter().map(|f| Target { path: f.path.clone(), start: 0, end: u64::MAX }).collect();
@@ -286,6 +261,21 @@ fn run(
         }
         Ok(set)
     });
+}
+
+/// The file program's links, in [`pin::FILES`]' order.
+fn file_links<'a>(skel: &'a mut FilesSkel<'_>) -> Vec<Option<&'a mut libbpf_rs::Link>> {
+    let l = &mut skel.links;
+    vec![
+        l.on_dirty_buffer.as_mut(),
+        l.on_dio_begin.as_mut(),
+        l.on_dio_complete.as_mut(),
+        l.on_punch_hole.as_mut(),
+        l.on_zero_range.as_mut(),
+        l.on_truncate.as_mut(),
+        l.on_collapse_range.as_mut(),
+        l.on_insert_range.as_mut(),
+    ]
 }
 
 /// Loads the program, fills the file filter, attaches.

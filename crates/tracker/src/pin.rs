@@ -75,15 +75,18 @@ pub(crate) struct Maps {
 }
 
 impl Maps {
-    /// Handles on a freshly loaded skeleton's maps.
-    pub(crate) fn of(
-        events: &libbpf_rs::MapMut<'_>,
-        drops: &libbpf_rs::MapMut<'_>,
-        seen: &libbpf_rs::MapMut<'_>,
-        suspended: &libbpf_rs::MapMut<'_>,
-    ) -> Result<Self, TrackerError> {
-        let handle = |m| MapHandle::try_from(m).map_err(TrackerError::bpf("duplicate a map handle"));
-        Ok(Self { events: handle(events)?, drops: handle(drops)?, seen: handle(seen)?, suspended: handle(suspended)? })
+    /// Handles on a freshly loaded program's maps, found by name.
+    pub(crate) fn of(object: &libbpf_rs::Object) -> Result<Self, TrackerError> {
+        let handle = |name: &str| {
+            let map = object.maps().find(|m| m.name() == name).ok_or_else(|| no_map(name))?;
+            MapHandle::try_from(&map).map_err(TrackerError::bpf("duplicate a map handle"))
+        };
+        Ok(Self {
+            events: handle("events")?,
+            drops: handle("drops")?,
+            seen: handle("seen")?,
+            suspended: handle("suspended")?,
+        })
     }
 
     /// Whether the tracker that owned these maps suspended cleanly after its last take.
@@ -153,14 +156,9 @@ fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps
     Some(Maps { events: map("events")?, drops: map("drops")?, seen: map("seen")?, suspended })
 }
 
-/// Pins a loaded and attached skeleton's links (named as `kind.links`, in that order)
-/// and maps (`events`, `drops`, the filter, `seen`, `suspended`: the marker last).
-pub(crate) fn pin(
-    pin_dir: &Path,
-    kind: &Kind,
-    links: Vec<Option<&mut Link>>,
-    maps: [&mut libbpf_rs::MapMut<'_>; 5],
-) -> Result<(), TrackerError> {
+/// Pins a loaded and attached program's links (named as `kind.links`, in that order),
+/// into a fresh directory; [`pin_maps`] follows.
+pub(crate) fn pin_links(pin_dir: &Path, kind: &Kind, links: Vec<Option<&mut Link>>) -> Result<(), TrackerError> {
     let dir = kind.dir(pin_dir);
     if dir.exists() {
         remove(&dir)?;
@@ -171,10 +169,24 @@ pub(crate) fn pin(
             link.pin(dir.join(name)).map_err(TrackerError::bpf("pin a link"))?;
         }
     }
-    for (name, map) in ["events", "drops", kind.filter, "seen", "suspended"].into_iter().zip(maps) {
+    Ok(())
+}
+
+/// Pins the program's maps after its links: `events`, `drops`, the filter, `seen`, and
+/// `suspended`, the marker, last.
+pub(crate) fn pin_maps(pin_dir: &Path, kind: &Kind, object: &mut libbpf_rs::Object) -> Result<(), TrackerError> {
+    let dir = kind.dir(pin_dir);
+    for name in ["events", "drops", kind.filter, "seen", "suspended"] {
+        let mut map = object.maps_mut().find(|m| m.name() == name).ok_or_else(|| no_map(name))?;
         map.pin(dir.join(name)).map_err(TrackerError::bpf("pin a map"))?;
     }
     Ok(())
+}
+
+/// A map the program should have and has not: a build mismatch, never expected.
+fn no_map(name: &str) -> TrackerError {
+    let source = libbpf_rs::Error::from(std::io::Error::other(format!("the program has no map named {name}")));
+    TrackerError::Bpf { stage: "find a map", source }
 }
 
 /// Removes the pins of other programs of `kind` than this build's under `pin_dir` (an

@@ -156,22 +156,7 @@ fn run(
     // A skeleton loaded here must live as long as the loop: unpinned, dropping it
     // detaches the program.
     let filter = slots.iter().map(|(dev, slot)| (dev.to_ne_bytes().to_vec(), *slot)).collect();
-    let pin_it = |skel: &mut TrackerSkel<'_>, pin_dir: &std::path::Path| {
-        let l = &mut skel.links;
-        let links = vec![l.on_bio_queue.as_mut(), l.on_rq_complete.as_mut(), l.on_bio_complete.as_mut()];
-        let m = &mut skel.maps;
-        pin::pin(
-            pin_dir,
-            &pin::BLOCKS,
-            links,
-            [&mut m.events, &mut m.drops, &mut m.disks, &mut m.seen, &mut m.suspended],
-        )
-    };
-    let maps_of = |skel: &TrackerSkel<'_>| {
-        let m = &skel.maps;
-        pin::Maps::of(&m.events, &m.drops, &m.seen, &m.suspended)
-    };
-    let loaded = setup(&options, &pin::BLOCKS, &filter, || load(&mut storage, &slots, &options), pin_it, maps_of);
+    let loaded = setup(&options, &pin::BLOCKS, &filter, || load(&mut storage, &slots, &options), block_links);
     let (_skel, maps, started) = match loaded {
         Ok(s) => s,
         Err(e) => {
@@ -284,15 +269,14 @@ pub(crate) enum Started {
 }
 
 /// Resumes the pinned tracking of `kind` when `options.pin_dir` holds one for the same
-/// disks or files (`filter`), else loads and attaches the program (`load`) and pins it
-/// (`pin_it`) when asked.
-pub(crate) fn setup<S>(
+/// disks or files (`filter`), else loads and attaches the program (`load`) and, when asked,
+/// pins it: the links `links` names (in `kind.links` order) and the maps.
+pub(crate) fn setup<'obj, S: Skel<'obj>>(
     options: &TrackerOptions,
     kind: &pin::Kind,
     filter: &BTreeMap<Vec<u8>, u32>,
     load: impl FnOnce() -> Result<S, TrackerError>,
-    pin_it: impl FnOnce(&mut S, &std::path::Path) -> Result<(), TrackerError>,
-    maps_of: impl FnOnce(&S) -> Result<pin::Maps, TrackerError>,
+    links: fn(&mut S) -> Vec<Option<&mut libbpf_rs::Link>>,
 ) -> Result<(Option<S>, pin::Maps, Started), TrackerError> {
     if let Some(pin_dir) = &options.pin_dir
         && let Some(maps) = pin::resume(pin_dir, kind, filter)?
@@ -302,10 +286,17 @@ pub(crate) fn setup<S>(
     }
     let mut skel = load()?;
     if let Some(pin_dir) = &options.pin_dir {
-        pin_it(&mut skel, pin_dir)?;
+        pin::pin_links(pin_dir, kind, links(&mut skel))?;
+        pin::pin_maps(pin_dir, kind, skel.object_mut())?;
     }
-    let maps = maps_of(&skel)?;
+    let maps = pin::Maps::of(skel.object())?;
     Ok((Some(skel), maps, Started::Fresh))
+}
+
+/// The block program's links, in [`pin::BLOCKS`]' order.
+fn block_links<'a>(skel: &'a mut TrackerSkel<'_>) -> Vec<Option<&'a mut libbpf_rs::Link>> {
+    let l = &mut skel.links;
+    vec![l.on_bio_queue.as_mut(), l.on_rq_complete.as_mut(), l.on_bio_complete.as_mut()]
 }
 
 fn load<'obj>(
