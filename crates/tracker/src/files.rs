@@ -21,7 +21,7 @@ use libbpf_rs::{MapCore as _, MapFlags};
 
 use crate::bpf::{FilesSkel, FilesSkelBuilder};
 use crate::device::kernel_dev;
-use crate::worker::{self, Accumulator, Command, Started, Target};
+use crate::worker::{self, Command, Started, Target};
 use crate::{DirtySet, TrackerError, TrackerOptions, pin, privileges, sys};
 
 /// `statfs` magic of ext4 (and ext2/ext3, which ext4 mounts).
@@ -216,11 +216,7 @@ fn run(
         let opened = open_and_write_back(&files)?;
         let targets = files.iter().map(|f| Target { path: f.path.clone(), start: 0, end: u64::MAX }).collect();
         let slot_of: Vec<u32> = (0..files.len() as u32).collect();
-        let seen = worker::read_seen(&maps, files.len())?;
-        let lost = started == Started::ResumedUnclean;
-        let acc = Accumulator::new(targets, &slot_of, files.len(), options.granularity, seen, lost);
-        let (acc, ring) = worker::drain_into(&maps.events, acc)?;
-        maps.set_suspended(false)?;
+        let (acc, ring) = worker::accumulate(&maps, started, targets, &slot_of, files.len(), options.granularity)?;
         Ok((skel, maps, started, opened, acc, ring))
     });
     let (_skel, maps, started, opened, acc, ring) = match prepared {
@@ -237,7 +233,7 @@ fn run(
     // Files found replaced under their path (warned about once).
     let mut replaced = vec![false; files.len()];
     worker::serve(&ring, &inbox, options.drain_interval, "image-file", |suspending| {
-        let mut set = worker::take(&acc, &maps, files.len())?;
+        let mut set = worker::take(&acc, &maps, files.len(), suspending)?;
         for (i, device) in set.devices.iter_mut().enumerate() {
             let file = &files[i];
             if !file.unchanged() {
@@ -255,10 +251,6 @@ fn run(
             }
         }
         set.lost = set.devices.iter().any(|d| d.lost);
-        if suspending {
-            // Later changes wait in the pinned ring buffer for the tracker that resumes.
-            maps.set_suspended(true)?;
-        }
         Ok(set)
     });
 }

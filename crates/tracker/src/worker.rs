@@ -166,14 +166,7 @@ fn run(
     };
     let targets: Vec<Target> = devices.iter().map(TrackedDevice::target).collect();
     let slot_of: Vec<u32> = devices.iter().map(|d| slots[&d.kernel_disk_dev()]).collect();
-    let prepared = read_seen(&maps, slots.len()).and_then(|seen| {
-        let lost = started == Started::ResumedUnclean;
-        let acc = Accumulator::new(targets, &slot_of, slots.len(), options.granularity, seen, lost);
-        let (acc, ring) = drain_into(&maps.events, acc)?;
-        maps.set_suspended(false)?;
-        Ok((acc, ring))
-    });
-    let (acc, ring) = match prepared {
+    let (acc, ring) = match accumulate(&maps, started, targets, &slot_of, slots.len(), options.granularity) {
         Ok(p) => p,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -184,19 +177,30 @@ fn run(
         return;
     }
     tracing::debug!(devices = devices.len(), ?started, "block tracker attached");
-    serve(&ring, &inbox, options.drain_interval, "block", |suspending| {
-        let set = take(&acc, &maps, slots.len())?;
-        if suspending {
-            // Nothing is drained after this take: later writes wait in the ring buffer
-            // for the tracker that resumes the pins.
-            maps.set_suspended(true)?;
-        }
-        Ok(set)
-    });
+    serve(&ring, &inbox, options.drain_interval, "block", |suspending| take(&acc, &maps, slots.len(), suspending));
+}
+
+/// The accumulator of a tracker that `started` so, fed by its ring buffer, with the drop
+/// counters' baseline from the `seen` map (a resumed tracker's first take reports every
+/// target lost when the previous owner never suspended); the maps are marked owned again.
+pub(crate) fn accumulate(
+    maps: &pin::Maps,
+    started: Started,
+    targets: Vec<Target>,
+    slot_of: &[u32],
+    slots: usize,
+    granularity: u64,
+) -> Result<(Rc<RefCell<Accumulator>>, libbpf_rs::RingBuffer<'static>), TrackerError> {
+    let seen = read_seen(maps, slots)?;
+    let lost = started == Started::ResumedUnclean;
+    let acc = Accumulator::new(targets, slot_of, slots, granularity, seen, lost);
+    let fed = drain_into(&maps.events, acc)?;
+    maps.set_suspended(false)?;
+    Ok(fed)
 }
 
 /// An accumulator fed by a ring buffer of `struct event` records.
-pub(crate) fn drain_into(
+fn drain_into(
     events: &MapHandle,
     acc: Accumulator,
 ) -> Result<(Rc<RefCell<Accumulator>>, libbpf_rs::RingBuffer<'static>), TrackerError> {
@@ -246,11 +250,21 @@ pub(crate) fn serve(
 }
 
 /// Hands over the dirty set and records the drop counters it saw (in the `seen` map).
-pub(crate) fn take(acc: &RefCell<Accumulator>, maps: &pin::Maps, slots: usize) -> Result<DirtySet, TrackerError> {
+/// `suspending`: the last take; the maps are marked cleanly suspended, and later changes
+/// wait in the ring buffer for the tracker that resumes the pins.
+pub(crate) fn take(
+    acc: &RefCell<Accumulator>,
+    maps: &pin::Maps,
+    slots: usize,
+    suspending: bool,
+) -> Result<DirtySet, TrackerError> {
     let drops = read_drops(&maps.drops, slots)?;
     let set = acc.borrow_mut().take(&drops);
     for (slot, &n) in acc.borrow().seen_drops.iter().enumerate() {
         pin::write_u64(&maps.seen, slot as u32, n)?;
+    }
+    if suspending {
+        maps.set_suspended(true)?;
     }
     Ok(set)
 }
@@ -325,7 +339,7 @@ pub(crate) fn read_drops(drops: &MapHandle, slots: usize) -> Result<Vec<u64>, Tr
 
 /// The drop counters as of the previous take (kept in the `seen` map, which a resumed
 /// tracker inherits).
-pub(crate) fn read_seen(maps: &pin::Maps, slots: usize) -> Result<Vec<u64>, TrackerError> {
+fn read_seen(maps: &pin::Maps, slots: usize) -> Result<Vec<u64>, TrackerError> {
     read_drops(&maps.seen, slots)
 }
 
