@@ -257,13 +257,12 @@ impl Store {
         validate_segment("point id", &manifest.id)?;
         manifest.check().map_err(StoreError::InvalidArgument)?;
         let key = server.point_key(&manifest.id);
-        if self.backend.exists(&key).await? {
-            return Err(StoreError::PointExists { server: server.to_string(), point: manifest.id.clone() });
-        }
         let json = serde_json::to_vec(manifest).map_err(|e| StoreError::Task(e.to_string()))?;
         let sealed = self.seal_blocking(key.clone(), json).await?;
         let n = sealed.len() as u64;
-        self.backend.put(&key, sealed).await?;
+        if !self.backend.create(&key, sealed).await? {
+            return Err(StoreError::PointExists { server: server.to_string(), point: manifest.id.clone() });
+        }
         Ok(n)
     }
 

@@ -69,6 +69,11 @@ async fn backend_operations_on_azurite() {
     assert!(!b.exists("servers/ns/s/disks/d/chunks/c").await.unwrap());
     let err = b.get("servers/ns/s/disks/d/chunks/c").await.unwrap_err();
     assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
+    assert!(b.create("servers/ns/s/points/p3.json", Bytes::from_static(b"tres")).await.unwrap());
+    assert!(!b.create("servers/ns/s/points/p3.json", Bytes::from_static(b"drei")).await.unwrap(), "it exists");
+    assert!(!b.create("servers/ns/s/points/p1.json", Bytes::from_static(b"eins")).await.unwrap(), "it exists");
+    assert_eq!(b.get("servers/ns/s/points/p3.json").await.unwrap(), Bytes::from_static(b"tres"), "never replaced");
+    assert_eq!(b.get("servers/ns/s/points/p1.json").await.unwrap(), Bytes::from_static(b"uno"));
     b.delete_container().await.unwrap();
 }
 

@@ -190,16 +190,33 @@ impl AzureBlobBackend {
 /// three requests to write and two to read), and looks up the CPU count for each call.
 const ONE_REQUEST: NonZero<usize> = NonZero::new(256 << 20).expect("not zero");
 
+/// Upload options that put an object in one request.
+fn one_request<'a>() -> BlockBlobClientUploadOptions<'a> {
+    BlockBlobClientUploadOptions {
+        parallel: Some(NonZero::<usize>::MIN),
+        partition_size: Some(NonZero::new(ONE_REQUEST.get() as u64).expect("not zero")),
+        ..Default::default()
+    }
+}
+
 #[async_trait::async_trait]
 impl BlobBackend for AzureBlobBackend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        let options = BlockBlobClientUploadOptions {
-            parallel: Some(NonZero::<usize>::MIN),
-            partition_size: Some(NonZero::new(ONE_REQUEST.get() as u64).expect("not zero")),
-            ..Default::default()
-        };
         let blob = self.client.blob_client(key);
-        blob.upload(data.into(), Some(options)).await.map(|_| ()).map_err(|e| failed("put", key, &e))
+        blob.upload(data.into(), Some(one_request())).await.map(|_| ()).map_err(|e| failed("put", key, &e))
+    }
+
+    async fn create(&self, key: &str, data: Bytes) -> Result<bool, BackendError> {
+        // `If-None-Match: *`: the service refuses to overwrite (409 BlobAlreadyExists;
+        // 412 from some emulators).
+        let options = BlockBlobClientUploadOptions { if_none_match: Some("*".into()), ..one_request() };
+        match self.client.blob_client(key).upload(data.into(), Some(options)).await {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.http_status(), Some(StatusCode::Conflict | StatusCode::PreconditionFailed)) => {
+                Ok(false)
+            }
+            Err(e) => Err(failed("create", key, &e)),
+        }
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BackendError> {

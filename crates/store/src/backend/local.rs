@@ -53,23 +53,28 @@ impl BlobBackend for LocalBackend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         let path = self.path("put", key)?;
         let key = key.to_string();
-        tokio::task::spawn_blocking(move || {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            // Write + fsync a unique temporary file, then rename: atomic and durable.
-            let tmp = path.with_file_name(format!(
-                "{}.{:x}{TMP_SUFFIX}",
-                path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
-                rand_suffix()
-            ));
-            std::fs::write(&tmp, &data)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })
-        .await
-        .map_err(|e| failed("put", &key, e.to_string(), false))?
-        .map_err(|e| io_failed("put", &key, e))
+        tokio::task::spawn_blocking(move || write_then(&path, &data, |tmp| std::fs::rename(tmp, &path)))
+            .await
+            .map_err(|e| failed("put", &key, e.to_string(), false))?
+            .map_err(|e| io_failed("put", &key, e))
+    }
+
+    async fn create(&self, key: &str, data: Bytes) -> Result<bool, BackendError> {
+        let path = self.path("create", key)?;
+        let k = key.to_string();
+        // A hard link fails where a name exists; the temporary name goes either way.
+        let linked = move || {
+            write_then(&path, &data, |tmp| {
+                let linked = std::fs::hard_link(tmp, &path);
+                std::fs::remove_file(tmp)?;
+                linked
+            })
+        };
+        match tokio::task::spawn_blocking(linked).await.map_err(|e| failed("create", key, e.to_string(), false))? {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io_failed("create", &k, e)),
+        }
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
@@ -121,6 +126,22 @@ impl BlobBackend for LocalBackend {
         let path = self.path("exists", key)?;
         tokio::fs::try_exists(&path).await.map_err(|e| io_failed("exists", key, e))
     }
+}
+
+/// Writes `data` to a fresh temporary file beside `path` and makes it durable (fsync),
+/// then gives it to `finish` to move into place: atomic and durable.
+fn write_then(path: &Path, data: &[u8], finish: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_file_name(format!(
+        "{}.{:x}{TMP_SUFFIX}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("obj"),
+        rand_suffix()
+    ));
+    std::fs::write(&tmp, data)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    finish(&tmp)
 }
 
 /// Walks only the directory that contains the prefix's last `/`, so listing one disk's
@@ -189,5 +210,16 @@ mod tests {
         assert!(!b.exists("a/c/three").await.unwrap());
         assert!(matches!(b.get("a/c/three").await, Err(BackendError::NotFound { .. })));
         assert!(b.put("../escape", Bytes::new()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn create_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path()).unwrap();
+        assert!(b.create("p/one", Bytes::from_static(b"first")).await.unwrap());
+        assert!(!b.create("p/one", Bytes::from_static(b"second")).await.unwrap(), "the name exists");
+        assert_eq!(b.get("p/one").await.unwrap(), Bytes::from_static(b"first"), "the first write stays");
+        assert_eq!(b.list("p/").await.unwrap(), ["p/one"], "no temporary file is left");
+        assert_eq!(std::fs::read_dir(dir.path().join("p")).unwrap().count(), 1);
     }
 }

@@ -22,6 +22,10 @@ pub trait BlobBackend: Send + Sync + std::fmt::Debug {
     /// Stores `data` under `key`, replacing any previous object. Atomic: a reader sees
     /// either the old or the new object, never a partial one.
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    /// Stores `data` under `key` unless an object is there already: `Ok(false)`, and
+    /// nothing is written. One request, so two writers of the same key cannot both
+    /// succeed, and a writer spends no extra round trip asking first.
+    async fn create(&self, key: &str, data: Bytes) -> Result<bool, BackendError>;
     /// Reads a whole object; [`BackendError::NotFound`] when it does not exist.
     async fn get(&self, key: &str) -> Result<Bytes, BackendError>;
     /// Reads `len` bytes of an object from `offset` (fewer when it ends sooner);
