@@ -142,6 +142,7 @@ impl Uploader<'_> {
         // A round may read one record past its share (the last one it starts).
         let want = round_bytes(store.options().parallelism, state.chunk_size, buffer.bytes);
         let _held = buffer.acquire(want).await;
+        let began = std::time::Instant::now();
         let batch =
             tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want)).map_err(|e| e.to_string())?;
         let Some((_, end)) = batch.last() else { return Ok(false) };
@@ -237,6 +238,7 @@ impl Uploader<'_> {
             }
         }
         let (started, read) = (std::time::Instant::now(), messages.len());
+        let planned = began.elapsed();
         self.upload(jobs, known, &mut work.chains, &mut places).await?;
         let uploaded = started.elapsed();
 
@@ -257,13 +259,14 @@ impl Uploader<'_> {
             }
         }
         work.position = end;
+        let manifested = started.elapsed();
         let c = work.clone();
         let dir = state.dir.clone();
         tokio::task::spawn_blocking(move || c.store(&dir))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        tracing::debug!(server = %state.server, records = read, points, ?uploaded, total = ?started.elapsed(), "upload round");
+        tracing::debug!(server = %state.server, records = read, points, ?planned, ?uploaded, ?manifested, total = ?started.elapsed(), "upload round");
         *state.uploaded.lock().unwrap_or_else(|p| p.into_inner()) = work.chains.clone();
         *cp = work;
         tokio::task::block_in_place(|| journal.release(end)).map_err(|e| e.to_string())?;
