@@ -212,29 +212,29 @@ fn run(
     // A skeleton loaded here must live as long as the loop: unpinned, dropping it
     // detaches the program.
     let loaded = worker::setup(&options, &pin::FILES, &filter, || load(&mut storage, &files, &options), file_links);
-    let prepared = loaded.and_then(|(skel, maps, started)| {
+    let prepared = loaded.and_then(|set| {
         let opened = open_and_write_back(&files)?;
         let targets = files.iter().map(|f| Target { path: f.path.clone(), start: 0, end: u64::MAX }).collect();
         let slot_of: Vec<u32> = (0..files.len() as u32).collect();
-        let (acc, ring) = worker::accumulate(&maps, started, targets, &slot_of, files.len(), options.granularity)?;
-        Ok((skel, maps, started, opened, acc, ring))
+        let (acc, ring) = worker::accumulate(&set, targets, &slot_of, files.len(), options.granularity)?;
+        Ok((set, opened, acc, ring))
     });
-    let (_skel, maps, started, opened, acc, ring) = match prepared {
+    let (set, opened, acc, ring) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    if ready.send(Ok(started)).is_err() {
+    if ready.send(Ok(set.started)).is_err() {
         return;
     }
-    tracing::debug!(files = files.len(), ?started, "image-file tracker attached");
+    tracing::debug!(files = files.len(), started = ?set.started, "image-file tracker attached");
     // Files found replaced under their path (warned about once).
     let mut replaced = vec![false; files.len()];
     worker::serve(&ring, &inbox, options.drain_interval, "image-file", |suspending| {
-        let mut set = worker::take(&acc, &maps, files.len(), suspending)?;
-        for (i, device) in set.devices.iter_mut().enumerate() {
+        let mut taken = worker::take(&acc, &set.maps, files.len(), suspending)?;
+        for (i, device) in taken.devices.iter_mut().enumerate() {
             let file = &files[i];
             if !file.unchanged() {
                 if !std::mem::replace(&mut replaced[i], true) {
@@ -250,8 +250,8 @@ fn run(
                 device.lost = true;
             }
         }
-        set.lost = set.devices.iter().any(|d| d.lost);
-        Ok(set)
+        taken.lost = taken.devices.iter().any(|d| d.lost);
+        Ok(taken)
     });
 }
 

@@ -1,14 +1,18 @@
 //! Tracking that outlives the process: the program's links and maps pinned in a bpffs
 //! directory keep recording writes into the ring buffer while no tracker runs (an agent
-//! restarting for an upgrade), and the next tracker resumes them instead of starting
-//! blind. See docs/change-tracking.md "Across restarts".
+//! restarting, or being upgraded), and the next tracker resumes them, or takes over from
+//! them, instead of starting blind. See docs/change-tracking.md "Across restarts".
 //!
-//! Layout: `<pin_dir>/<program id>/{link_bio_queue, link_rq_complete, link_bio_complete,
-//! events, drops, disks, seen, suspended}` for the block tracker and `<pin_dir>/files-<program
-//! id>/{link_…, events, drops, files, seen, suspended}` for the image-file tracker, where the
-//! program id is a hash of the program's eBPF sources (build.rs), so a tracker never
-//! resumes a different program's maps. `suspended` is pinned last: a directory without it
-//! is an interrupted pinning and is removed.
+//! Layout: `<pin_dir>/blocks-v<MAPS_VERSION>-<program id>/{link_bio_queue, link_rq_complete,
+//! link_bio_complete, events, drops, disks, inflight, seen, suspended}` for the block
+//! tracker and `<pin_dir>/files-v<MAPS_VERSION>-<program id>/{link_…, events, drops, files,
+//! inflight, seen, suspended}` for the image-file tracker, where the program id is a hash of
+//! the program's eBPF sources (build.rs). The same build resumes its own pins. Another
+//! build (an upgrade) whose maps have the same [`MAPS_VERSION`] is taken over: this
+//! build's program is attached beside it, its writes in flight are copied over, it is
+//! detached, and what its ring buffer holds is read as this tracker's own. Pins of any
+//! other version are removed (a blind start). `suspended` is pinned last: a directory
+//! without it is an interrupted pinning and is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,12 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
 use crate::TrackerError;
+
+/// Version of what the pinned maps hold and mean: their names, key and value layouts
+/// (`struct event`, the filter keys, the in-flight entries) and the counters' use. A
+/// tracker takes over an earlier build's pins only when it is the same. Raise it with any
+/// such change to src/bpf/.
+pub(crate) const MAPS_VERSION: u32 = 1;
 
 /// What one kind of tracker pins, and where.
 pub(crate) struct Kind {
@@ -31,7 +41,7 @@ pub(crate) struct Kind {
 
 /// The block-device tracker (tracker.bpf.c).
 pub(crate) const BLOCKS: Kind = Kind {
-    prefix: "",
+    prefix: "blocks-",
     id: env!("SITERECOVERY_TRACKER_BPF_ID"),
     links: &["link_bio_queue", "link_rq_complete", "link_bio_complete"],
     filter: "disks",
@@ -57,12 +67,20 @@ pub(crate) const FILES: Kind = Kind {
 impl Kind {
     /// The directory this build's program of this kind pins into under `pin_dir`.
     pub(crate) fn dir(&self, pin_dir: &Path) -> PathBuf {
-        pin_dir.join(format!("{}{}", self.prefix, self.id))
+        pin_dir.join(format!("{}{}", self.versioned(), self.id))
     }
 
-    /// Whether a directory under the pin directory holds a program of this kind.
+    /// The start of the names of its directories whose maps this build reads.
+    fn versioned(&self) -> String {
+        format!("{}v{MAPS_VERSION}-", self.prefix)
+    }
+
+    /// Whether a directory under the pin directory holds a program of this kind: named
+    /// with its prefix, or, for block devices, by the program id alone (builds before
+    /// [`MAPS_VERSION`] 1).
     fn owns(&self, name: &str) -> bool {
-        if self.prefix.is_empty() { !name.starts_with(FILES.prefix) } else { name.starts_with(self.prefix) }
+        name.starts_with(self.prefix)
+            || (self.prefix == BLOCKS.prefix && name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()))
     }
 }
 
@@ -70,6 +88,7 @@ impl Kind {
 pub(crate) struct Maps {
     pub(crate) events: MapHandle,
     pub(crate) drops: MapHandle,
+    pub(crate) inflight: MapHandle,
     pub(crate) seen: MapHandle,
     pub(crate) suspended: MapHandle,
 }
@@ -84,6 +103,7 @@ impl Maps {
         Ok(Self {
             events: handle("events")?,
             drops: handle("drops")?,
+            inflight: handle("inflight")?,
             seen: handle("seen")?,
             suspended: handle("suspended")?,
         })
@@ -111,28 +131,92 @@ pub(crate) fn write_u64(map: &MapHandle, index: u32, value: u64) -> Result<(), T
     map.update(&index.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY).map_err(TrackerError::bpf("write a map"))
 }
 
-/// Opens what an earlier tracker of `kind` pinned for the same disks or files (`filter`:
-/// the key and slot of each). `None` when nothing usable is there (nothing pinned, an
-/// interrupted pinning, or other disks): whatever was there is removed, and the caller
-/// loads the program afresh.
-pub(crate) fn resume(
-    pin_dir: &Path,
-    kind: &Kind,
-    filter: &BTreeMap<Vec<u8>, u32>,
-) -> Result<Option<Maps>, TrackerError> {
-    remove_other_programs(pin_dir, kind)?;
-    let dir = kind.dir(pin_dir);
-    if !dir.exists() {
-        return Ok(None);
-    }
-    match open(&dir, kind, filter) {
-        Some(maps) => Ok(Some(maps)),
-        None => {
-            tracing::info!(dir = %dir.display(), "removing pinned tracking that cannot be resumed");
-            remove(&dir)?;
-            Ok(None)
+/// What an earlier tracker of a kind left pinned for the same disks or files.
+pub(crate) enum Pinned {
+    /// This build's program: resume it.
+    Ours(Maps),
+    /// Another build's program whose maps this build reads ([`MAPS_VERSION`]), suspended
+    /// cleanly after its last take: take over from it.
+    Earlier(Earlier),
+    /// Nothing usable: load the program afresh.
+    Nothing,
+}
+
+/// Another build's pinned program to take over from (an upgrade).
+pub(crate) struct Earlier {
+    dir: PathBuf,
+    pub(crate) maps: Maps,
+}
+
+impl Earlier {
+    /// Once this build's program is attached and pinned (its maps `to`): copies the
+    /// earlier program's writes in flight, so that their completions are reported by
+    /// the new one, then unpins the earlier program, which detaches it. Both record
+    /// every write in between, so none falls between them. What its ring buffer holds
+    /// is the caller's to read.
+    pub(crate) fn hand_over(&self, to: &Maps) -> Result<(), TrackerError> {
+        for key in self.maps.inflight.keys() {
+            // Completed since it was listed: the earlier program reported it.
+            let Some(value) =
+                self.maps.inflight.lookup(&key, MapFlags::ANY).map_err(TrackerError::bpf("read a map"))?
+            else {
+                continue;
+            };
+            to.inflight.update(&key, &value, MapFlags::ANY).map_err(TrackerError::bpf("write a map"))?;
         }
+        tracing::info!(dir = %self.dir.display(), "taking over pinned tracking from another build of the agent");
+        remove(&self.dir)
     }
+
+    /// Whether the earlier program dropped changes since its owner's last take (slots
+    /// `0..slots`); read after [`Earlier::hand_over`], when it records no more.
+    pub(crate) fn dropped(&self, slots: usize) -> Result<bool, TrackerError> {
+        (0..slots as u32).try_fold(false, |any, slot| {
+            Ok(any || read_u64(&self.maps.drops, slot)? != read_u64(&self.maps.seen, slot)?)
+        })
+    }
+
+    /// Gives up taking over: unpins it.
+    pub(crate) fn remove(self) -> Result<(), TrackerError> {
+        remove(&self.dir)
+    }
+}
+
+/// Finds what earlier trackers of `kind` pinned for the same disks or files (`filter`:
+/// the key and slot of each) and removes everything else of that kind: interrupted
+/// pinnings, other disks, other versions of the maps.
+pub(crate) fn find(pin_dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Result<Pinned, TrackerError> {
+    let ours = kind.dir(pin_dir);
+    let mut earlier = None;
+    for entry in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        let (name, path) = (entry.file_name().to_string_lossy().into_owned(), entry.path());
+        if !kind.owns(&name) || path == ours {
+            continue;
+        }
+        if earlier.is_none()
+            && name.starts_with(&kind.versioned())
+            && let Some(maps) = open(&path, kind, filter)
+            && maps.was_suspended()?
+        {
+            earlier = Some(Earlier { dir: path, maps });
+            continue;
+        }
+        tracing::info!(dir = %path.display(), "removing another program's pinned tracking");
+        remove(&path)?;
+    }
+    if ours.exists() {
+        if let Some(maps) = open(&ours, kind, filter) {
+            // A take-over that ended before it unpinned the earlier program: this
+            // build's never suspended, so its first take reports everything lost.
+            if let Some(e) = earlier {
+                e.remove()?;
+            }
+            return Ok(Pinned::Ours(maps));
+        }
+        tracing::info!(dir = %ours.display(), "removing pinned tracking that cannot be resumed");
+        remove(&ours)?;
+    }
+    Ok(earlier.map_or(Pinned::Nothing, Pinned::Earlier))
 }
 
 fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps> {
@@ -153,7 +237,13 @@ fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps
         tracing::info!(dir = %dir.display(), "pinned tracking follows other disks or files");
         return None;
     }
-    Some(Maps { events: map("events")?, drops: map("drops")?, seen: map("seen")?, suspended })
+    Some(Maps {
+        events: map("events")?,
+        drops: map("drops")?,
+        inflight: map("inflight")?,
+        seen: map("seen")?,
+        suspended,
+    })
 }
 
 /// Pins a loaded and attached program's links (named as `kind.links`, in that order),
@@ -172,11 +262,11 @@ pub(crate) fn pin_links(pin_dir: &Path, kind: &Kind, links: Vec<Option<&mut Link
     Ok(())
 }
 
-/// Pins the program's maps after its links: `events`, `drops`, the filter, `seen`, and
-/// `suspended`, the marker, last.
+/// Pins the program's maps after its links: `events`, `drops`, the filter, `inflight`,
+/// `seen`, and `suspended`, the marker, last.
 pub(crate) fn pin_maps(pin_dir: &Path, kind: &Kind, object: &mut libbpf_rs::Object) -> Result<(), TrackerError> {
     let dir = kind.dir(pin_dir);
-    for name in ["events", "drops", kind.filter, "seen", "suspended"] {
+    for name in ["events", "drops", kind.filter, "inflight", "seen", "suspended"] {
         let mut map = object.maps_mut().find(|m| m.name() == name).ok_or_else(|| no_map(name))?;
         map.pin(dir.join(name)).map_err(TrackerError::bpf("pin a map"))?;
     }
@@ -187,20 +277,6 @@ pub(crate) fn pin_maps(pin_dir: &Path, kind: &Kind, object: &mut libbpf_rs::Obje
 fn no_map(name: &str) -> TrackerError {
     let source = libbpf_rs::Error::from(std::io::Error::other(format!("the program has no map named {name}")));
     TrackerError::Bpf { stage: "find a map", source }
-}
-
-/// Removes the pins of other programs of `kind` than this build's under `pin_dir` (an
-/// upgrade leaves the previous version's behind).
-fn remove_other_programs(pin_dir: &Path, kind: &Kind) -> Result<(), TrackerError> {
-    let Ok(entries) = std::fs::read_dir(pin_dir) else { return Ok(()) };
-    let ours = kind.dir(pin_dir);
-    for entry in entries.flatten() {
-        if kind.owns(&entry.file_name().to_string_lossy()) && entry.path() != ours {
-            tracing::info!(dir = %entry.path().display(), "removing another program's pinned tracking");
-            remove(&entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 /// Unpins everything under `dir`: the program detaches once no process holds it.

@@ -69,9 +69,10 @@ impl Handle {
         set
     }
 
-    /// Whether it continued pinned tracking that an earlier tracker suspended.
+    /// Whether it continued pinned tracking that an earlier tracker suspended (of this
+    /// build, or taken over from another).
     pub(crate) fn resumed(&self) -> bool {
-        self.started == Started::Resumed
+        matches!(self.started, Started::Resumed | Started::TakenOver)
     }
 
     /// Whether the program is pinned.
@@ -157,62 +158,69 @@ fn run(
     // detaches the program.
     let filter = slots.iter().map(|(dev, slot)| (dev.to_ne_bytes().to_vec(), *slot)).collect();
     let loaded = setup(&options, &pin::BLOCKS, &filter, || load(&mut storage, &slots, &options), block_links);
-    let (_skel, maps, started) = match loaded {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let targets: Vec<Target> = devices.iter().map(TrackedDevice::target).collect();
-    let slot_of: Vec<u32> = devices.iter().map(|d| slots[&d.kernel_disk_dev()]).collect();
-    let (acc, ring) = match accumulate(&maps, started, targets, &slot_of, slots.len(), options.granularity) {
+    let prepared = loaded.and_then(|set| {
+        let targets: Vec<Target> = devices.iter().map(TrackedDevice::target).collect();
+        let slot_of: Vec<u32> = devices.iter().map(|d| slots[&d.kernel_disk_dev()]).collect();
+        let (acc, ring) = accumulate(&set, targets, &slot_of, slots.len(), options.granularity)?;
+        Ok((set, acc, ring))
+    });
+    let (set, acc, ring) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    if ready.send(Ok(started)).is_err() {
+    if ready.send(Ok(set.started)).is_err() {
         return;
     }
-    tracing::debug!(devices = devices.len(), ?started, "block tracker attached");
-    serve(&ring, &inbox, options.drain_interval, "block", |suspending| take(&acc, &maps, slots.len(), suspending));
+    tracing::debug!(devices = devices.len(), started = ?set.started, "block tracker attached");
+    serve(&ring, &inbox, options.drain_interval, "block", |suspending| take(&acc, &set.maps, slots.len(), suspending));
 }
 
-/// The accumulator of a tracker that `started` so, fed by its ring buffer, with the drop
-/// counters' baseline from the `seen` map (a resumed tracker's first take reports every
-/// target lost when the previous owner never suspended); the maps are marked owned again.
-pub(crate) fn accumulate(
-    maps: &pin::Maps,
-    started: Started,
+/// The accumulator of a tracker set up so, fed by its ring buffer (and by the ring
+/// buffer of the program it took over from, which may still hold records), with the drop
+/// counters' baseline from the `seen` map. A resumed tracker's first take reports every
+/// target lost when the previous owner never suspended, and one that took over, when the
+/// earlier program dropped changes. The maps are marked owned again.
+pub(crate) fn accumulate<S>(
+    set: &Setup<S>,
     targets: Vec<Target>,
     slot_of: &[u32],
     slots: usize,
     granularity: u64,
 ) -> Result<(Rc<RefCell<Accumulator>>, libbpf_rs::RingBuffer<'static>), TrackerError> {
+    let maps = &set.maps;
     let seen = read_seen(maps, slots)?;
-    let lost = started == Started::ResumedUnclean;
+    let dropped = set.earlier.as_ref().map(|e| e.dropped(slots)).transpose()?.unwrap_or(false);
+    if dropped {
+        tracing::warn!("the program taken over dropped changes while no tracker ran: everything is compared");
+    }
+    let lost = set.started == Started::ResumedUnclean || dropped;
     let acc = Accumulator::new(targets, slot_of, slots, granularity, seen, lost);
-    let fed = drain_into(&maps.events, acc)?;
+    let mut rings = vec![&maps.events];
+    rings.extend(set.earlier.as_ref().map(|e| &e.maps.events));
+    let fed = drain_into(&rings, acc)?;
     maps.set_suspended(false)?;
     Ok(fed)
 }
 
-/// An accumulator fed by a ring buffer of `struct event` records.
+/// An accumulator fed by ring buffers of `struct event` records.
 fn drain_into(
-    events: &MapHandle,
+    rings: &[&MapHandle],
     acc: Accumulator,
 ) -> Result<(Rc<RefCell<Accumulator>>, libbpf_rs::RingBuffer<'static>), TrackerError> {
     let acc = Rc::new(RefCell::new(acc));
     let mut builder = RingBufferBuilder::new();
-    let sink = Rc::clone(&acc);
-    builder
-        .add(events, move |data: &[u8]| {
-            sink.borrow_mut().record(data);
-            0
-        })
-        .map_err(TrackerError::bpf("set up the ring buffer"))?;
+    for events in rings {
+        let sink = Rc::clone(&acc);
+        builder
+            .add(*events, move |data: &[u8]| {
+                sink.borrow_mut().record(data);
+                0
+            })
+            .map_err(TrackerError::bpf("set up the ring buffer"))?;
+    }
     let ring = builder.build().map_err(TrackerError::bpf("set up the ring buffer"))?;
     Ok((acc, ring))
 }
@@ -280,31 +288,64 @@ pub(crate) enum Started {
     /// Pinned tracking whose previous owner ended without suspending (killed): what it
     /// had drained but not handed out is gone, so the first take reports every device lost.
     ResumedUnclean,
+    /// Pinned tracking of another build (an upgrade) that suspended cleanly, taken over
+    /// (`pin::Earlier::hand_over`): every write since its last take is in this tracker's
+    /// sets.
+    TakenOver,
 }
 
-/// Resumes the pinned tracking of `kind` when `options.pin_dir` holds one for the same
-/// disks or files (`filter`), else loads and attaches the program (`load`) and, when asked,
-/// pins it: the links `links` names (in `kind.links` order) and the maps.
+/// A tracker's program, as [`setup`] found or loaded it.
+pub(crate) struct Setup<S> {
+    /// The program this tracker loaded (`None`: resumed pins). It must live as long as
+    /// the tracker: unpinned, dropping it detaches the program.
+    pub(crate) _skel: Option<S>,
+    pub(crate) maps: pin::Maps,
+    pub(crate) started: Started,
+    /// The program taken over, now detached; its ring buffer is read until the end.
+    pub(crate) earlier: Option<pin::Earlier>,
+}
+
+/// Resumes the pinned tracking of `kind` when `options.pin_dir` holds this build's for the
+/// same disks or files (`filter`), else loads and attaches the program (`load`) and, when
+/// asked, pins it (the links `links` names, in `kind.links` order, and the maps) and takes
+/// over from another build's pins of the same disks or files, if any.
 pub(crate) fn setup<'obj, S: Skel<'obj>>(
     options: &TrackerOptions,
     kind: &pin::Kind,
     filter: &BTreeMap<Vec<u8>, u32>,
     load: impl FnOnce() -> Result<S, TrackerError>,
     links: fn(&mut S) -> Vec<Option<&mut libbpf_rs::Link>>,
-) -> Result<(Option<S>, pin::Maps, Started), TrackerError> {
-    if let Some(pin_dir) = &options.pin_dir
-        && let Some(maps) = pin::resume(pin_dir, kind, filter)?
-    {
-        let started = if maps.was_suspended()? { Started::Resumed } else { Started::ResumedUnclean };
-        return Ok((None, maps, started));
+) -> Result<Setup<S>, TrackerError> {
+    let mut earlier = None;
+    if let Some(pin_dir) = &options.pin_dir {
+        match pin::find(pin_dir, kind, filter)? {
+            pin::Pinned::Ours(maps) => {
+                let started = if maps.was_suspended()? { Started::Resumed } else { Started::ResumedUnclean };
+                return Ok(Setup { _skel: None, maps, started, earlier: None });
+            }
+            pin::Pinned::Earlier(e) => earlier = Some(e),
+            pin::Pinned::Nothing => {}
+        }
     }
+    // Attached before the earlier program is detached: no write falls between them.
     let mut skel = load()?;
     if let Some(pin_dir) = &options.pin_dir {
         pin::pin_links(pin_dir, kind, links(&mut skel))?;
         pin::pin_maps(pin_dir, kind, skel.object_mut())?;
     }
     let maps = pin::Maps::of(skel.object())?;
-    Ok((Some(skel), maps, Started::Fresh))
+    let mut started = Started::Fresh;
+    if let Some(e) = earlier.take() {
+        match e.hand_over(&maps) {
+            Ok(()) => (started, earlier) = (Started::TakenOver, Some(e)),
+            // Starting blind costs one compare of everything; failing to start costs more.
+            Err(error) => {
+                tracing::warn!(%error, "could not take over another build's pinned tracking: starting afresh");
+                e.remove()?;
+            }
+        }
+    }
+    Ok(Setup { _skel: Some(skel), maps, started, earlier })
 }
 
 /// The block program's links, in [`pin::BLOCKS`]' order.

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use common::{BpfFs, G, LoopDevice, MIB, ebpf_available, open_direct, set, write_direct};
+use libbpf_rs::MapCore as _;
 use siterecovery_tracker::{BlockTracker, DirtySet, TrackerOptions};
 
 fn dirty(set: &DirtySet) -> BTreeSet<u64> {
@@ -19,16 +20,32 @@ fn pinned(devices: &[PathBuf], pin_dir: &std::path::Path) -> BlockTracker {
     BlockTracker::start_with(devices, options).unwrap()
 }
 
+/// A private bpf filesystem, the pin directory in it, and one loop device opened for
+/// direct writes; `None` where eBPF tracking cannot run.
+struct Setup {
+    bpffs: BpfFs,
+    pins: PathBuf,
+    disk: LoopDevice,
+    f: std::fs::File,
+}
+
+impl Setup {
+    fn new() -> Option<Self> {
+        if !ebpf_available() {
+            return None;
+        }
+        let bpffs = BpfFs::mount();
+        let pins = bpffs.path.join("server");
+        let disk = LoopDevice::new(16 * MIB);
+        let f = open_direct(&disk.path);
+        Some(Self { bpffs, pins, disk, f })
+    }
+}
+
 #[test]
 fn writes_made_between_trackers_reach_the_next_one() {
-    if !ebpf_available() {
-        return;
-    }
-    let bpffs = BpfFs::mount();
-    let pins = bpffs.path.join("server");
-    let disk = LoopDevice::new(16 * MIB);
+    let Some(Setup { bpffs: _bpffs, pins, disk, f }) = Setup::new() else { return };
     let devices = std::slice::from_ref(&disk.path);
-    let f = open_direct(&disk.path);
 
     let first = pinned(devices, &pins);
     assert!(!first.resumed(), "nothing was pinned yet");
@@ -84,4 +101,55 @@ fn pins_of_other_disks_or_programs_are_not_resumed() {
     let taken = other.take_dirty().unwrap();
     assert_eq!(dirty(&taken), set(&[5]), "only the disk now tracked");
     assert!(!taken.lost);
+}
+
+/// The one directory under `pins`, by name.
+fn only_pin(pins: &std::path::Path) -> String {
+    let names: Vec<String> =
+        std::fs::read_dir(pins).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    names.into_iter().next().unwrap()
+}
+
+#[test]
+fn another_build_with_the_same_maps_is_taken_over() {
+    let Some(Setup { bpffs: _bpffs, pins, disk, f }) = Setup::new() else { return };
+    let devices = std::slice::from_ref(&disk.path);
+
+    let first = pinned(devices, &pins);
+    write_direct(&f, 3 * G, 4096, 1);
+    assert_eq!(dirty(&first.suspend().unwrap()), set(&[3]));
+
+    // Make the pins another build's (an agent before an upgrade): same maps version,
+    // another program id. A bio in flight in it must be finished by the next program.
+    let ours = only_pin(&pins);
+    let (version, _) = ours.rsplit_once('-').unwrap();
+    let earlier = pins.join(format!("{version}-00000000000000ff"));
+    std::fs::rename(pins.join(&ours), &earlier).unwrap();
+    let in_flight = libbpf_rs::MapHandle::from_pinned_path(earlier.join("inflight")).unwrap();
+    let (bio, entry) = (0xdead_b10c_u64.to_ne_bytes(), [7u8; 16]);
+    in_flight.update(&bio, &entry, libbpf_rs::MapFlags::ANY).unwrap();
+    drop(in_flight);
+
+    write_direct(&f, 7 * G, 4096, 2); // no tracker runs: the earlier program records it
+    let second = pinned(devices, &pins);
+    assert!(second.resumed(), "taken over: the earlier tracker suspended cleanly");
+    assert!(!earlier.exists(), "the earlier program is unpinned (detached)");
+    assert_eq!(only_pin(&pins), ours, "this build's program is pinned instead");
+    let copied = libbpf_rs::MapHandle::from_pinned_path(pins.join(&ours).join("inflight")).unwrap();
+    assert_eq!(copied.lookup(&bio, libbpf_rs::MapFlags::ANY).unwrap(), Some(entry.to_vec()), "in-flight write copied");
+    write_direct(&f, 9 * G, 4096, 3);
+    let taken = second.take_dirty().unwrap();
+    assert_eq!(dirty(&taken), set(&[7, 9]), "the write the earlier program recorded, then the new one's");
+    assert!(!taken.lost, "nothing to compare whole");
+    write_direct(&f, 11 * G, 4096, 4);
+    assert_eq!(dirty(&second.take_dirty().unwrap()), set(&[11]));
+    second.suspend().unwrap();
+
+    // Maps of another version are not read: removed, and the next tracker starts blind.
+    std::fs::rename(pins.join(&ours), pins.join("blocks-v0-00000000000000ff")).unwrap();
+    write_direct(&f, 13 * G, 4096, 5);
+    let third = pinned(devices, &pins);
+    assert!(!third.resumed(), "another maps version is not taken over");
+    assert_eq!(only_pin(&pins), ours);
 }

@@ -3,6 +3,9 @@
  * What both trackers (tracker.bpf.c, files.bpf.c) share: the ring buffer of ranges and
  * the per-slot counters user space reads (src/worker.rs) and pins (src/pin.rs). A slot is
  * a tracked disk or file; the program's own filter map says which.
+ *
+ * A newer build takes over pinned maps of an older one (src/pin.rs): raise MAPS_VERSION
+ * there with any change to what a pinned map (here or in a program) holds or means.
  */
 #ifndef TRACKER_SLOTS_H
 #define TRACKER_SLOTS_H
