@@ -356,8 +356,9 @@ async fn a_clean_restart_of_an_image_file_reads_only_what_changed_while_stopped(
 }
 
 /// Protects `disk` (whose content is `image`'s), stops the agent cleanly, writes three
-/// blocks, and checks the next agent reads only those; then kills one and checks the next
-/// compares everything (`full` bytes read).
+/// blocks, and checks the next agent reads only those; the same across an upgrade (the
+/// pins renamed to another build's); then kills one and checks the next compares
+/// everything (`full` bytes read).
 async fn clean_restart(dir: &Path, image: &Path, disk: &Path, full: u64) {
     let bpffs = BpfFs::mount();
     let restart = RestartConfig { pin_dir: bpffs.0.path().join("prod_db-01"), state_file: dir.join("agent-state.bin") };
@@ -381,6 +382,22 @@ async fn clean_restart(dir: &Path, image: &Path, disk: &Path, full: u64) {
     assert!(after.chunks_read_partly >= 3, "{after:#?}");
     let last = bed.stop_agent().await;
     bed.restored_equals(&last, image, &dir.join("restored")).await;
+
+    // An upgrade: the pins become another build's (another program id, the same maps
+    // version), which the next agent takes over.
+    let pins: Vec<_> = std::fs::read_dir(&restart.pin_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    let name = pins[0].file_name().unwrap().to_string_lossy().into_owned();
+    let (version, _) = name.rsplit_once('-').unwrap();
+    std::fs::rename(&pins[0], restart.pin_dir.join(format!("{version}-00000000000000ff"))).unwrap();
+    write_blocks(disk, &[9, 500]);
+    bed.start_agent();
+    let after = bed.wait("two points after the upgrade", 120, |s| s.points >= 2).await;
+    assert!(after.resumed_from_handover, "{after:#?}");
+    assert_eq!(after.last_resync_reason, None, "an upgrade compares nothing");
+    assert!(after.bytes_read >= 2 * BLOCK && after.bytes_read <= 4 * BLOCK, "read {} bytes", after.bytes_read);
+    let last = bed.stop_agent().await;
+    bed.restored_equals(&last, image, &dir.join("restored-after-upgrade")).await;
 
     // Killed: no handover, and the pinned tracker was never suspended.
     bed.start_agent();
