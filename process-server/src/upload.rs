@@ -2,13 +2,6 @@
 //! patches (compressed and encrypted by the store; storage format 2), writes a manifest at
 //! every point marker, then records a checkpoint and frees the journal. Failures are retried with backoff for as long as it
 //! takes: the data stays in the cache meanwhile, and nothing acknowledged is dropped.
-//!
-//! The checkpoint of a round (written and fsynced) and the journal's release after it run
-//! beside the next round, in round order, and the next round's records are read from the
-//! journal while this round's uploads run (when the buffer has room for both): the uploads
-//! wait neither for the disk syncs nor for the reads. A checkpoint that was not written yet when the process died only
-//! means more of the journal is uploaded again after a restart (uploads and manifests are
-//! idempotent).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,10 +13,9 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use siterecovery_store::{
     ChunkHash, DiskManifest, FORMAT_VERSION, Manifest, PackedAt, PatchBytes, PatchData, StoreError,
 };
-use siterecovery_wire::{ChunkDelta, Encoding, Frame, Message, Slot};
+use siterecovery_wire::{ChunkDelta, Encoding, Message, Slot};
 
 use crate::chains::{Chains, Places, place_in_manifest};
-use crate::journal::Position;
 use crate::metrics::Metrics;
 use crate::recent::RecentChunks;
 use crate::session::{decode, patched};
@@ -60,30 +52,9 @@ impl UploadBuffer {
     }
 
     async fn acquire(&self, n: u64) -> tokio::sync::OwnedSemaphorePermit {
-        self.permits.clone().acquire_many_owned(self.share(n)).await.expect("the semaphore is never closed")
+        let n = n.min(self.bytes).min(u64::from(u32::MAX)) as u32;
+        self.permits.clone().acquire_many_owned(n).await.expect("the semaphore is never closed")
     }
-
-    /// `n` bytes if they are free now (never ahead of a round waiting for them).
-    fn try_acquire(&self, n: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_many_owned(self.share(n)).ok()
-    }
-
-    fn share(&self, n: u64) -> u32 {
-        n.min(self.bytes).min(u64::from(u32::MAX)) as u32
-    }
-}
-
-/// Bytes a record takes in the journal (and in the cache budget).
-fn record_len(frame: &Frame) -> u64 {
-    frame.encoded_len() as u64 + 4
-}
-
-/// Journal records read ahead for the next round, from `from`, with their share of the
-/// buffer.
-struct ReadAhead {
-    from: Position,
-    batch: Vec<(Frame, Position)>,
-    _held: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Runs the uploader of `state` until the process ends.
@@ -98,10 +69,8 @@ pub async fn run(
     let mut known: HashMap<String, HashSet<ChunkHash>> = HashMap::new();
     let mut backoff = Duration::from_millis(200);
     let up = Uploader { state: &state, recent: &recent, metrics: &metrics };
-    let mut commits = Commits { state: state.clone(), budget: budget.clone(), metrics: metrics.clone(), last: None };
-    let mut ahead = None;
     loop {
-        match up.round(&mut cp, &mut known, &mut commits, &buffer, &mut ahead).await {
+        match up.round(&mut cp, &mut known, &budget, &buffer).await {
             Ok(true) => backoff = Duration::from_millis(200),
             Ok(false) => {
                 // Nothing to do: wait for the session to journal more.
@@ -114,55 +83,6 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-    }
-}
-
-/// The checkpoints of rounds, each written (then the journal freed up to it) after the
-/// previous round's.
-struct Commits {
-    state: Arc<ServerState>,
-    budget: Arc<CacheBudget>,
-    metrics: Arc<Metrics>,
-    /// The latest round's commit: its journal bytes still to free if it failed.
-    last: Option<tokio::task::JoinHandle<u64>>,
-}
-
-impl Commits {
-    /// Records `cp` as the checkpoint once the previous round's commit is done, then frees
-    /// the journal before it and `freed` bytes of the cache budget. A failed commit leaves
-    /// both to the next one, whose checkpoint covers it.
-    fn push(&mut self, cp: Checkpoint, freed: u64) {
-        let (state, budget, metrics, previous) =
-            (self.state.clone(), self.budget.clone(), self.metrics.clone(), self.last.take());
-        self.last = Some(tokio::spawn(async move {
-            let carried = match previous {
-                Some(p) => p.await.unwrap_or(0),
-                None => 0,
-            };
-            let freed = freed + carried;
-            let end = cp.position;
-            let st = state.clone();
-            let done = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                cp.store(&st.dir).map_err(|e| e.to_string())?;
-                st.journal.release(end).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-            match done {
-                Ok(()) => {
-                    let b = &state.backlog;
-                    let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(freed)));
-                    budget.release(freed);
-                    0
-                }
-                Err(error) => {
-                    metrics.upload_errors.inc();
-                    tracing::warn!(server = %state.server, %error, "could not record the upload checkpoint; the next round's records both");
-                    freed
-                }
-            }
-        }));
     }
 }
 
@@ -208,9 +128,8 @@ impl Uploader<'_> {
         &self,
         cp: &mut Checkpoint,
         known: &mut HashMap<String, HashSet<ChunkHash>>,
-        commits: &mut Commits,
+        budget: &CacheBudget,
         buffer: &UploadBuffer,
-        ahead: &mut Option<ReadAhead>,
     ) -> Result<bool, String> {
         let state = self.state;
         let journal = &state.journal;
@@ -222,27 +141,10 @@ impl Uploader<'_> {
         // Held until the round's uploads are done: what was read stays in memory until then.
         // A round may read one record past its share (the last one it starts).
         let want = round_bytes(store.options().parallelism, state.chunk_size, buffer.bytes);
+        let _held = buffer.acquire(want).await;
         let began = std::time::Instant::now();
-        // Read ahead by the previous round, unless it failed since (then read again).
-        let (batch, _held) = match ahead.take() {
-            Some(mut a) if a.from == from && !a.batch.is_empty() => {
-                // Topped up with what was journaled since it was read.
-                let (n, bytes) = (a.batch.len(), a.batch.iter().map(|(f, _)| record_len(f)).sum::<u64>());
-                let last = a.batch.last().map_or(from, |(_, p)| *p);
-                if n < BATCH_RECORDS && bytes < want && journal.durable() > last {
-                    let more = tokio::task::block_in_place(|| journal.read_from(last, BATCH_RECORDS - n, want - bytes))
-                        .map_err(|e| e.to_string())?;
-                    a.batch.extend(more);
-                }
-                (a.batch, a._held)
-            }
-            _ => {
-                let held = buffer.acquire(want).await;
-                let batch = tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want))
-                    .map_err(|e| e.to_string())?;
-                (batch, held)
-            }
-        };
+        let batch =
+            tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want)).map_err(|e| e.to_string())?;
         let Some((_, end)) = batch.last() else { return Ok(false) };
         let end = *end;
         let messages: Vec<Message> =
@@ -337,15 +239,6 @@ impl Uploader<'_> {
         }
         let (started, read) = (std::time::Instant::now(), messages.len());
         let planned = began.elapsed();
-        // The next round's records, read while this round's uploads run.
-        let next = match buffer.try_acquire(want) {
-            Some(held) if journal.durable() > end => {
-                let st = commits.state.clone();
-                let reading = tokio::task::spawn_blocking(move || st.journal.read_from(end, BATCH_RECORDS, want));
-                Some((reading, held))
-            }
-            _ => None,
-        };
         self.upload(jobs, known, &mut work.chains, &mut places).await?;
         let uploaded = started.elapsed();
 
@@ -366,16 +259,20 @@ impl Uploader<'_> {
             }
         }
         work.position = end;
-        tracing::debug!(server = %state.server, records = read, points, ?planned, ?uploaded, total = ?started.elapsed(), "upload round");
+        let manifested = started.elapsed();
+        let c = work.clone();
+        let dir = state.dir.clone();
+        tokio::task::spawn_blocking(move || c.store(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(server = %state.server, records = read, points, ?planned, ?uploaded, ?manifested, total = ?started.elapsed(), "upload round");
         *state.uploaded.lock().unwrap_or_else(|p| p.into_inner()) = work.chains.clone();
-        let freed = batch.iter().map(|(f, _)| record_len(f)).sum::<u64>();
-        commits.push(work.clone(), freed);
         *cp = work;
-        if let Some((reading, _held)) = next
-            && let Ok(Ok(batch)) = reading.await
-        {
-            *ahead = Some(ReadAhead { from: end, batch, _held });
-        }
+        tokio::task::block_in_place(|| journal.release(end)).map_err(|e| e.to_string())?;
+        let freed = batch.iter().map(|(f, _)| f.encoded_len() as u64 + 4).sum::<u64>();
+        let _ = state.backlog.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(freed)));
+        budget.release(freed);
         Ok(true)
     }
 
@@ -583,23 +480,5 @@ mod tests {
         // Asking for more than the buffer is asking for all of it: it waits for the rest.
         let whole = tokio::time::timeout(Duration::from_millis(50), buffer.acquire(1 << 40)).await;
         assert!(whole.is_err(), "the second round still holds half");
-    }
-
-    #[tokio::test]
-    async fn reading_ahead_takes_only_a_free_share_nobody_waits_for() {
-        let buffer = std::sync::Arc::new(UploadBuffer::new(64 << 20));
-        let round = buffer.acquire(32 << 20).await;
-        let ahead = buffer.try_acquire(32 << 20).expect("the other half is free");
-        assert!(buffer.try_acquire(1 << 20).is_none(), "nothing is left");
-        drop(ahead);
-        // Another uploader's round waits for a share: what frees goes to it first.
-        let b = buffer.clone();
-        let waiting = tokio::spawn(async move { b.acquire(48 << 20).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(buffer.try_acquire(16 << 20).is_none(), "the free half is promised to the waiting round");
-        drop(round);
-        let _other = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("served").unwrap();
-        assert!(buffer.try_acquire(32 << 20).is_none(), "16 MiB are left");
-        assert!(buffer.try_acquire(16 << 20).is_some());
     }
 }
