@@ -115,6 +115,20 @@ pub struct RestartConfig {
     pub state_file: PathBuf,
 }
 
+impl RestartConfig {
+    /// Stops keeping tracking across restarts: unpins the tracker's program (it detaches
+    /// once no tracker holds it) and removes the state file. Returns whether there was
+    /// a state file.
+    pub fn forget(&self) -> anyhow::Result<bool> {
+        siterecovery_tracker::BlockTracker::remove_pins(&self.pin_dir)?;
+        match std::fs::remove_file(&self.state_file) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(anyhow::anyhow!("removing {}: {e}", self.state_file.display())),
+        }
+    }
+}
+
 fn default_interval() -> f64 {
     300.0
 }
@@ -214,6 +228,9 @@ pub struct Agent {
     pending_settings: Option<siterecovery_wire::Settings>,
     /// The process server's chunk size as of the last welcome (what `believed` counts in).
     chunk_size: Option<u32>,
+    /// The process server said this server is not protected (any more): tracking is no
+    /// longer kept across restarts.
+    forgotten: bool,
 }
 
 impl Agent {
@@ -231,6 +248,7 @@ impl Agent {
             next_app: None,
             pending_settings: None,
             chunk_size: None,
+            forgotten: false,
         }
     }
 
@@ -345,6 +363,9 @@ impl Agent {
     /// tracker goes on recording without the agent.
     fn hand_over(&mut self) {
         let Some(restart) = self.config.restart.clone() else { return };
+        if self.forgotten {
+            return;
+        }
         let (Some(believed), Some(chunk_size)) = (self.believed.take(), self.chunk_size) else {
             tracing::info!("stopping in the middle of a pass: the next agent compares every chunk");
             return;

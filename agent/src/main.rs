@@ -187,12 +187,10 @@ fn untrack(args: &UntrackArgs) -> anyhow::Result<()> {
         println!("no bpf filesystem at /sys/fs/bpf and no restart section in the configuration: nothing is pinned");
         return Ok(());
     };
-    siterecovery_tracker::BlockTracker::remove_pins(&restart.pin_dir)?;
+    let had_state = restart.forget()?;
     println!("removed the pinned change tracking under {}", restart.pin_dir.display());
-    match std::fs::remove_file(&restart.state_file) {
-        Ok(()) => println!("removed the restart state {}", restart.state_file.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => anyhow::bail!("removing {}: {e}", restart.state_file.display()),
+    if had_state {
+        println!("removed the restart state {}", restart.state_file.display());
     }
     Ok(())
 }

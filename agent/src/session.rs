@@ -6,7 +6,9 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use siterecovery_store::{PointKind, generate_point_id};
-use siterecovery_wire::{DiskInfo, Hello, Message, PROTOCOL_VERSION, PointMarker, Resync, Slot, Welcome, read_message};
+use siterecovery_wire::{
+    DiskInfo, Hello, Message, PROTOCOL_VERSION, PointMarker, Resync, Slot, Welcome, WireError, read_message,
+};
 use tokio::io::{AsyncWriteExt as _, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +26,10 @@ use crate::{Agent, SessionError, app, err, group};
 /// The target of this module's events: the crate's, as before the session moved out of
 /// `lib.rs` (log readers see the same lines).
 const LOG: &str = "siterecovery_agent";
+
+/// Refusals that say the server is not protected (any more): its ProtectedServer does not
+/// exist or is being deleted.
+const NOT_PROTECTED: [&str; 2] = ["UnknownServer", "ServerDeleting"];
 
 /// The sending half of a session's connection.
 type Conn = WriteHalf<TlsStream<TcpStream>>;
@@ -100,6 +106,25 @@ impl Agent {
         }
     }
 
+    /// The server is not protected (any more): its tracking is unpinned, so nothing stays
+    /// attached in the kernel once this agent ends, and no restart state is left for the
+    /// next. Tracking goes on in this process: if the server is protected again, replication
+    /// continues without a gap. Once per process.
+    fn forget_tracking(&mut self, reason: &str) {
+        let Some(restart) = self.config.restart.clone() else { return };
+        if std::mem::replace(&mut self.forgotten, true) {
+            return;
+        }
+        match restart.forget() {
+            Ok(_) => {
+                tracing::warn!(target: LOG, reason, pin_dir = %restart.pin_dir.display(), "this server is not protected: its change tracking is no longer pinned and ends with this agent (a later restart compares every chunk)")
+            }
+            Err(e) => {
+                tracing::warn!(target: LOG, reason, error = %e, "this server is not protected, but its pinned change tracking could not be removed; run `siterecovery-agent untrack`")
+            }
+        }
+    }
+
     /// Opens the disks, connects to the process server and exchanges the hello and the
     /// welcome; the session's [`Wire`] starts from the welcome's head.
     async fn connect(
@@ -137,8 +162,16 @@ impl Agent {
         wr.flush().await.map_err(err)?;
         let welcome = tokio::time::timeout(Duration::from_secs(60), read_message(&mut rd))
             .await
-            .map_err(|_| err("no welcome from the process server within 60 s"))?
-            .map_err(err)?;
+            .map_err(|_| err("no welcome from the process server within 60 s"))?;
+        let welcome = match welcome {
+            Err(WireError::Refused { reason, message }) => {
+                if NOT_PROTECTED.contains(&reason.as_str()) {
+                    self.forget_tracking(&reason);
+                }
+                return Err(err(format!("the process server refused the session ({reason}): {message}")));
+            }
+            other => other.map_err(err)?,
+        };
         let Some(Message::Welcome(welcome, head)) = welcome else {
             return Err(err("the process server did not answer the hello with a welcome"));
         };

@@ -7,6 +7,7 @@
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use siterecovery_agent::changes::EbpfTracker;
 use siterecovery_agent::disk::Disk;
 use siterecovery_agent::{Agent, AgentConfig, AgentStatus, DiskConfig, RestartConfig};
 use siterecovery_operator::registration::certs::Ca;
-use siterecovery_process_server::target::StaticTargets;
+use siterecovery_process_server::group::GroupSpec;
+use siterecovery_process_server::target::{StaticTargets, Target, Targets};
 use siterecovery_process_server::{Config, TlsFiles};
 use siterecovery_store::{LocalBackend, ServerRef, Store, StoreOptions};
 
@@ -72,8 +74,30 @@ fn content(len: usize) -> Vec<u8> {
 
 /// A process server with a local store and 4 MiB chunks, and an agent with the eBPF
 /// tracker protecting `device`, whose block cache holds `cache` bytes.
+/// The process server's targets, which know the server until it is deleted.
+struct Deletable {
+    targets: StaticTargets,
+    deleted: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Targets for Deletable {
+    async fn resolve(&self, namespace: &str, server: &str) -> Result<Arc<Target>, (String, String)> {
+        if self.deleted.load(Ordering::SeqCst) {
+            return Err(("UnknownServer".into(), format!("ProtectedServer {namespace}/{server} does not exist")));
+        }
+        self.targets.resolve(namespace, server).await
+    }
+
+    async fn group(&self, namespace: &str, server: &str) -> Result<Option<GroupSpec>, String> {
+        self.targets.group(namespace, server).await
+    }
+}
+
 struct Bed {
     store: Store,
+    /// Set: the process server refuses the server as unknown (its ProtectedServer deleted).
+    deleted: Arc<AtomicBool>,
     server: ServerRef,
     config: AgentConfig,
     cache: usize,
@@ -121,8 +145,11 @@ impl Bed {
             recent_chunk_bytes: 64 << 20,
             block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
         };
-        let targets_file = Arc::new(StaticTargets::load(&dir.join("targets.json")).unwrap());
-        let ps = siterecovery_process_server::start(config, targets_file).await.unwrap();
+        let deleted = Arc::new(AtomicBool::new(false));
+        let targets = StaticTargets::load(&dir.join("targets.json")).unwrap();
+        let ps = siterecovery_process_server::start(config, Arc::new(Deletable { targets, deleted: deleted.clone() }))
+            .await
+            .unwrap();
 
         let keys = std::collections::BTreeMap::from([
             ("active".to_string(), b"k1".to_vec()),
@@ -152,7 +179,8 @@ impl Bed {
             restart,
         };
         let (status, stop, task) = spawn_agent(&config, cache);
-        Self { store, server: ServerRef::new("prod", "db-01").unwrap(), config, cache, status, stop, task, _ps: ps }
+        let server = ServerRef::new("prod", "db-01").unwrap();
+        Self { store, deleted, server, config, cache, status, stop, task, _ps: ps }
     }
 
     /// Starts a new agent process, as after a restart (the previous one must be stopped).
@@ -412,6 +440,44 @@ async fn clean_restart(dir: &Path, image: &Path, disk: &Path, full: u64) {
     assert_eq!(after.bytes_read, full, "every chunk compared");
     let last = bed.stop_agent().await;
     bed.restored_equals(&last, image, &dir.join("restored-after-kill")).await;
+}
+
+/// A server no longer protected leaves nothing in the kernel: refused as unknown, the
+/// agent unpins its tracking, which goes on in the process (protected again, it replicates
+/// the writes made meanwhile without comparing everything), and it leaves no restart state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_no_longer_protected_leaves_nothing_pinned() {
+    if !ebpf_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (dir, image) = (tmp.path(), tmp.path().join("data.img"));
+    std::fs::write(&image, content(16 * MIB as usize)).unwrap();
+    let bpffs = BpfFs::mount();
+    let restart = RestartConfig { pin_dir: bpffs.0.path().join("prod_db-01"), state_file: dir.join("agent-state.bin") };
+    let pinned = || std::fs::read_dir(&restart.pin_dir).map(|d| d.count()).unwrap_or(0);
+    let mut bed = Bed::start_with(dir, &image, siterecovery_agent::DEFAULT_BLOCK_CACHE, Some(restart.clone())).await;
+    bed.wait("the initial copy and a point", 120, |s| s.initial_copy_done && s.points > 0).await;
+    bed.stop_agent().await;
+    assert!(restart.state_file.exists() && pinned() == 1, "a clean stop keeps tracking pinned");
+
+    // The ProtectedServer is deleted; the next agent resumes the pins, then is refused.
+    bed.deleted.store(true, Ordering::SeqCst);
+    bed.start_agent();
+    let refused = |s: &AgentStatus| s.last_error.as_deref().is_some_and(|e| e.contains("UnknownServer"));
+    let status = bed.wait("the refusal", 60, refused).await;
+    assert!(status.last_error.unwrap().contains("does not exist"), "the process server's reason is shown");
+    assert_eq!(pinned(), 0, "tracking is no longer pinned");
+    write_blocks(&image, &[3, 200]);
+
+    // Protected again: tracking went on in the process.
+    bed.deleted.store(false, Ordering::SeqCst);
+    let after = bed.wait("a point once protected again", 120, |s| s.points >= 1).await;
+    assert_eq!(after.last_resync_reason, None, "no comparison of every chunk");
+    let last = bed.stop_agent().await;
+    assert!(!restart.state_file.exists(), "no restart state is left for the next agent");
+    assert_eq!(pinned(), 0, "nothing stays attached once the agent ended");
+    bed.restored_equals(&last, &image, &dir.join("restored")).await;
 }
 
 /// The case on a 2 GiB device: 328 random 64 KiB writes, then the incremental,

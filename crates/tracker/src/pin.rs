@@ -91,6 +91,11 @@ pub(crate) struct Maps {
     pub(crate) inflight: MapHandle,
     pub(crate) seen: MapHandle,
     pub(crate) suspended: MapHandle,
+    /// The pinned links of a resumed program, held open so that it stays attached as
+    /// long as the tracker runs even if its pins are removed (a server no longer
+    /// protected; `untrack` run beside a running agent). Empty for a program this tracker
+    /// loaded: its skeleton holds them.
+    links: Vec<Link>,
 }
 
 impl Maps {
@@ -106,6 +111,7 @@ impl Maps {
             inflight: handle("inflight")?,
             seen: handle("seen")?,
             suspended: handle("suspended")?,
+            links: Vec::new(),
         })
     }
 
@@ -154,7 +160,7 @@ impl Earlier {
     /// the new one, then unpins the earlier program, which detaches it. Both record
     /// every write in between, so none falls between them. What its ring buffer holds
     /// is the caller's to read.
-    pub(crate) fn hand_over(&self, to: &Maps) -> Result<(), TrackerError> {
+    pub(crate) fn hand_over(&mut self, to: &Maps) -> Result<(), TrackerError> {
         for key in self.maps.inflight.keys() {
             // Completed since it was listed: the earlier program reported it.
             let Some(value) =
@@ -165,6 +171,7 @@ impl Earlier {
             to.inflight.update(&key, &value, MapFlags::ANY).map_err(TrackerError::bpf("write a map"))?;
         }
         tracing::info!(dir = %self.dir.display(), "taking over pinned tracking from another build of the agent");
+        self.maps.links.clear();
         remove(&self.dir)
     }
 
@@ -223,10 +230,7 @@ fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps
     let map = |name: &str| MapHandle::from_pinned_path(dir.join(name)).ok();
     // The marker pinned last first: without it the pinning was interrupted.
     let suspended = map("suspended")?;
-    for link in kind.links {
-        // Closing a pinned link's descriptor leaves it attached (the pin holds it).
-        drop(Link::open(dir.join(link)).ok()?);
-    }
+    let links = kind.links.iter().map(|link| Link::open(dir.join(link)).ok()).collect::<Option<Vec<_>>>()?;
     let tracked = map(kind.filter)?;
     let mut pinned = BTreeMap::new();
     for key in tracked.keys() {
@@ -243,6 +247,7 @@ fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps
         inflight: map("inflight")?,
         seen: map("seen")?,
         suspended,
+        links,
     })
 }
 

@@ -335,7 +335,7 @@ pub(crate) fn setup<'obj, S: Skel<'obj>>(
     }
     let maps = pin::Maps::of(skel.object())?;
     let mut started = Started::Fresh;
-    if let Some(e) = earlier.take() {
+    if let Some(mut e) = earlier.take() {
         match e.hand_over(&maps) {
             Ok(()) => (started, earlier) = (Started::TakenOver, Some(e)),
             // Starting blind costs one compare of everything; failing to start costs more.

@@ -153,3 +153,18 @@ fn another_build_with_the_same_maps_is_taken_over() {
     assert!(!third.resumed(), "another maps version is not taken over");
     assert_eq!(only_pin(&pins), ours);
 }
+
+#[test]
+fn a_resumed_tracker_keeps_tracking_when_its_pins_are_removed() {
+    let Some(Setup { bpffs: _bpffs, pins, disk, f }) = Setup::new() else { return };
+    let devices = std::slice::from_ref(&disk.path);
+    pinned(devices, &pins).suspend().unwrap();
+    let resumed = pinned(devices, &pins);
+    assert!(resumed.resumed());
+    // As when the server is no longer protected: the pins go, the running tracker stays.
+    BlockTracker::remove_pins(&pins).unwrap();
+    write_direct(&f, 5 * G, 4096, 1);
+    assert_eq!(dirty(&resumed.take_dirty().unwrap()), set(&[5]), "still attached: the tracker holds its links");
+    drop(resumed);
+    assert!(!pinned(devices, &pins).resumed(), "nothing was left pinned");
+}
