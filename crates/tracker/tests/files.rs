@@ -320,7 +320,8 @@ fn pinned_device(device: &Path, pin_dir: &Path) -> BlockTracker {
 }
 
 /// As for block devices (tests/pinning.rs): pinned, image-file tracking goes on while no
-/// tracker runs, and both kinds share one pin directory without removing each other's.
+/// tracker runs, is taken over by another build's tracker, and both kinds share one pin
+/// directory without removing each other's.
 #[test]
 fn image_file_tracking_pinned_reaches_the_next_tracker() {
     if !ebpf_available() {
@@ -354,8 +355,23 @@ fn image_file_tracking_pinned_reaches_the_next_tracker() {
     assert_eq!(dirty(&device.take_dirty().unwrap()), set(&[5]));
     drop(device);
 
+    // An upgrade: the pins become another build's (same maps version, another program
+    // id), which the next tracker takes over.
+    assert!(dirty(&second.suspend().unwrap()).is_empty());
+    let ours = std::fs::read_dir(&pins).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap());
+    let ours: Vec<String> = ours.filter(|n| n.starts_with("files-")).collect();
+    let (version, _) = ours[0].rsplit_once('-').unwrap();
+    std::fs::rename(pins.join(&ours[0]), pins.join(format!("{version}-00000000000000ff"))).unwrap();
+    f.write_all_at(&[4; 10], 11 * G).unwrap();
+    let upgraded = pinned_files(files, &pins);
+    assert!(upgraded.resumed(), "taken over");
+    assert!(!pins.join(format!("{version}-00000000000000ff")).exists() && pins.join(&ours[0]).exists());
+    let taken = upgraded.take_dirty().unwrap();
+    assert_eq!(dirty(&taken), set(&[11]), "the write the earlier program recorded");
+    assert!(!taken.lost);
+
     // Ended without suspending (as a killed agent would): the next take reports it lost.
-    drop(second);
+    drop(upgraded);
     let third = pinned_files(files, &pins);
     assert!(!third.resumed());
     assert!(third.take_dirty().unwrap().lost, "the file must be compared whole");
