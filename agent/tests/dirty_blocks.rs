@@ -11,22 +11,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jiff::Timestamp;
 use rand::RngExt as _;
 use siterecovery_agent::changes::EbpfTracker;
 use siterecovery_agent::disk::Disk;
 use siterecovery_agent::{Agent, AgentConfig, AgentStatus, DiskConfig, RestartConfig};
-use siterecovery_operator::registration::certs::Ca;
 use siterecovery_process_server::group::GroupSpec;
 use siterecovery_process_server::target::{StaticTargets, Target, Targets};
-use siterecovery_process_server::{Config, TlsFiles};
 use siterecovery_store::{LocalBackend, ServerRef, Store, StoreOptions};
+
+mod support;
+
+use support::LocalPs;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const BLOCK: u64 = 64 * KIB;
 const CHUNK: u64 = 4 * MIB;
-const DAY: Duration = Duration::from_secs(86_400);
 
 struct Loop(PathBuf);
 
@@ -104,7 +104,7 @@ struct Bed {
     status: Arc<Mutex<AgentStatus>>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _ps: siterecovery_process_server::ProcessServer,
+    _ps: LocalPs,
 }
 
 impl Bed {
@@ -114,73 +114,23 @@ impl Bed {
 
     /// [`Bed::start`] with the agent keeping its tracking across restarts as `restart` says.
     async fn start_with(dir: &Path, device: &Path, cache: usize, restart: Option<RestartConfig>) -> Self {
-        let ca = Ca::generate(Timestamp::now(), DAY * 365).unwrap();
-        let ps_cert = ca.issue_serving(&["localhost".into()], Timestamp::now(), DAY).unwrap();
-        let agent_cert = ca.issue_client("prod", "db-01", Timestamp::now(), DAY).unwrap();
-        let tls = dir.join("tls");
-        std::fs::create_dir_all(&tls).unwrap();
-        for (name, pem) in [
-            ("tls.crt", &ps_cert.cert_pem),
-            ("tls.key", &ps_cert.key_pem),
-            ("ca.crt", &ca.bundle_pem),
-            ("agent.crt", &agent_cert.cert_pem),
-            ("agent.key", &agent_cert.key_pem),
-        ] {
-            std::fs::write(tls.join(name), pem).unwrap();
-        }
-        use base64::Engine as _;
-        let key: [u8; 32] = rand::random();
-        let targets = serde_json::json!({
-            "backend": {"local": dir.join("store")},
-            "keys": {"active": "k1", "key-k1": base64::engine::general_purpose::STANDARD.encode(key)},
-            "chunkSize": CHUNK,
-        });
-        std::fs::write(dir.join("targets.json"), targets.to_string()).unwrap();
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cache_dir: dir.join("cache"),
-            cache_limit: 1 << 30,
-            tls: TlsFiles::in_dir(&tls),
-            metrics: None,
-            recent_chunk_bytes: 64 << 20,
-            block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
-        };
         let deleted = Arc::new(AtomicBool::new(false));
-        let targets = StaticTargets::load(&dir.join("targets.json")).unwrap();
-        let ps = siterecovery_process_server::start(config, Arc::new(Deletable { targets, deleted: deleted.clone() }))
-            .await
-            .unwrap();
-
+        let flag = deleted.clone();
+        let local = LocalPs::start(dir, CHUNK, |targets| Arc::new(Deletable { targets, deleted: flag })).await;
         let keys = std::collections::BTreeMap::from([
             ("active".to_string(), b"k1".to_vec()),
-            ("key-k1".to_string(), key.to_vec()),
+            ("key-k1".to_string(), local.key.to_vec()),
         ]);
         let keyring = siterecovery_store::Keyring::from_secret_data(&keys).unwrap();
         let backend = Arc::new(LocalBackend::new(dir.join("store")).unwrap());
         let store = Store::new(backend, keyring, StoreOptions::default()).unwrap();
-
         let config = AgentConfig {
-            namespace: "prod".into(),
-            server: "db-01".into(),
-            disks: vec![DiskConfig { id: "data".into(), path: device.to_path_buf() }],
-            process_server: format!("localhost:{}", ps.addr.port()),
-            tls_server_name: None,
-            client_cert: tls.join("agent.crt"),
-            client_key: tls.join("agent.key"),
-            ca_bundle: tls.join("ca.crt"),
-            interval_seconds: 0.2,
-            max_passes: 8,
-            compression_level: 1,
-            tracking: Default::default(),
-            metrics_addr: None,
-            app_consistency: None,
-            kube: None,
-            registration_url: None,
             restart,
+            ..local.agent_config(vec![DiskConfig { id: "data".into(), path: device.to_path_buf() }])
         };
         let (status, stop, task) = spawn_agent(&config, cache);
         let server = ServerRef::new("prod", "db-01").unwrap();
-        Self { store, deleted, server, config, cache, status, stop, task, _ps: ps }
+        Self { store, deleted, server, config, cache, status, stop, task, _ps: local }
     }
 
     /// Starts a new agent process, as after a restart (the previous one must be stopped).

@@ -8,17 +8,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::Timestamp;
 use siterecovery_agent::changes::StampTracker;
 use siterecovery_agent::disk::Disk;
 use siterecovery_agent::report::{KubeConfig, Reporter};
 use siterecovery_agent::{Agent, AgentConfig, AgentStatus, DiskConfig};
-use siterecovery_operator::registration::certs::Ca;
-use siterecovery_process_server::target::StaticTargets;
-use siterecovery_process_server::{Config, TlsFiles};
+
+mod support;
+
+use support::LocalPs;
 
 const MIB: u64 = 1 << 20;
-const DAY: Duration = Duration::from_secs(86_400);
 
 fn write_data(path: &Path, offset: u64, len: usize, seed: u64) {
     use std::os::unix::fs::FileExt as _;
@@ -53,67 +52,18 @@ async fn passes_are_counted_for_the_status_report() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
 
-    // Certificates from the operator's CA code; a process server keeping a local store.
-    let ca = Ca::generate(Timestamp::now(), DAY * 365).unwrap();
-    let ps_cert = ca.issue_serving(&["localhost".into()], Timestamp::now(), DAY).unwrap();
-    let agent_cert = ca.issue_client("prod", "db-01", Timestamp::now(), DAY).unwrap();
-    let tls = dir.join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    for (name, pem) in [
-        ("tls.crt", &ps_cert.cert_pem),
-        ("tls.key", &ps_cert.key_pem),
-        ("ca.crt", &ca.bundle_pem),
-        ("agent.crt", &agent_cert.cert_pem),
-        ("agent.key", &agent_cert.key_pem),
-    ] {
-        std::fs::write(tls.join(name), pem).unwrap();
-    }
-    use base64::Engine as _;
-    let key: [u8; 32] = rand::random();
-    let targets = serde_json::json!({
-        "backend": {"local": dir.join("store")},
-        "keys": {"active": "k1", "key-k1": base64::engine::general_purpose::STANDARD.encode(key)},
-        "chunkSize": MIB,
-    });
-    std::fs::write(dir.join("targets.json"), targets.to_string()).unwrap();
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        cache_dir: dir.join("cache"),
-        cache_limit: 1 << 30,
-        tls: TlsFiles::in_dir(&tls),
-        metrics: None,
-        recent_chunk_bytes: 64 << 20,
-        block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
-    };
-    let targets = Arc::new(StaticTargets::load(&dir.join("targets.json")).unwrap());
-    let ps = siterecovery_process_server::start(config, targets).await.unwrap();
-
+    let local = LocalPs::start(dir, MIB, |t| Arc::new(t)).await;
     let image = dir.join("os.img");
     let size = 3 * MIB + 1000;
     write_data(&image, 0, size as usize, 7);
     let config = AgentConfig {
-        namespace: "prod".into(),
-        server: "db-01".into(),
-        disks: vec![DiskConfig { id: "os".into(), path: image.clone() }],
-        process_server: format!("localhost:{}", ps.addr.port()),
-        tls_server_name: None,
-        client_cert: tls.join("agent.crt"),
-        client_key: tls.join("agent.key"),
-        ca_bundle: tls.join("ca.crt"),
-        interval_seconds: 0.2,
-        max_passes: 8,
-        compression_level: 1,
-        tracking: Default::default(),
-        metrics_addr: None,
-        app_consistency: None,
         // An API server that is not there: reporting fails, replication must not mind.
         kube: Some(KubeConfig {
             api_server: "https://127.0.0.1:1".into(),
             token: dir.join("no-token"),
             api_server_ca: None,
         }),
-        registration_url: None,
-        restart: None,
+        ..local.agent_config(vec![DiskConfig { id: "os".into(), path: image.clone() }])
     };
     let disks = vec![Disk::open("os", &image).unwrap()];
     let mut agent = Agent::new(config.clone(), Box::new(StampTracker::new(&disks)));
@@ -156,5 +106,5 @@ async fn passes_are_counted_for_the_status_report() {
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
     tokio::time::timeout(Duration::from_secs(5), reporting).await.expect("the reporter stops").unwrap();
-    drop(ps);
+    drop(local);
 }

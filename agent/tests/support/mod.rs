@@ -1,11 +1,19 @@
-//! What the agent's tests against the real local API server share: the operator's
-//! ProtectedServer reconciler, registration's reconciler and its HTTPS endpoint, run in
-//! this process with the chart's RBAC.
+//! What the agent's tests share: a process server in this process keeping a local store,
+//! with certificates from the operator's CA code; and, for the tests against the real
+//! local API server, the operator's ProtectedServer reconciler, registration's reconciler
+//! and its HTTPS endpoint, run in this process with the chart's RBAC.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+use jiff::Timestamp;
+use siterecovery_agent::{AgentConfig, DiskConfig};
+use siterecovery_operator::registration::certs::Ca;
+use siterecovery_process_server::target::{StaticTargets, Targets};
+use siterecovery_process_server::{Config, ProcessServer, TlsFiles};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
@@ -17,6 +25,80 @@ use siterecovery_operator::registration::{self as operator_registration, ApiServ
 use siterecovery_operator::server;
 use siterecovery_operator::telemetry::Metrics;
 use siterecovery_operator::watch::Watches;
+
+/// A process server for `prod/db-01` keeping a local store under `dir` (`store/`, with
+/// chunks of `chunk_size`), its targets as `targets` wraps them; the agent's certificate,
+/// key and CA bundle are in `tls`.
+pub struct LocalPs {
+    pub ps: ProcessServer,
+    pub tls: PathBuf,
+    /// The store's encryption key (key id `k1`).
+    pub key: [u8; 32],
+}
+
+impl LocalPs {
+    pub async fn start(dir: &Path, chunk_size: u64, targets: impl FnOnce(StaticTargets) -> Arc<dyn Targets>) -> Self {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let ca = Ca::generate(Timestamp::now(), DAY * 365).unwrap();
+        let ps_cert = ca.issue_serving(&["localhost".into()], Timestamp::now(), DAY).unwrap();
+        let agent_cert = ca.issue_client("prod", "db-01", Timestamp::now(), DAY).unwrap();
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        for (name, pem) in [
+            ("tls.crt", &ps_cert.cert_pem),
+            ("tls.key", &ps_cert.key_pem),
+            ("ca.crt", &ca.bundle_pem),
+            ("agent.crt", &agent_cert.cert_pem),
+            ("agent.key", &agent_cert.key_pem),
+        ] {
+            std::fs::write(tls.join(name), pem).unwrap();
+        }
+        use base64::Engine as _;
+        let key: [u8; 32] = rand::random();
+        let file = serde_json::json!({
+            "backend": {"local": dir.join("store")},
+            "keys": {"active": "k1", "key-k1": base64::engine::general_purpose::STANDARD.encode(key)},
+            "chunkSize": chunk_size,
+        });
+        std::fs::write(dir.join("targets.json"), file.to_string()).unwrap();
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cache_dir: dir.join("cache"),
+            cache_limit: 1 << 30,
+            tls: TlsFiles::in_dir(&tls),
+            metrics: None,
+            recent_chunk_bytes: 64 << 20,
+            block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
+        };
+        let loaded = StaticTargets::load(&dir.join("targets.json")).unwrap();
+        let ps = siterecovery_process_server::start(config, targets(loaded)).await.unwrap();
+        Self { ps, tls, key }
+    }
+
+    /// An agent configuration for `prod/db-01` with `disks`, replicating to this process
+    /// server every 0.2 s, with nothing else configured.
+    pub fn agent_config(&self, disks: Vec<DiskConfig>) -> AgentConfig {
+        AgentConfig {
+            namespace: "prod".into(),
+            server: "db-01".into(),
+            disks,
+            process_server: format!("localhost:{}", self.ps.addr.port()),
+            tls_server_name: None,
+            client_cert: self.tls.join("agent.crt"),
+            client_key: self.tls.join("agent.key"),
+            ca_bundle: self.tls.join("ca.crt"),
+            interval_seconds: 0.2,
+            max_passes: 8,
+            compression_level: 1,
+            tracking: Default::default(),
+            metrics_addr: None,
+            app_consistency: None,
+            kube: None,
+            registration_url: None,
+            restart: None,
+        }
+    }
+}
 
 /// The ProtectedServer reconciler, registration's reconciler and its HTTPS endpoint for
 /// the servers of `ns`; returns the endpoint's address and what stops them.
