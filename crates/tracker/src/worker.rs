@@ -328,12 +328,25 @@ pub(crate) fn setup<'obj, S: Skel<'obj>>(
         }
     }
     // Attached before the earlier program is detached: no write falls between them.
-    let mut skel = load()?;
-    if let Some(pin_dir) = &options.pin_dir {
-        pin::pin_links(pin_dir, kind, links(&mut skel))?;
-        pin::pin_maps(pin_dir, kind, skel.object_mut())?;
-    }
-    let maps = pin::Maps::of(skel.object())?;
+    let attached = load().and_then(|mut skel| {
+        if let Some(pin_dir) = &options.pin_dir {
+            pin::pin_links(pin_dir, kind, links(&mut skel))?;
+            pin::pin_maps(pin_dir, kind, skel.object_mut())?;
+        }
+        let maps = pin::Maps::of(skel.object())?;
+        Ok((skel, maps))
+    });
+    let (skel, maps) = match attached {
+        Ok(a) => a,
+        // This build's program cannot run here (the agent falls back to checksum scans):
+        // the earlier one would record for nobody.
+        Err(e) => {
+            if let Some(earlier) = earlier {
+                earlier.remove()?;
+            }
+            return Err(e);
+        }
+    };
     let mut started = Started::Fresh;
     if let Some(mut e) = earlier.take() {
         match e.hand_over(&maps) {
