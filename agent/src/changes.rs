@@ -157,6 +157,14 @@ impl Kernel {
     }
 }
 
+fn start_blocks(paths: &[PathBuf], options: TrackerOptions) -> Result<Kernel, siterecovery_tracker::TrackerError> {
+    siterecovery_tracker::BlockTracker::start_with(paths, options).map(Kernel::Blocks)
+}
+
+fn start_files(paths: &[PathBuf], options: TrackerOptions) -> Result<Kernel, siterecovery_tracker::TrackerError> {
+    siterecovery_tracker::FileTracker::start_with(paths, options).map(Kernel::Files)
+}
+
 /// Tracking block size: writes are recorded at this granularity.
 pub const EBPF_GRANULARITY: u64 = 64 * 1024;
 
@@ -177,27 +185,29 @@ impl EbpfTracker {
         disks: &[Disk],
         pin_dir: Option<&Path>,
     ) -> Result<Self, siterecovery_tracker::TrackerError> {
-        Self::start_kind(disks, pin_dir, |paths, options| {
-            siterecovery_tracker::FileTracker::start_with(paths, options).map(Kernel::Files)
-        })
+        Self::start_kind(disks, pin_dir, None, start_files)
     }
 
     /// [`EbpfTracker::start`], pinned under `pin_dir` (a directory on a bpf filesystem) when
     /// given, so tracking goes on while the agent restarts (docs/change-tracking.md
     /// "Across restarts"). When pinning fails, tracking runs unpinned (and says so).
     pub fn start_pinned(disks: &[Disk], pin_dir: Option<&Path>) -> Result<Self, siterecovery_tracker::TrackerError> {
-        Self::start_kind(disks, pin_dir, |paths, options| {
-            siterecovery_tracker::BlockTracker::start_with(paths, options).map(Kernel::Blocks)
-        })
+        Self::start_kind(disks, pin_dir, None, start_blocks)
     }
 
+    /// Starts `start` (block devices or image files) on `disks`, pinned under `pin_dir`
+    /// when given, with a ring buffer of `ring_bytes` (the default when `None`).
     fn start_kind(
         disks: &[Disk],
         pin_dir: Option<&Path>,
-        start: impl Fn(&[PathBuf], TrackerOptions) -> Result<Kernel, siterecovery_tracker::TrackerError>,
+        ring_bytes: Option<u32>,
+        start: fn(&[PathBuf], TrackerOptions) -> Result<Kernel, siterecovery_tracker::TrackerError>,
     ) -> Result<Self, siterecovery_tracker::TrackerError> {
         let paths: Vec<_> = disks.iter().map(|d| d.path.clone()).collect();
-        let options = TrackerOptions::new(EBPF_GRANULARITY);
+        let mut options = TrackerOptions::new(EBPF_GRANULARITY);
+        if let Some(bytes) = ring_bytes {
+            options.ring_buffer_bytes = bytes;
+        }
         let pinned = TrackerOptions { pin_dir: pin_dir.map(Path::to_owned), ..options.clone() };
         let tracker = match start(&paths, pinned) {
             Err(e) if pin_dir.is_some() => {
@@ -307,16 +317,18 @@ pub enum Tracking {
 
 /// The tracker `mode` asks for, for `disks`.
 /// `pin_dir`: where the eBPF tracker pins itself to outlive the agent (see
-/// [`EbpfTracker::start_pinned`]).
-pub fn tracker_for(mode: Tracking, disks: &[Disk], pin_dir: Option<&Path>) -> anyhow::Result<Box<dyn ChangeTracker>> {
+/// [`EbpfTracker::start_pinned`]); `ring_bytes`: its ring buffer (the default when `None`).
+pub fn tracker_for(
+    mode: Tracking,
+    disks: &[Disk],
+    pin_dir: Option<&Path>,
+    ring_bytes: Option<u32>,
+) -> anyhow::Result<Box<dyn ChangeTracker>> {
     let all_devices = !disks.is_empty() && disks.iter().all(Disk::is_block_device);
     let all_files = !disks.is_empty() && !disks.iter().any(Disk::is_block_device);
     let ebpf = || {
-        if all_devices {
-            EbpfTracker::start_pinned(disks, pin_dir)
-        } else {
-            EbpfTracker::start_files_pinned(disks, pin_dir)
-        }
+        let start = if all_devices { start_blocks } else { start_files };
+        EbpfTracker::start_kind(disks, pin_dir, ring_bytes, start)
     };
     match mode {
         Tracking::Scan => Ok(Box::new(StampTracker::new(disks))),
@@ -362,5 +374,26 @@ mod tests {
         // multiple of 64 KiB ends in a short block.
         let got = chunks_of([0, 1, 24, 30], 4 * KIB, 100 * 1024);
         assert_eq!(got, BTreeMap::from([(0, some(&[0, 1])), (1, some(&[0]))]));
+    }
+
+    #[test]
+    fn the_ring_buffer_size_is_checked_and_named() {
+        let config = |mib: serde_json::Value| -> crate::AgentConfig {
+            serde_json::from_value(serde_json::json!({
+                "namespace": "prod", "server": "db-01", "disks": [], "processServer": "localhost:9443",
+                "clientCert": "tls.crt", "clientKey": "tls.key", "caBundle": "ca.crt",
+                "trackerRingBufferMiB": mib,
+            }))
+            .unwrap()
+        };
+        for good in [1, 8, 64, 1024] {
+            let c = config(good.into());
+            assert_eq!(c.tracker_ring_buffer_mib, Some(good));
+            c.validate().unwrap();
+        }
+        for bad in [0, 3, 2048] {
+            let e = config(bad.into()).validate().unwrap_err().to_string();
+            assert!(e.contains("trackerRingBufferMiB") && e.contains(&bad.to_string()), "{e}");
+        }
     }
 }

@@ -151,7 +151,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.restart = default_restart(&config, &args.config);
     }
     let pin_dir = config.restart.as_ref().map(|r| r.pin_dir.as_path());
-    let tracker = tracker_for(config.tracking, &disks, pin_dir)?;
+    let ring_bytes = config.tracker_ring_buffer_mib.map(|mib| mib << 20);
+    let tracker = tracker_for(config.tracking, &disks, pin_dir, ring_bytes)?;
     tracing::info!(tracker = tracker.name(), disks = disks.len(), "tracking changes");
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -222,7 +223,9 @@ fn default_restart(config: &AgentConfig, config_file: &Path) -> Option<RestartCo
 
 fn load_config(path: &Path) -> anyhow::Result<AgentConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let config: AgentConfig = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    config.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(config)
 }
 
 async fn register(args: RegisterArgs) -> ExitCode {

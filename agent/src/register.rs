@@ -437,6 +437,7 @@ pub fn write_bundle(
             max_passes: crate::default_passes(),
             compression_level: crate::default_level(),
             tracking: Default::default(),
+            tracker_ring_buffer_mib: None,
             metrics_addr: None,
             app_consistency: None,
             kube: Some(kube),

@@ -91,6 +91,7 @@ impl LocalPs {
             max_passes: 8,
             compression_level: 1,
             tracking: Default::default(),
+            tracker_ring_buffer_mib: None,
             metrics_addr: None,
             app_consistency: None,
             kube: None,

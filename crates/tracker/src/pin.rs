@@ -190,9 +190,15 @@ impl Earlier {
 }
 
 /// Finds what earlier trackers of `kind` pinned for the same disks or files (`filter`:
-/// the key and slot of each) and removes everything else of that kind: interrupted
-/// pinnings, other disks, other versions of the maps.
-pub(crate) fn find(pin_dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Result<Pinned, TrackerError> {
+/// the key and slot of each) with a ring buffer of `ring_bytes`, and removes everything
+/// else of that kind: interrupted pinnings, other disks, another ring size, other versions
+/// of the maps.
+pub(crate) fn find(
+    pin_dir: &Path,
+    kind: &Kind,
+    filter: &BTreeMap<Vec<u8>, u32>,
+    ring_bytes: u32,
+) -> Result<Pinned, TrackerError> {
     let ours = kind.dir(pin_dir);
     let mut earlier = None;
     for entry in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
@@ -202,7 +208,7 @@ pub(crate) fn find(pin_dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>)
         }
         if earlier.is_none()
             && name.starts_with(&kind.versioned())
-            && let Some(maps) = open(&path, kind, filter)
+            && let Some(maps) = open(&path, kind, filter, ring_bytes)
             && maps.was_suspended()?
         {
             earlier = Some(Earlier { dir: path, maps });
@@ -212,7 +218,7 @@ pub(crate) fn find(pin_dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>)
         remove(&path)?;
     }
     if ours.exists() {
-        if let Some(maps) = open(&ours, kind, filter) {
+        if let Some(maps) = open(&ours, kind, filter, ring_bytes) {
             // A take-over that ended before it unpinned the earlier program: this
             // build's never suspended, so its first take reports everything lost.
             if let Some(e) = earlier {
@@ -226,7 +232,7 @@ pub(crate) fn find(pin_dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>)
     Ok(earlier.map_or(Pinned::Nothing, Pinned::Earlier))
 }
 
-fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps> {
+fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>, ring_bytes: u32) -> Option<Maps> {
     let map = |name: &str| MapHandle::from_pinned_path(dir.join(name)).ok();
     // The marker pinned last first: without it the pinning was interrupted.
     let suspended = map("suspended")?;
@@ -241,14 +247,12 @@ fn open(dir: &Path, kind: &Kind, filter: &BTreeMap<Vec<u8>, u32>) -> Option<Maps
         tracing::info!(dir = %dir.display(), "pinned tracking follows other disks or files");
         return None;
     }
-    Some(Maps {
-        events: map("events")?,
-        drops: map("drops")?,
-        inflight: map("inflight")?,
-        seen: map("seen")?,
-        suspended,
-        links,
-    })
+    let events = map("events")?;
+    if events.max_entries() != ring_bytes {
+        tracing::info!(dir = %dir.display(), pinned = events.max_entries(), wanted = ring_bytes, "pinned tracking has a ring buffer of another size");
+        return None;
+    }
+    Some(Maps { events, drops: map("drops")?, inflight: map("inflight")?, seen: map("seen")?, suspended, links })
 }
 
 /// Pins a loaded and attached program's links (named as `kind.links`, in that order),

@@ -318,7 +318,7 @@ pub(crate) fn setup<'obj, S: Skel<'obj>>(
 ) -> Result<Setup<S>, TrackerError> {
     let mut earlier = None;
     if let Some(pin_dir) = &options.pin_dir {
-        match pin::find(pin_dir, kind, filter)? {
+        match pin::find(pin_dir, kind, filter, options.ring_buffer_bytes)? {
             pin::Pinned::Ours(maps) => {
                 let started = if maps.was_suspended()? { Started::Resumed } else { Started::ResumedUnclean };
                 return Ok(Setup { _skel: None, maps, started, earlier: None });

@@ -168,3 +168,19 @@ fn a_resumed_tracker_keeps_tracking_when_its_pins_are_removed() {
     drop(resumed);
     assert!(!pinned(devices, &pins).resumed(), "nothing was left pinned");
 }
+
+#[test]
+fn a_ring_buffer_of_another_size_is_not_resumed() {
+    let Some(Setup { bpffs: _bpffs, pins, disk, f }) = Setup::new() else { return };
+    let devices = std::slice::from_ref(&disk.path);
+    pinned(devices, &pins).suspend().unwrap();
+    // The ring buffer's size changed in the configuration: pinned afresh at the new size.
+    let bigger = TrackerOptions { pin_dir: Some(pins.clone()), ring_buffer_bytes: 16 << 20, ..TrackerOptions::new(G) };
+    let first = BlockTracker::start_with(devices, bigger.clone()).unwrap();
+    assert!(!first.resumed(), "a ring of another size is not resumed");
+    first.suspend().unwrap();
+    write_direct(&f, 4 * G, 4096, 1);
+    let second = BlockTracker::start_with(devices, bigger).unwrap();
+    assert!(second.resumed(), "the same size is");
+    assert_eq!(dirty(&second.take_dirty().unwrap()), set(&[4]));
+}
