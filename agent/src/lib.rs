@@ -123,6 +123,38 @@ pub struct RestartConfig {
 }
 
 impl AgentConfig {
+    /// The configuration of `namespace/server` replicating `disks` to `process_server`
+    /// (`host:port`) with the client certificate, key and CA bundle `tls`; everything else
+    /// at its default, as a configuration file that names nothing more would read.
+    pub fn new(
+        namespace: &str,
+        server: &str,
+        disks: Vec<DiskConfig>,
+        process_server: String,
+        tls: (PathBuf, PathBuf, PathBuf),
+    ) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            server: server.to_owned(),
+            disks,
+            process_server,
+            tls_server_name: None,
+            client_cert: tls.0,
+            client_key: tls.1,
+            ca_bundle: tls.2,
+            interval_seconds: default_interval(),
+            max_passes: default_passes(),
+            compression_level: default_level(),
+            tracking: Default::default(),
+            tracker_ring_buffer_mib: None,
+            metrics_addr: None,
+            app_consistency: None,
+            kube: None,
+            registration_url: None,
+            restart: None,
+        }
+    }
+
     /// Checks what serde cannot: `trackerRingBufferMiB`.
     pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(mib) = self.tracker_ring_buffer_mib

@@ -425,24 +425,15 @@ pub fn write_bundle(
             ..p
         },
         None => AgentConfig {
-            namespace: bundle.namespace.clone(),
-            server: bundle.name.clone(),
-            disks,
-            process_server: process_server_address(&bundle.process_server),
-            tls_server_name: None,
-            client_cert: files.cert,
-            client_key: files.key,
-            ca_bundle: files.ca,
-            interval_seconds: crate::default_interval(),
-            max_passes: crate::default_passes(),
-            compression_level: crate::default_level(),
-            tracking: Default::default(),
-            tracker_ring_buffer_mib: None,
-            metrics_addr: None,
-            app_consistency: None,
             kube: Some(kube),
             registration_url,
-            restart: None,
+            ..AgentConfig::new(
+                &bundle.namespace,
+                &bundle.name,
+                disks,
+                process_server_address(&bundle.process_server),
+                (files.cert, files.key, files.ca),
+            )
         },
     };
     let mut json = serde_json::to_vec_pretty(&config).map_err(local)?;

@@ -78,26 +78,9 @@ impl LocalPs {
     /// An agent configuration for `prod/db-01` with `disks`, replicating to this process
     /// server every 0.2 s, with nothing else configured.
     pub fn agent_config(&self, disks: Vec<DiskConfig>) -> AgentConfig {
-        AgentConfig {
-            namespace: "prod".into(),
-            server: "db-01".into(),
-            disks,
-            process_server: format!("localhost:{}", self.ps.addr.port()),
-            tls_server_name: None,
-            client_cert: self.tls.join("agent.crt"),
-            client_key: self.tls.join("agent.key"),
-            ca_bundle: self.tls.join("ca.crt"),
-            interval_seconds: 0.2,
-            max_passes: 8,
-            compression_level: 1,
-            tracking: Default::default(),
-            tracker_ring_buffer_mib: None,
-            metrics_addr: None,
-            app_consistency: None,
-            kube: None,
-            registration_url: None,
-            restart: None,
-        }
+        let tls = (self.tls.join("agent.crt"), self.tls.join("agent.key"), self.tls.join("ca.crt"));
+        let address = format!("localhost:{}", self.ps.addr.port());
+        AgentConfig { interval_seconds: 0.2, ..AgentConfig::new("prod", "db-01", disks, address, tls) }
     }
 }
 

@@ -194,26 +194,9 @@ pub fn agent_config(
     interval: f64,
 ) -> AgentConfig {
     let _ = pki;
-    AgentConfig {
-        namespace: ns.into(),
-        server: server.into(),
-        disks: disks.iter().map(|(id, p)| DiskConfig { id: id.to_string(), path: p.to_path_buf() }).collect(),
-        process_server: format!("localhost:{}", addr.port()),
-        tls_server_name: None,
-        client_cert: files.0,
-        client_key: files.1,
-        ca_bundle: files.2,
-        interval_seconds: interval,
-        max_passes: 8,
-        compression_level: 1,
-        tracking: Default::default(),
-        tracker_ring_buffer_mib: None,
-        metrics_addr: None,
-        app_consistency: None,
-        kube: None,
-        registration_url: None,
-        restart: None,
-    }
+    let disks = disks.iter().map(|(id, p)| DiskConfig { id: id.to_string(), path: p.to_path_buf() }).collect();
+    let address = format!("localhost:{}", addr.port());
+    AgentConfig { interval_seconds: interval, ..AgentConfig::new(ns, server, disks, address, files) }
 }
 
 pub fn start_agent(config: AgentConfig) -> RunningAgent {
