@@ -22,19 +22,20 @@ fn dirty(set: &DirtySet) -> BTreeSet<u64> {
     set.devices[0].blocks.iter().copied().collect()
 }
 
-/// A directory on the filesystem holding the build (ext4 on these machines): /tmp may
-/// be a tmpfs, which the tracker refuses.
+/// A directory on the filesystem holding the build (ext4 on these machines: /tmp may be
+/// a tmpfs, which the tracker refuses); `None`, saying why, where eBPF tracking cannot run
+/// or that filesystem is not ext4.
 fn ext4_dir() -> Option<tempfile::TempDir> {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let probe = dir.path().join("probe");
-    File::create(&probe).expect("create probe");
-    match FileTracker::start(std::slice::from_ref(&probe), G) {
-        Err(TrackerError::UnsupportedFilesystem { .. }) => {
-            eprintln!("skipping: {} is not on ext4", dir.path().display());
-            None
-        }
-        _ => Some(dir),
+    if !ebpf_available() {
+        return None;
     }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let kind = nix::sys::statfs::statfs(dir.path()).expect("statfs").filesystem_type();
+    if kind != nix::sys::statfs::EXT4_SUPER_MAGIC {
+        eprintln!("skipping: {} is not on ext4", dir.path().display());
+        return None;
+    }
+    Some(dir)
 }
 
 /// An image of `size` bytes, written through so that no page of it starts dirty.
@@ -52,9 +53,6 @@ fn open_rw(path: &Path) -> File {
 
 #[test]
 fn buffered_writes_are_reported_once_and_again_after_each_take() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let path = image(dir.path(), "a.img", 16 * MIB);
     let tracker = FileTracker::start(std::slice::from_ref(&path), G).unwrap();
@@ -80,9 +78,6 @@ fn buffered_writes_are_reported_once_and_again_after_each_take() {
 
 #[test]
 fn pages_dirty_before_tracking_report_their_next_write() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let path = image(dir.path(), "b.img", 4 * MIB);
     let f = open_rw(&path);
@@ -95,9 +90,6 @@ fn pages_dirty_before_tracking_report_their_next_write() {
 
 #[test]
 fn mapped_direct_and_hole_punching_writes_are_reported() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let path = image(dir.path(), "c.img", 16 * MIB);
     let tracker = FileTracker::start(std::slice::from_ref(&path), G).unwrap();
@@ -161,9 +153,6 @@ fn mapped_direct_and_hole_punching_writes_are_reported() {
 
 #[test]
 fn truncation_and_replacement_are_reported_lost() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let path = image(dir.path(), "d.img", 4 * MIB);
     let other = image(dir.path(), "other.img", 4 * MIB);
@@ -187,9 +176,6 @@ fn truncation_and_replacement_are_reported_lost() {
 
 #[test]
 fn what_cannot_be_tracked_is_refused_with_a_clear_error() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let err = FileTracker::start(&[dir.path().to_owned()], G).unwrap_err();
     assert!(matches!(err, TrackerError::NotRegularFile(_)), "{err}");
@@ -246,9 +232,6 @@ impl Drop for Mapping {
 /// through a mapping), however the writes and the takes interleave.
 #[test]
 fn a_copy_kept_from_the_dirty_sets_equals_the_file() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let size = 32 * MIB;
     let path = image(dir.path(), "e.img", size);
@@ -324,9 +307,6 @@ fn pinned_device(device: &Path, pin_dir: &Path) -> BlockTracker {
 /// directory without removing each other's.
 #[test]
 fn image_file_tracking_pinned_reaches_the_next_tracker() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let bpffs = BpfFs::mount();
     let pins = bpffs.path.join("server");
@@ -387,9 +367,6 @@ fn image_file_tracking_pinned_reaches_the_next_tracker() {
 /// the writable path are tracked through the read-only one.
 #[test]
 fn an_image_under_a_read_only_mount_is_tracked() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let (source, view) = (dir.path().join("rw"), dir.path().join("ro"));
     std::fs::create_dir_all(&source).unwrap();
@@ -426,9 +403,6 @@ fn an_image_under_a_read_only_mount_is_tracked() {
 /// Records the ring buffer had no room for make the file `lost`, once.
 #[test]
 fn a_full_ring_buffer_reports_the_file_lost() {
-    if !ebpf_available() {
-        return;
-    }
     let Some(dir) = ext4_dir() else { return };
     let path = image(dir.path(), "full.img", 4 * MIB);
     let options = TrackerOptions {
