@@ -27,9 +27,9 @@ fn main() {
 }
 
 /// FNV-1a of a program's eBPF sources (the headers and the program: names and contents): the
-/// identity under which a tracker pins its program and maps, so a build with a different
-/// program never resumes another's (src/pin.rs). Stable across compilers, unlike
-/// `DefaultHasher`.
+/// identity under which a tracker pins its program and maps. A build resumes only its own
+/// program's pins, and takes over another build's whose maps have its `MAPS_VERSION`
+/// (src/pin.rs). Stable across compilers, unlike `DefaultHasher`.
 fn source_id(program: &str) -> u64 {
     let files = [PathBuf::from("src/bpf/kernel.h"), PathBuf::from("src/bpf/slots.h"), PathBuf::from(program)];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
