@@ -279,6 +279,9 @@ pub struct Agent {
     pending_settings: Option<siterecovery_wire::Settings>,
     /// The process server's chunk size as of the last welcome (what `believed` counts in).
     chunk_size: Option<u32>,
+    /// The zstd level of what is sent: the policy's as the process server last handed it,
+    /// else `compressionLevel` of agent.json.
+    level: i32,
     /// The process server said this server is not protected (any more): tracking is no
     /// longer kept across restarts.
     forgotten: bool,
@@ -289,6 +292,7 @@ impl Agent {
     pub fn new(config: AgentConfig, tracker: Box<dyn ChangeTracker>) -> Self {
         let status = AgentStatus { tracker: tracker.name().to_owned(), ..Default::default() };
         Self {
+            level: config.compression_level,
             config,
             tracker,
             status: Arc::new(Mutex::new(status)),

@@ -105,7 +105,7 @@ impl Agent {
         counted: bool,
     ) -> Result<(), SessionError> {
         static WHOLE: changes::Blocks = changes::Blocks::Whole;
-        let level = self.config.compression_level;
+        let level = self.level;
         let chunk_size = wire.chunk_size;
         self.cache.use_chunk_size(chunk_size);
         let read_budget = 2 * chunk_size;
@@ -190,7 +190,7 @@ impl Agent {
         }
         let seq = link.next_seq();
         let slot = found.slot;
-        let (message, payload) = message(seq, disk, len, sent[i], found, previous, self.config.compression_level)?;
+        let (message, payload) = message(seq, disk, len, sent[i], found, previous, self.level)?;
         if matches!(message, Message::Delta(..)) {
             self.update(|s| s.deltas_sent += 1);
         }

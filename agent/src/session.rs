@@ -43,10 +43,9 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let (mut wire, welcome, mut control) = self.connect(tls).await?;
         let mut control_closed = false;
+        // The policy's settings, as the process server hands them, win over local config.
+        let (mut interval, mut app_interval) = self.follow(&welcome.settings);
         self.first_comparison(&mut wire).await?;
-
-        // The policy's intervals, as the process server hands them, win over local config.
-        let (mut interval, mut app_interval) = self.intervals(welcome.crash_interval_ms, welcome.app_interval_ms);
         loop {
             if self.interval_point(&mut wire, app_interval, &mut shutdown).await?.is_break() {
                 // The link may end in a partial frame: nothing more is sent on it.
@@ -60,7 +59,7 @@ impl Agent {
                 let prepare = tokio::select! {
                     Some(new) = async { self.pending_settings.take() } => {
                         tracing::info!(target: LOG, settings = ?new, "the policy changed");
-                        (interval, app_interval) = self.intervals(new.crash_interval_ms, new.app_interval_ms);
+                        (interval, app_interval) = self.follow(&new);
                         wire.link.set_rate(new.bandwidth_bytes_per_second);
                         due = due.min(tokio::time::Instant::now() + interval);
                         continue;
@@ -196,7 +195,7 @@ impl Agent {
             s.disks = disks.iter().zip(&sizes).map(|(d, &size)| DiskSize { id: d.id.clone(), size }).collect();
         });
         let (acks, control) = spawn_ack_reader(rd);
-        let link = Link::new(wr, acks, welcome.bandwidth_bytes_per_second);
+        let link = Link::new(wr, acks, welcome.settings.bandwidth_bytes_per_second);
         let sent = head.disks.iter().map(|d| d.slots.clone()).collect();
         Ok((Wire { link, disks, sizes, chunk_size, sent }, welcome, control))
     }
@@ -345,9 +344,13 @@ impl Agent {
         Ok(())
     }
 
-    /// The crash- and app-consistent intervals: the policy's as the process server hands
-    /// them (`None`: unknown, the agent's own configuration applies).
-    fn intervals(&self, crash_ms: Option<u64>, app_ms: Option<u64>) -> (Duration, Option<Duration>) {
+    /// Follows the policy's settings as the process server hands them (where one is
+    /// `None`, unknown, the agent's own configuration applies): takes their compression
+    /// level, and gives the crash- and app-consistent intervals. The bandwidth limit is
+    /// the link's.
+    fn follow(&mut self, s: &siterecovery_wire::Settings) -> (Duration, Option<Duration>) {
+        self.level = s.compression_level.map_or(self.config.compression_level, i32::from);
+        let (crash_ms, app_ms) = (s.crash_interval_ms, s.app_interval_ms);
         let crash = crash_ms
             .map(Duration::from_millis)
             .unwrap_or_else(|| Duration::from_secs_f64(self.config.interval_seconds))

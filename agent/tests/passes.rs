@@ -2,7 +2,8 @@
 //! in this process: the initial copy counts every byte compared and sent, a requested
 //! (manual) pass compares everything and resends nothing, and a disk that grows is
 //! reported as a `DiskResized` pass. All the while its status reports fail (no API
-//! server): replication does not depend on them.
+//! server): replication does not depend on them. Also: the policy's compression level, as
+//! the process server hands it, wins over agent.json's.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -106,5 +107,66 @@ async fn passes_are_counted_for_the_status_report() {
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
     tokio::time::timeout(Duration::from_secs(5), reporting).await.expect("the reporter stops").unwrap();
+    drop(local);
+}
+
+/// Text-like bytes (words from a small vocabulary, in random order): zstd compresses them
+/// better at each higher level, so the level used shows in the stored size.
+fn words(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "replica ", "volume ", "kernel ", "point ", "azure ", "block ", "server ", "restore ", "the ", "of ", "and ",
+        "chunk ", "write ", "cache ", "policy ", "agent\n",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % 16) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policys_compression_level_wins_over_the_agents_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The policy (here the standalone targets file) says 19; agent.json keeps its default, 1.
+    let local = LocalPs::start(dir, MIB, |_| {
+        let path = dir.join("targets.json");
+        let mut file: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        file["compressionLevel"] = 19.into();
+        Arc::new(
+            siterecovery_process_server::target::StaticTargets::new(serde_json::from_value(file).unwrap()).unwrap(),
+        )
+    })
+    .await;
+    let image = dir.join("os.img");
+    let data = words(3 * MIB as usize, 11);
+    std::fs::write(&image, &data).unwrap();
+    let config = local.agent_config(vec![DiskConfig { id: "os".into(), path: image.clone() }]);
+    assert_eq!(config.compression_level, 1);
+    let disks = vec![Disk::open("os", &image).unwrap()];
+    let mut agent = Agent::new(config, Box::new(StampTracker::new(&disks)));
+    let status = agent.status();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move { agent.run(rx).await });
+    wait(&status, "the first point", |s| s.points > 0).await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+
+    // The process server stores each chunk's frame as the agent sent it: header, nonce
+    // and tag (36 bytes with key id "k1") around the level-19 frame.
+    let chunks = dir.join("store/servers/prod/db-01/disks/os/chunks");
+    let stored: Vec<u64> = std::fs::read_dir(&chunks).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).collect();
+    assert_eq!(stored.len(), 3, "{stored:?}");
+    let at = |level| {
+        data.chunks(MIB as usize).map(|c| zstd::bulk::compress(c, level).unwrap().len() as u64 + 36).sum::<u64>()
+    };
+    let (fastest, asked) = (at(1), at(19));
+    assert!(asked < fastest * 9 / 10, "the content tells the levels apart: {asked} against {fastest}");
+    assert_eq!(stored.iter().sum::<u64>(), asked, "stored {stored:?}; at level 1 it would be {fastest} bytes");
     drop(local);
 }

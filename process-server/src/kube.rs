@@ -100,8 +100,9 @@ impl KubeTargets {
             .ok_or_else(|| unavailable(format!("key Secret {ns}/{key_name} does not exist yet")))?;
         let keyring = Keyring::from_secret_data(&data(keys))
             .map_err(|e| unavailable(format!("key Secret {ns}/{key_name}: {e}")))?;
-        let store =
-            Store::new(Arc::new(backend), keyring, StoreOptions::default()).map_err(|e| unavailable(e.to_string()))?;
+        let level = policy.spec.compression.level;
+        let options = StoreOptions { zstd_level: i32::from(level), ..StoreOptions::default() };
+        let store = Store::new(Arc::new(backend), keyring, options).map_err(|e| unavailable(e.to_string()))?;
         let bandwidth = policy
             .spec
             .bandwidth
@@ -113,6 +114,7 @@ impl KubeTargets {
             bandwidth_bytes_per_second: bandwidth,
             crash_interval: policy.spec.crash_consistent_interval.to_std(),
             app_interval: policy.spec.app_consistent_interval.to_std(),
+            compression_level: Some(level),
         });
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), t.clone()));
         Ok(t)

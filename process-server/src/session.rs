@@ -148,14 +148,8 @@ where
         (r.head.clone(), r.latest_point.clone())
     };
     let now = settings_of(&target);
-    let welcome = Welcome {
-        protocol: PROTOCOL_VERSION,
-        chunk_size: state.chunk_size,
-        latest_point,
-        bandwidth_bytes_per_second: now.bandwidth_bytes_per_second,
-        crash_interval_ms: now.crash_interval_ms,
-        app_interval_ms: now.app_interval_ms,
-    };
+    let welcome =
+        Welcome { protocol: PROTOCOL_VERSION, chunk_size: state.chunk_size, latest_point, settings: now.clone() };
     write_message(wr, &Message::Welcome(welcome, head)).await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
     wr.flush().await.map_err(|e| refuse("ConnectionLost", e.to_string()))?;
     let mut member = join_group(shared, &state, &hello).await;
@@ -268,6 +262,7 @@ fn settings_of(t: &crate::target::Target) -> Settings {
         bandwidth_bytes_per_second: t.bandwidth_bytes_per_second,
         crash_interval_ms: t.crash_interval.map(|d| d.as_millis() as u64),
         app_interval_ms: t.app_interval.map(|d| d.as_millis() as u64),
+        compression_level: t.compression_level,
     }
 }
 

@@ -25,6 +25,9 @@ pub struct Target {
     pub crash_interval: Option<std::time::Duration>,
     /// App-consistent interval of the policy (zero: off), handed to agents.
     pub app_interval: Option<std::time::Duration>,
+    /// zstd level of the policy, handed to agents (what they send) and used by `store`
+    /// (what the process server compresses itself).
+    pub compression_level: Option<u8>,
 }
 
 /// Decides, for an authenticated agent, where its data goes, or why it may not connect.
@@ -44,7 +47,7 @@ pub trait Targets: Send + Sync + 'static {
 /// ```json
 /// {"backend": {"azure": {"endpoint": "https://acct.blob.core.windows.net", "container": "dr", "sas": "sv=…"}},
 ///  "keys": {"active": "k1", "key-k1": "<base64 of 32 bytes>"},
-///  "chunkSize": 4194304, "bandwidthBytesPerSecond": 0}
+///  "chunkSize": 4194304, "bandwidthBytesPerSecond": 0, "compressionLevel": 1}
 /// ```
 /// Instead of `sas`, an Azure backend may name `"servicePrincipal": {"tenantId", "clientId",
 /// "clientSecret"}` or `"workloadIdentity": {"tenantId", "clientId"}` (the token file and
@@ -63,6 +66,11 @@ pub struct TargetsFile {
     /// Bandwidth limit handed to agents.
     #[serde(default)]
     pub bandwidth_bytes_per_second: u64,
+    /// zstd level (1–19) handed to agents and used for what the process server compresses
+    /// itself; unset, agents keep their own (`compressionLevel` in agent.json) and the
+    /// process server uses 1.
+    #[serde(default)]
+    pub compression_level: Option<u8>,
     /// Uploads in flight per server.
     #[serde(default)]
     pub parallelism: Option<usize>,
@@ -195,6 +203,10 @@ impl StaticTargets {
         }
         let keyring = Keyring::from_secret_data(&data)?;
         let mut options = StoreOptions::default();
+        if let Some(level) = file.compression_level {
+            anyhow::ensure!((1..=19).contains(&level), "compressionLevel must be from 1 to 19, not {level}");
+            options.zstd_level = i32::from(level);
+        }
         if let Some(p) = file.parallelism {
             options.parallelism = p.max(1);
         }
@@ -217,6 +229,7 @@ impl StaticTargets {
                 bandwidth_bytes_per_second: file.bandwidth_bytes_per_second,
                 crash_interval: None,
                 app_interval: None,
+                compression_level: file.compression_level,
             }),
             groups,
         ))
@@ -272,5 +285,23 @@ mod tests {
         assert_eq!(backend(with("sas", "sv=1&sig=x".into())).unwrap(), BlobAuth::Sas("sv=1&sig=x".into()));
         let err = backend(serde_json::json!({ "azure": at })).unwrap_err().to_string();
         assert!(err.contains("exactly one of sas, servicePrincipal or workloadIdentity"), "{err}");
+    }
+
+    #[test]
+    fn a_compression_level_is_handed_out_and_a_bad_one_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |level: serde_json::Value| {
+            let json = serde_json::json!({
+                "backend": {"local": dir.path()},
+                "keys": {"active": "k1", "key-k1": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="},
+                "compressionLevel": level,
+            });
+            StaticTargets::new(serde_json::from_value(json).unwrap())
+        };
+        assert_eq!(file(serde_json::Value::Null).unwrap().0.compression_level, None);
+        let nine = file(9.into()).unwrap();
+        assert_eq!((nine.0.compression_level, nine.0.store.options().zstd_level), (Some(9), 9));
+        let err = file(20.into()).unwrap_err().to_string();
+        assert!(err.contains("compressionLevel must be from 1 to 19, not 20"), "{err}");
     }
 }

@@ -61,7 +61,10 @@ pub struct ReplicationPolicySpec {
     pub app_consistent_interval: Duration,
     /// How long recovery points are kept, and how older ones are thinned.
     pub retention: Retention,
-    /// Compression applied by the process server before encryption.
+    /// Compression of replicated data: agents compress what they send with it (CPU on the
+    /// protected servers), the process server stores their frames as they came (then
+    /// encrypts them) and compresses what it makes itself with it too. A change reaches
+    /// connected agents within about a minute.
     #[serde(default)]
     pub compression: Compression,
     /// Where the data-encryption keys come from. Data is always encrypted at rest.
@@ -121,7 +124,8 @@ pub struct Compression {
     /// Algorithm.
     #[serde(default)]
     pub algorithm: CompressionAlgorithm,
-    /// zstd level (1 fastest – 19 smallest).
+    /// zstd level (1 fastest – 19 smallest). Higher levels send and store less for more
+    /// CPU on the protected servers (docs/api.md, "Compression").
     #[serde(default = "default_zstd_level")]
     #[schemars(range(min = 1, max = 19))]
     pub level: u8,
@@ -134,7 +138,7 @@ impl Default for Compression {
 }
 
 fn default_zstd_level() -> u8 {
-    3
+    1
 }
 
 /// Compression algorithm.

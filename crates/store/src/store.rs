@@ -23,13 +23,17 @@ pub struct StoreOptions {
     pub chunk_size: u32,
     /// Chunks in flight at once, for upload and for restore.
     pub parallelism: usize,
-    /// zstd level for new objects.
+    /// zstd level for the objects this store compresses itself (a frame put as it came
+    /// keeps its own level).
     pub zstd_level: i32,
 }
 
+/// The zstd level when none is set: zstd's fastest, what agents send by default.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { chunk_size: DEFAULT_CHUNK_SIZE, parallelism: 8, zstd_level: 3 }
+        Self { chunk_size: DEFAULT_CHUNK_SIZE, parallelism: 8, zstd_level: DEFAULT_ZSTD_LEVEL }
     }
 }
 

@@ -55,18 +55,9 @@ pub struct Welcome {
     pub chunk_size: u32,
     /// Latest recovery point the process server has recorded, if any.
     pub latest_point: Option<String>,
-    /// Bytes per second the agent may send right now (0: unlimited).
-    #[serde(default)]
-    pub bandwidth_bytes_per_second: u64,
-    /// The policy's crash-consistent interval in milliseconds, when the process server knows
-    /// it; it takes precedence over the agent's own setting.
-    #[serde(default)]
-    pub crash_interval_ms: Option<u64>,
-    /// The policy's app-consistent interval in milliseconds (0: off), when the process
-    /// server knows it; it takes precedence over the agent's own setting. Omitted when
-    /// unknown, so agents that predate it still read the welcome.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_interval_ms: Option<u64>,
+    /// The policy's settings as the session starts (their fields, in the welcome's header).
+    #[serde(flatten)]
+    pub settings: Settings,
 }
 
 /// How a chunk body is encoded.
@@ -168,11 +159,14 @@ pub struct PointMarker {
     pub members: Vec<String>,
 }
 
-/// Process server → agent: the policy changed; these values replace the welcome's from now
-/// on (sent only when one of them changed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The policy's settings an agent follows, in the [`Welcome`] and, when they change during
+/// a session, on their own: these values then replace the welcome's (sent only when one of
+/// them changed). Each one the process server knows takes precedence over the agent's own
+/// setting; one it does not know is omitted, and agents that predate a field ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
     /// Bytes per second the agent may send (0: unlimited).
+    #[serde(default)]
     pub bandwidth_bytes_per_second: u64,
     /// The policy's crash-consistent interval in milliseconds, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +174,9 @@ pub struct Settings {
     /// The policy's app-consistent interval in milliseconds (0: off), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_interval_ms: Option<u64>,
+    /// The policy's zstd level for what the agent sends, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_level: Option<u8>,
 }
 
 /// Process server → agent: take part in group round `round`: bring the copy at the process
@@ -642,6 +639,7 @@ mod tests {
                 bandwidth_bytes_per_second: 1 << 20,
                 crash_interval_ms: Some(5000),
                 app_interval_ms: Some(0),
+                compression_level: Some(3),
             }),
         ];
         for m in std::iter::once(&m).chain(&group) {
@@ -671,5 +669,32 @@ mod tests {
         // Headers may grow within a protocol version: unknown fields are ignored.
         let newer = Frame { kind: 5, header: Bytes::from_static(br#"{"seq":3,"future":true}"#), body: Bytes::new() };
         assert_eq!(Message::from_frame(&newer).unwrap(), Message::Ack(Ack { seq: 3 }));
+    }
+
+    #[test]
+    fn a_welcome_carries_the_settings_in_its_header_and_reads_as_older_process_servers_wrote_it() {
+        let welcome = |header: &'static [u8]| {
+            let f = Frame { kind: kind::WELCOME, header: Bytes::from_static(header), body: Head::default().encode() };
+            match Message::from_frame(&f).unwrap() {
+                Message::Welcome(w, _) => w,
+                other => panic!("{other:?}"),
+            }
+        };
+        let settings = Settings {
+            bandwidth_bytes_per_second: 10,
+            crash_interval_ms: Some(5000),
+            app_interval_ms: None,
+            compression_level: Some(3),
+        };
+        let w = Welcome { protocol: 1, chunk_size: 4096, latest_point: None, settings: settings.clone() };
+        let header: serde_json::Value =
+            serde_json::from_slice(&Message::Welcome(w.clone(), Head::default()).to_frame().header).unwrap();
+        assert_eq!(header["compression_level"], 3, "flat in the header, where older agents read the other settings");
+        assert_eq!(header["crash_interval_ms"], 5000);
+        // Before the settings moved into their own struct (and before compression_level).
+        let older = welcome(br#"{"protocol":1,"chunk_size":4096,"latest_point":null,"bandwidth_bytes_per_second":10,"crash_interval_ms":5000}"#);
+        assert_eq!(older.settings, Settings { compression_level: None, ..settings });
+        let oldest = welcome(br#"{"protocol":1,"chunk_size":4096,"latest_point":null}"#);
+        assert_eq!(oldest.settings, Settings::default());
     }
 }
