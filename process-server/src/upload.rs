@@ -356,7 +356,7 @@ impl Uploader<'_> {
                     // sealed as it came, without decompressing and compressing it again.
                     Upload::Whole(Whole { disk, hash, encoding, body }) => {
                         let n = match encoding {
-                            Encoding::Raw => store.put_chunk(server, &disk, &hash, body.to_vec()).await,
+                            Encoding::Raw => store.put_chunk(server, &disk, &hash, body).await,
                             Encoding::Zstd => store.put_compressed_chunk(server, &disk, &hash, body).await,
                         }
                         .map_err(|e| e.to_string())?;

@@ -223,7 +223,13 @@ impl Store {
     /// Seals and uploads one chunk whose plaintext hashes to `hash`; returns the bytes
     /// uploaded. Idempotent: the name is the content hash, so a second upload of the
     /// same chunk rewrites the same content.
-    pub async fn put_chunk(&self, server: &ServerRef, disk: &str, hash: &ChunkHash, plain: Vec<u8>) -> Result<u64> {
+    pub async fn put_chunk(
+        &self,
+        server: &ServerRef,
+        disk: &str,
+        hash: &ChunkHash,
+        plain: impl Into<Bytes>,
+    ) -> Result<u64> {
         validate_segment("disk id", disk)?;
         let key = server.chunk_key(disk, hash);
         let sealed = self.seal_blocking(key.clone(), plain).await?;
@@ -280,7 +286,8 @@ impl Store {
         self.codec.keyring().active_id()
     }
 
-    pub(crate) async fn seal_blocking(&self, key: String, plain: Vec<u8>) -> Result<Bytes> {
+    pub(crate) async fn seal_blocking(&self, key: String, plain: impl Into<Bytes>) -> Result<Bytes> {
+        let plain = plain.into();
         let codec = self.codec.clone();
         tokio::task::spawn_blocking(move || codec.seal(&key, &plain).map(Bytes::from))
             .await
