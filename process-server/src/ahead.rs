@@ -136,6 +136,7 @@ impl Ahead {
             // which the session handles as without read-ahead (it waits for the uploader).
             let stored = state.stored_as(&d.disk, d.index, base);
             let get = state.target.store.fetch_chunk(&state.server, &d.disk, &stored, d.len as usize);
+            recent.downloads.inc();
             let timeout = crate::session::BASE_FETCH_TIMEOUT;
             match tokio::time::timeout(timeout, get).await {
                 Ok(Ok((plain, _))) => recent.insert(&state.server, &d.disk, base, Bytes::from(plain)),

@@ -165,7 +165,8 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
     std::fs::create_dir_all(&config.cache_dir)
         .map_err(|e| anyhow::anyhow!("creating cache {}: {e}", config.cache_dir.display()))?;
 
-    let metrics = Arc::new(Metrics::default());
+    let recent = Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes, config.block_cv_bytes));
+    let metrics = Arc::new(Metrics { base_downloads: recent.downloads.clone(), ..Metrics::default() });
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
     let metrics_addr = match config.metrics {
@@ -179,7 +180,7 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         budget: Arc::new(CacheBudget::new(config.cache_limit)),
         upload_buffer: Arc::new(upload::UploadBuffer::new(upload::UPLOAD_BUFFER_BYTES)),
         metrics: metrics.clone(),
-        recent: Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes, config.block_cv_bytes)),
+        recent,
         uploaders: Default::default(),
         groups: Default::default(),
     });

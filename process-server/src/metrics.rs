@@ -39,6 +39,8 @@ pub struct Metrics {
     pub backpressure_waits: Counter,
     /// Consistency-group rounds, by result (`Committed`, `MemberNotConnected`, …).
     pub group_rounds: Family<GroupRoundLabels, Counter>,
+    /// Chunks read back from the store (a clone of `RecentChunks::downloads`).
+    pub base_downloads: Counter,
 }
 
 /// Labels of [`Metrics::group_rounds`].
@@ -70,6 +72,11 @@ impl Metrics {
         r.register("backlog_bytes", "Bytes acknowledged to agents and not yet uploaded", self.backlog_bytes.clone());
         r.register("backpressure_waits", "Times a session paused for cache room", self.backpressure_waits.clone());
         r.register("group_rounds", "Consistency-group rounds, by result", self.group_rounds.clone());
+        r.register(
+            "base_downloads",
+            "Chunks read back from Blob storage because they were not in memory: bases of deltas, to check one or to store its chunk whole",
+            self.base_downloads.clone(),
+        );
     }
 }
 

@@ -31,6 +31,9 @@ pub struct RecentChunks {
     /// The block chaining values of a chunk of zeros, by length (a chunk size, and the
     /// length of each disk's last chunk).
     zeros: Mutex<HashMap<u64, Arc<[ChainingValue]>>>,
+    /// Chunks downloaded from the store because they were not here (delta bases, to check
+    /// a delta or to store its chunk whole): counted by whoever downloads one.
+    pub downloads: prometheus_client::metrics::counter::Counter,
 }
 
 /// A download of a chunk in progress; those waiting for it go on when it is dropped.
@@ -107,6 +110,7 @@ impl RecentChunks {
             cvs: Mutex::default(),
             fetching: Arc::default(),
             zeros: Mutex::default(),
+            downloads: Default::default(),
         }
     }
 

@@ -608,7 +608,10 @@ async fn rebuild(
                 }
                 match shared.recent.get(&state.server, &d.disk, &h) {
                     Some(b) => b,
-                    None => fetch_base(state, &d.disk, d.index, &h, len as usize).await?,
+                    None => {
+                        shared.recent.downloads.inc();
+                        fetch_base(state, &d.disk, d.index, &h, len as usize).await?
+                    }
                 }
             }
         },

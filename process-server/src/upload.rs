@@ -300,6 +300,7 @@ impl Uploader<'_> {
                 None => {
                     self.upload(std::mem::take(jobs), known, &mut work.chains, places).await?;
                     let entry = work.chains.entry(&d.disk, d.index, Slot::Data(h)).expect("a data slot");
+                    self.recent.downloads.inc();
                     match state.target.store.fetch_chunk(&state.server, &d.disk, &entry, len).await {
                         Ok((plain, _)) => Bytes::from(plain),
                         Err(e) if e.is_retryable() => {
