@@ -5,7 +5,6 @@
 
 pub mod app;
 mod blockcache;
-mod chains;
 pub mod changes;
 pub mod disk;
 pub mod freeze;
@@ -270,9 +269,6 @@ pub struct Agent {
     /// Block CVs of the chunks last read (bounded), with what the chunk was: what finds
     /// the changed blocks of a delta, and hashes a chunk read by its dirty blocks.
     cache: blockcache::BlockCache,
-    /// The process server's chains of patches, as far as this agent's deltas made them:
-    /// a delta that would pass a chain's bound is sent as the whole chunk instead.
-    chains: chains::Chains,
     /// Set when a disk changed size: the next session's catch-up is reported as a resync.
     resized: Option<String>,
     /// Full comparison passes asked for from outside (manual resync).
@@ -302,7 +298,6 @@ impl Agent {
             status: Arc::new(Mutex::new(status)),
             believed: None,
             cache: blockcache::BlockCache::new(blockcache::DEFAULT_LIMIT),
-            chains: chains::Chains::default(),
             resized: None,
             requests: PassRequest::default(),
             next_app: None,

@@ -25,19 +25,13 @@ pub enum Plan {
 
 impl Plan {
     /// The plan for a chunk of `len` bytes whose dirty blocks are `dirty`: its dirty blocks
-    /// alone when a delta of their bytes `fits` (on the process server's chain of patches
-    /// for the chunk: at most half of it, with the patches before) and `cached` gives its
-    /// blocks as the process server holds them, else whole.
-    pub fn for_chunk(
-        dirty: &changes::Blocks,
-        len: u64,
-        fits: impl FnOnce(u64) -> bool,
-        cached: impl FnOnce() -> Option<Blocks>,
-    ) -> Plan {
+    /// alone when they are at most half of it and `cached` gives its blocks as the process
+    /// server holds them, else whole.
+    pub fn for_chunk(dirty: &changes::Blocks, len: u64, cached: impl FnOnce() -> Option<Blocks>) -> Plan {
         let changes::Blocks::Some(set) = dirty else { return Plan::Whole };
         let count = len.div_ceil(DELTA_BLOCK as u64);
         let bytes: u64 = set.iter().map(|&b| block_len(b, len)).sum();
-        if set.is_empty() || set.iter().any(|&b| u64::from(b) >= count) || !fits(bytes) {
+        if set.is_empty() || set.iter().any(|&b| u64::from(b) >= count) || bytes * 2 > len {
             return Plan::Whole;
         }
         match cached() {

@@ -31,16 +31,6 @@ fn some(b: &[u32]) -> changes::Blocks {
     changes::Blocks::Some(b.iter().copied().collect::<BTreeSet<_>>())
 }
 
-/// The plan for a chunk with no patches on it at the process server.
-fn plan_of(dirty: &changes::Blocks, len: u64, cached: impl FnOnce() -> Option<Blocks>) -> Plan {
-    Plan::for_chunk(
-        dirty,
-        len,
-        |bytes| crate::chains::Chains::default().may_grow((0, 0), Slot::Zero, bytes, len),
-        cached,
-    )
-}
-
 /// Applies `ranges` with `bytes` to `base`, as the process server does.
 fn patch(base: &[u8], ranges: &[[u32; 2]], bytes: &[u8]) -> Vec<u8> {
     let mut out = base.to_vec();
@@ -69,7 +59,7 @@ fn only_dirty_blocks_are_read_and_the_hash_is_that_of_the_chunk() {
             file.write_all_at(&pattern(n, u64::from(b) + 100), index * u64::from(CHUNK) + u64::from(b) * B).unwrap();
         }
         let new = chunk_bytes(&file, index, len);
-        let plan = plan_of(&some(&dirty), len, || Some(first.blocks.clone()));
+        let plan = Plan::for_chunk(&some(&dirty), len, || Some(first.blocks.clone()));
         assert!(matches!(plan, Plan::Blocks { .. }), "{plan:?}");
         let found = read(&disk, index, CHUNK, size, plan, 0, Slot::Missing).unwrap();
         assert_eq!(found.slot, Slot::Data(ChunkHash::of(&new)), "chunk {index}");
@@ -96,7 +86,7 @@ fn zero_chunks_gain_data_and_data_chunks_become_zero() {
     assert_eq!(first.slot, Slot::Zero);
 
     file.write_all_at(&pattern(B as usize, 5), u64::from(CHUNK) + 2 * B).unwrap();
-    let plan = plan_of(&some(&[2]), u64::from(CHUNK), || Some(first.blocks.clone()));
+    let plan = Plan::for_chunk(&some(&[2]), u64::from(CHUNK), || Some(first.blocks.clone()));
     let found = read(&disk, 1, CHUNK, size, plan, 0, Slot::Missing).unwrap();
     let new = chunk_bytes(&file, 1, u64::from(CHUNK));
     assert_eq!(found.slot, Slot::Data(ChunkHash::of(&new)));
@@ -105,7 +95,7 @@ fn zero_chunks_gain_data_and_data_chunks_become_zero() {
     assert_eq!(ranges, &vec![[2 * B as u32, B as u32]]);
 
     file.write_all_at(&vec![0; B as usize], u64::from(CHUNK) + 2 * B).unwrap();
-    let plan = plan_of(&some(&[2]), u64::from(CHUNK), || Some(found.blocks.clone()));
+    let plan = Plan::for_chunk(&some(&[2]), u64::from(CHUNK), || Some(found.blocks.clone()));
     let again = read(&disk, 1, CHUNK, size, plan, 0, Slot::Missing).unwrap();
     assert_eq!(again.slot, Slot::Zero);
     assert_eq!(again.blocks, first.blocks);
@@ -116,19 +106,17 @@ fn chunks_are_read_whole_when_the_blocks_cannot_tell() {
     let len = u64::from(CHUNK);
     let blocks = Blocks::of(&pattern(len as usize, 3));
     let cached = || Some(blocks.clone());
-    assert_eq!(plan_of(&changes::Blocks::Whole, len, cached), Plan::Whole);
-    assert_eq!(plan_of(&some(&[1]), len, || None), Plan::Whole, "not cached");
+    assert_eq!(Plan::for_chunk(&changes::Blocks::Whole, len, cached), Plan::Whole);
+    assert_eq!(Plan::for_chunk(&some(&[1]), len, || None), Plan::Whole, "not cached");
     let nine: Vec<u32> = (0..9).collect();
-    assert_eq!(plan_of(&some(&nine), len, cached), Plan::Whole, "more than half");
-    assert!(matches!(plan_of(&some(&nine[..8]), len, cached), Plan::Blocks { .. }), "half");
-    assert_eq!(plan_of(&some(&[16]), len, cached), Plan::Whole, "past the end");
+    assert_eq!(Plan::for_chunk(&some(&nine), len, cached), Plan::Whole, "more than half");
+    assert!(matches!(Plan::for_chunk(&some(&nine[..8]), len, cached), Plan::Blocks { .. }), "half");
+    assert_eq!(Plan::for_chunk(&some(&[16]), len, cached), Plan::Whole, "past the end");
     let other = Blocks::of(&pattern(len as usize / 2, 3));
-    assert_eq!(plan_of(&some(&[1]), len, || Some(other)), Plan::Whole, "another length");
+    assert_eq!(Plan::for_chunk(&some(&[1]), len, || Some(other)), Plan::Whole, "another length");
     // A chunk of one block has no CVs to merge: its dirty block is all of it.
     let small = Blocks::of(&pattern(1000, 3));
-    assert_eq!(plan_of(&some(&[0]), 1000, || Some(small)), Plan::Whole);
-    // A delta that would not fit on the process server's chain of patches.
-    assert_eq!(Plan::for_chunk(&some(&[1]), len, |_| false, cached), Plan::Whole, "a full chain");
+    assert_eq!(Plan::for_chunk(&some(&[0]), 1000, || Some(small)), Plan::Whole);
 }
 
 #[test]

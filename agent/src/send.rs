@@ -125,9 +125,8 @@ impl Agent {
                 let plans: Vec<(u64, Plan, Slot)> = batch
                     .iter()
                     .map(|&(i, blocks)| {
-                        let (held, len) = (wire.sent[d][i as usize], len_of(i));
-                        let fits = |bytes| self.chains.may_grow((d, i), held, bytes, len);
-                        (i, Plan::for_chunk(blocks, len, fits, || self.cache.blocks_if((d, i), len, held)), held)
+                        let held = wire.sent[d][i as usize];
+                        (i, Plan::for_chunk(blocks, len_of(i), || self.cache.blocks_if((d, i), len_of(i), held)), held)
                     })
                     .collect();
                 let mut reads = futures::stream::iter(plans)
@@ -190,17 +189,12 @@ impl Agent {
             return Ok(());
         }
         let seq = link.next_seq();
-        let (slot, key, held) = (found.slot, (d, found.index), sent[i]);
-        let fits = |bytes| self.chains.may_grow(key, held, bytes, u64::from(len));
-        let (message, payload) = message(seq, disk, len, held, found, previous, fits, self.level)?;
-        link.send(seq, &message).await.map_err(err)?;
-        match (&message, slot) {
-            (Message::Delta(d, _), Slot::Data(result)) => {
-                self.chains.delta(key, held, result, d.covered());
-                self.update(|s| s.deltas_sent += 1);
-            }
-            _ => self.chains.whole(key),
+        let slot = found.slot;
+        let (message, payload) = message(seq, disk, len, sent[i], found, previous, self.level)?;
+        if matches!(message, Message::Delta(..)) {
+            self.update(|s| s.deltas_sent += 1);
         }
+        link.send(seq, &message).await.map_err(err)?;
         sent[i] = slot;
         self.update(|s| {
             s.chunks_sent += 1;
@@ -222,11 +216,8 @@ const PLAN_BATCH: usize = 64;
 const READS_IN_FLIGHT: usize = 16;
 
 /// The message that brings the process server's copy of a chunk, `held`, to what `found`
-/// read, and its plaintext payload: a delta when the base is known and a delta of the
-/// changed bytes `fits` on the process server's chain of patches for the chunk (at most
-/// half of it, with the patches before), else the whole chunk. `previous` are the chunk's
-/// blocks as last read.
-#[allow(clippy::too_many_arguments)]
+/// read, and its plaintext payload: a delta when the base is known and at most half the
+/// chunk changed, else the whole chunk. `previous` are the chunk's blocks as last read.
 fn message(
     seq: u64,
     disk: &str,
@@ -234,11 +225,9 @@ fn message(
     held: Slot,
     found: Found,
     previous: Option<(Slot, Blocks)>,
-    fits: impl Fn(u64) -> bool,
     level: i32,
 ) -> Result<(Message, u64), SessionError> {
-    let covered = |ranges: &[[u32; 2]]| ranges.iter().map(|r| u64::from(r[1])).sum::<u64>();
-    let at_most_half = |ranges: &[[u32; 2]]| covered(ranges) * 2 <= u64::from(len);
+    let at_most_half = |ranges: &[[u32; 2]]| ranges.iter().map(|r| u64::from(r[1])).sum::<u64>() * 2 <= u64::from(len);
     let whole = |hash: Option<ChunkHash>, encoding, body: Vec<u8>| {
         let payload = if hash.is_some() { u64::from(len) } else { 0 };
         let hash = hash.map(|h| h.to_hex());
@@ -274,7 +263,7 @@ fn message(
     let (data, packed) = match found.body {
         Body::Changed { ranges, bytes, packed } => {
             // Read by blocks only against the blocks of what the process server holds, and
-            // only when the dirty blocks fit on the chain (planned so).
+            // only when at most half the chunk was dirty.
             return match (found.slot, base) {
                 (Slot::Zero, _) => Ok(whole(None, Encoding::Raw, Vec::new())),
                 (Slot::Data(h), Some(base)) if at_most_half(&ranges) => Ok(delta(base, h, ranges, bytes, packed)),
@@ -291,7 +280,7 @@ fn message(
         (Some(None), _) => Some(changed_ranges(&vec![true; found.blocks.zero.len()], &found.blocks.zero, len)),
         _ => None,
     }
-    .filter(|r| fits(covered(r)));
+    .filter(|r| at_most_half(r));
     Ok(match (ranges, packed) {
         (Some(ranges), _) => {
             let mut bytes = Vec::new();
@@ -322,27 +311,11 @@ mod tests {
         Found { index: 3, slot, blocks, bytes_read: u64::from(LEN), body: Body::Whole { data, packed: None } }
     }
 
-    /// A delta of `bytes` fits on an empty chain.
-    fn half(bytes: u64) -> bool {
-        bytes * 2 <= u64::from(LEN)
-    }
-
     fn ranges(m: &Message) -> Option<(Option<String>, Vec<[u32; 2]>)> {
         match m {
             Message::Delta(d, _) => Some((d.base.clone(), d.ranges.clone())),
             _ => None,
         }
-    }
-
-    #[test]
-    fn a_delta_that_would_pass_the_chains_bound_goes_whole() {
-        let before = whole(chunk(3));
-        let mut new = chunk(3);
-        new[2 * BLOCK + 7] ^= 1;
-        let previous = Some((before.slot, before.blocks));
-        let (m, payload) = message(1, "d", LEN, before.slot, whole(new), previous, |_| false, 0).unwrap();
-        assert!(matches!(m, Message::Chunk(..)), "{m:?}");
-        assert_eq!(payload, u64::from(LEN));
     }
 
     #[test]
@@ -354,22 +327,21 @@ mod tests {
         new[2 * BLOCK + 7] ^= 1;
         new[3 * BLOCK] ^= 1;
         let (m, payload) =
-            message(1, "d", LEN, before.slot, whole(new.clone()), Some((before.slot, before.blocks.clone())), half, 0)
+            message(1, "d", LEN, before.slot, whole(new.clone()), Some((before.slot, before.blocks.clone())), 0)
                 .unwrap();
         assert_eq!(ranges(&m), Some((Some(old_hash.to_hex()), vec![[2 * BLOCK as u32, 2 * BLOCK as u32]])));
         assert_eq!(payload, 2 * BLOCK as u64);
         // Without the blocks last read (not cached), or against another base: whole.
-        let (m, payload) = message(1, "d", LEN, before.slot, whole(new.clone()), None, half, 0).unwrap();
+        let (m, payload) = message(1, "d", LEN, before.slot, whole(new.clone()), None, 0).unwrap();
         assert!(matches!(m, Message::Chunk(..)) && payload == u64::from(LEN));
         let other = whole(chunk(5));
-        let (m, _) = message(1, "d", LEN, other.slot, whole(new), Some((before.slot, before.blocks)), half, 0).unwrap();
+        let (m, _) = message(1, "d", LEN, other.slot, whole(new), Some((before.slot, before.blocks)), 0).unwrap();
         assert!(matches!(m, Message::Chunk(..)));
         // More than half changed: whole.
         let before = whole(old.clone());
         let mut most = old;
         most[..5 * BLOCK].fill(9);
-        let (m, _) =
-            message(1, "d", LEN, before.slot, whole(most), Some((before.slot, before.blocks)), half, 0).unwrap();
+        let (m, _) = message(1, "d", LEN, before.slot, whole(most), Some((before.slot, before.blocks)), 0).unwrap();
         assert!(matches!(m, Message::Chunk(..)));
     }
 
@@ -377,7 +349,7 @@ mod tests {
     fn a_zero_chunk_is_the_base_of_its_non_zero_blocks_and_a_chunk_read_by_blocks_keeps_its_ranges() {
         let mut data = vec![0u8; LEN as usize];
         data[5 * BLOCK..6 * BLOCK].fill(4);
-        let (m, _) = message(1, "d", LEN, Slot::Zero, whole(data.clone()), None, half, 0).unwrap();
+        let (m, _) = message(1, "d", LEN, Slot::Zero, whole(data.clone()), None, 0).unwrap();
         assert_eq!(ranges(&m), Some((None, vec![[5 * BLOCK as u32, BLOCK as u32]])));
 
         let found = whole(data);
@@ -385,7 +357,7 @@ mod tests {
             body: Body::Changed { ranges: vec![[5 * BLOCK as u32, BLOCK as u32]], bytes: vec![4; BLOCK], packed: None },
             ..found
         };
-        let (m, payload) = message(1, "d", LEN, Slot::Zero, changed, None, half, 0).unwrap();
+        let (m, payload) = message(1, "d", LEN, Slot::Zero, changed, None, 0).unwrap();
         assert_eq!(ranges(&m), Some((None, vec![[5 * BLOCK as u32, BLOCK as u32]])));
         assert_eq!(payload, BLOCK as u64);
         // A chunk read by its blocks that became all zeros goes as a zero chunk.
@@ -396,7 +368,7 @@ mod tests {
             bytes_read: BLOCK as u64,
             body: Body::Changed { ranges: vec![[0, BLOCK as u32]], bytes: vec![0; BLOCK], packed: None },
         };
-        let (m, payload) = message(1, "d", LEN, whole(chunk(3)).slot, zero, None, half, 0).unwrap();
+        let (m, payload) = message(1, "d", LEN, whole(chunk(3)).slot, zero, None, 0).unwrap();
         assert!(matches!(&m, Message::Chunk(c, _) if c.hash.is_none()) && payload == 0);
     }
 }

@@ -183,7 +183,6 @@ impl Agent {
         if self.chunk_size.replace(chunk_size).is_some_and(|before| before != chunk_size) {
             // What this agent believed was counted in other chunks.
             self.believed = None;
-            self.chains.clear();
         }
         tracing::info!(
             target: LOG,
