@@ -350,6 +350,9 @@ impl Uploader<'_> {
             }
         }
         uploads.extend(packs.into_iter().map(|(disk, patches)| Upload::Pack { disk, patches }));
+        // Largest first: the round ends with its slowest upload, and a large one started
+        // last would leave the other slots idle while it runs alone.
+        uploads.sort_by_key(|u| std::cmp::Reverse(u.bytes()));
         let done: Vec<Uploaded> = futures::stream::iter(uploads)
             .map(|upload| async move {
                 match upload {
@@ -414,6 +417,16 @@ impl Uploader<'_> {
 enum Upload {
     Whole(Whole),
     Pack { disk: String, patches: Vec<PackedPatch> },
+}
+
+impl Upload {
+    /// The bytes it sends, about (before sealing).
+    fn bytes(&self) -> usize {
+        match self {
+            Upload::Whole(w) => w.body.len(),
+            Upload::Pack { patches, .. } => patches.iter().map(|(.., body)| body.len()).sum(),
+        }
+    }
 }
 
 /// A delta to store as a patch in a pack: the delta, its base, its result, its body.
