@@ -130,7 +130,7 @@ enum Rebuilt {
 /// What one uploader works with.
 struct Uploader<'a> {
     state: &'a Arc<ServerState>,
-    recent: &'a Arc<RecentChunks>,
+    recent: &'a RecentChunks,
     metrics: &'a Metrics,
 }
 
@@ -198,7 +198,6 @@ impl Uploader<'_> {
                 known.insert(disk.clone(), set);
             }
         }
-        self.download_bases(&messages, cp, known);
         let mut work = cp.clone();
         let mut jobs = Vec::new();
         let mut rebuilt_bytes = 0u64;
@@ -310,46 +309,6 @@ impl Uploader<'_> {
         Ok(true)
     }
 
-    /// Starts downloading, all at once, the bases this round will need from the store: of
-    /// the deltas it will store whole (their chains full) whose bases are neither in memory
-    /// nor made by this round, the first `2 × parallelism`. The round then finds them in
-    /// the recent chunks instead of downloading them one after the other. The decisions
-    /// are the round's own (below) for each slot's first record of the round; a slot's
-    /// later records depend on what the round does with its first.
-    fn download_bases(&self, messages: &[Message], cp: &Checkpoint, known: &HashMap<String, HashSet<ChunkHash>>) {
-        let state = self.state;
-        let limit = 2 * state.target.store.options().parallelism;
-        let mut seen = HashSet::new();
-        let mut started = 0;
-        for m in messages {
-            let d = match m {
-                Message::Delta(d, _) => d,
-                Message::Chunk(c, _) => {
-                    seen.insert((c.disk.as_str(), c.index));
-                    continue;
-                }
-                Message::Layout(_) => return,
-                _ => continue,
-            };
-            if !seen.insert((d.disk.as_str(), d.index)) {
-                continue;
-            }
-            let Some(base) = d.base.as_deref().and_then(ChunkHash::from_hex) else { continue };
-            let stored =
-                ChunkHash::from_hex(&d.hash).is_some_and(|h| known.get(&d.disk).is_some_and(|k| k.contains(&h)));
-            if stored || cp.chains.may_grow(&d.disk, d.index, Some(&base), d.covered(), u64::from(d.len)) {
-                continue;
-            }
-            // Not when it is in memory or being downloaded already.
-            if crate::ahead::download(state, self.recent, &d.disk, d.index, base, d.len as usize) {
-                started += 1;
-                if started == limit {
-                    return;
-                }
-            }
-        }
-    }
-
     /// The whole chunk a delta makes, for a slot whose chain may not grow: its base from
     /// the recent chunks, or else from the store as `work` says it is stored there (after
     /// uploading the jobs queued so far, which that may name). `Err` is worth retrying;
@@ -371,12 +330,6 @@ impl Uploader<'_> {
             None => Bytes::from(vec![0u8; len]),
             Some(h) => match self.recent.get(&state.server, &d.disk, &h) {
                 Some(b) => b,
-                // Being downloaded (`download_bases`, or a session's read-ahead).
-                None if self.recent.wait_fetch(&state.server, &d.disk, &h).await.is_none()
-                    && let Some(b) = self.recent.get(&state.server, &d.disk, &h) =>
-                {
-                    b
-                }
                 None => {
                     self.upload(std::mem::take(jobs), known, &mut work.chains, places).await?;
                     let entry = work.chains.entry(&d.disk, d.index, Slot::Data(h)).expect("a data slot");
