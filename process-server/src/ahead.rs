@@ -129,25 +129,38 @@ impl Ahead {
         // The slot first: a download announced but waiting for a slot would hold up the
         // session, which waits for announced downloads and frees slots.
         let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let fetching = recent.begin_fetch(&state.server, &d.disk, base)?;
-        let (state, recent, d) = (state.clone(), recent.clone(), d.clone());
-        tokio::spawn(async move {
-            // Where the uploader has the base, or whole; not uploaded yet is a miss here,
-            // which the session handles as without read-ahead (it waits for the uploader).
-            let stored = state.stored_as(&d.disk, d.index, base);
-            let get = state.target.store.fetch_chunk(&state.server, &d.disk, &stored, d.len as usize);
-            recent.downloads.inc();
-            let timeout = crate::session::BASE_FETCH_TIMEOUT;
-            match tokio::time::timeout(timeout, get).await {
-                Ok(Ok((plain, _))) => recent.insert(&state.server, &d.disk, base, Bytes::from(plain)),
-                // Not uploaded yet: the session waits for the uploader itself.
-                Ok(Err(StoreError::Backend(BackendError::NotFound { .. }))) => {}
-                Ok(Err(e)) => fetching.fail(e.to_string()),
-                Err(_) => fetching.fail(format!("the store did not answer within {timeout:?}")),
-            }
-        });
-        Some(slot)
+        download(state, recent, &d.disk, d.index, base, d.len as usize).then_some(slot)
     }
+}
+
+/// Starts downloading chunk `base` of slot `index` of `disk` (`len` bytes) from the store
+/// into `recent`, where the uploader has it (whole, or as its chain), unless it is in
+/// `recent` or being downloaded already; returns whether it started. Those who need it wait
+/// with `RecentChunks::wait_fetch`. Not uploaded yet is a miss here, which they handle as
+/// without the download (they wait for the uploader).
+pub(crate) fn download(
+    state: &Arc<ServerState>,
+    recent: &Arc<RecentChunks>,
+    disk: &str,
+    index: u64,
+    base: ChunkHash,
+    len: usize,
+) -> bool {
+    let Some(fetching) = recent.begin_fetch(&state.server, disk, base) else { return false };
+    recent.downloads.inc();
+    let (state, recent, disk) = (state.clone(), recent.clone(), disk.to_string());
+    tokio::spawn(async move {
+        let stored = state.stored_as(&disk, index, base);
+        let get = state.target.store.fetch_chunk(&state.server, &disk, &stored, len);
+        let timeout = crate::session::BASE_FETCH_TIMEOUT;
+        match tokio::time::timeout(timeout, get).await {
+            Ok(Ok((plain, _))) => recent.insert(&state.server, &disk, base, Bytes::from(plain)),
+            Ok(Err(StoreError::Backend(BackendError::NotFound { .. }))) => {}
+            Ok(Err(e)) => fetching.fail(e.to_string()),
+            Err(_) => fetching.fail(format!("the store did not answer within {timeout:?}")),
+        }
+    });
+    true
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ enum Rebuilt {
 /// What one uploader works with.
 struct Uploader<'a> {
     state: &'a Arc<ServerState>,
-    recent: &'a RecentChunks,
+    recent: &'a Arc<RecentChunks>,
     metrics: &'a Metrics,
 }
 
@@ -198,6 +198,8 @@ impl Uploader<'_> {
                 known.insert(disk.clone(), set);
             }
         }
+        let mut bases = self.bases_to_download(&messages, cp, known);
+        self.download_bases(&mut bases);
         let mut work = cp.clone();
         let mut jobs = Vec::new();
         let mut rebuilt_bytes = 0u64;
@@ -232,7 +234,10 @@ impl Uploader<'_> {
                         work.chains.push(&d.disk, d.index, base, hash, d.covered());
                         jobs.push(Job::Patch { delta: d.clone(), base, hash, body: body.clone() });
                     } else {
-                        match self.whole_of(&mut work, d, base, body, &mut jobs, known, &mut places).await? {
+                        let rebuilt = self.whole_of(&mut work, d, base, body, &mut jobs, known, &mut places).await?;
+                        bases.done += 1;
+                        self.download_bases(&mut bases);
+                        match rebuilt {
                             Rebuilt::Chunk(plain) => {
                                 rebuilt_bytes += plain.len() as u64;
                                 queued.insert((d.disk.clone(), hash));
@@ -309,6 +314,56 @@ impl Uploader<'_> {
         Ok(true)
     }
 
+    /// The bases this round will download from the store, in its order: of the deltas it
+    /// will store whole (their chains full), those whose bases it does not make itself.
+    /// The decisions are the round's own (below) for each slot's first record of the
+    /// round; a slot's later records depend on what the round does with its first.
+    fn bases_to_download(
+        &self,
+        messages: &[Message],
+        cp: &Checkpoint,
+        known: &HashMap<String, HashSet<ChunkHash>>,
+    ) -> Bases {
+        let mut seen = HashSet::new();
+        let mut bases = Bases::default();
+        for m in messages {
+            let d = match m {
+                Message::Delta(d, _) => d,
+                Message::Chunk(c, _) => {
+                    seen.insert((c.disk.as_str(), c.index));
+                    continue;
+                }
+                Message::Layout(_) => break,
+                _ => continue,
+            };
+            if !seen.insert((d.disk.as_str(), d.index)) {
+                continue;
+            }
+            let Some(base) = d.base.as_deref().and_then(ChunkHash::from_hex) else { continue };
+            let stored =
+                ChunkHash::from_hex(&d.hash).is_some_and(|h| known.get(&d.disk).is_some_and(|k| k.contains(&h)));
+            if stored || cp.chains.may_grow(&d.disk, d.index, Some(&base), d.covered(), u64::from(d.len)) {
+                continue;
+            }
+            bases.queue.push_back((d.disk.clone(), d.index, base, d.len as usize));
+        }
+        bases
+    }
+
+    /// Keeps [`BASES_AHEAD`] downloads of `bases` ahead of the round's rebuilds, so it
+    /// finds them in the recent chunks rather than downloading one after the other (not
+    /// more: Azurite, on one thread, failed many more at once at the connection).
+    fn download_bases(&self, bases: &mut Bases) {
+        while bases.started < bases.done + BASES_AHEAD
+            && let Some((disk, index, base, len)) = bases.queue.pop_front()
+        {
+            // Not when it is in memory or being downloaded already.
+            if crate::ahead::download(self.state, self.recent, &disk, index, base, len) {
+                bases.started += 1;
+            }
+        }
+    }
+
     /// The whole chunk a delta makes, for a slot whose chain may not grow: its base from
     /// the recent chunks, or else from the store as `work` says it is stored there (after
     /// uploading the jobs queued so far, which that may name). `Err` is worth retrying;
@@ -330,6 +385,12 @@ impl Uploader<'_> {
             None => Bytes::from(vec![0u8; len]),
             Some(h) => match self.recent.get(&state.server, &d.disk, &h) {
                 Some(b) => b,
+                // Being downloaded (`download_bases`, or a session's read-ahead).
+                None if self.recent.wait_fetch(&state.server, &d.disk, &h).await.is_none()
+                    && let Some(b) = self.recent.get(&state.server, &d.disk, &h) =>
+                {
+                    b
+                }
                 None => {
                     self.upload(std::mem::take(jobs), known, &mut work.chains, places).await?;
                     let entry = work.chains.entry(&d.disk, d.index, Slot::Data(h)).expect("a data slot");
@@ -444,6 +505,18 @@ impl Uploader<'_> {
         places.extend(new);
         Ok(())
     }
+}
+
+/// Base downloads the round's rebuilds start ahead of themselves.
+const BASES_AHEAD: usize = 3;
+
+/// The bases a round downloads ahead of its rebuilds: those still to start, how many
+/// started, how many rebuilds are done.
+#[derive(Default)]
+struct Bases {
+    queue: std::collections::VecDeque<(String, u64, ChunkHash, usize)>,
+    started: usize,
+    done: usize,
 }
 
 /// One upload of a round: a whole chunk, or the patches of one disk in a pack.
