@@ -75,7 +75,8 @@ pub struct AgentConfig {
     /// Pre-copy passes per point before giving up on this interval.
     #[serde(default = "default_passes")]
     pub max_passes: u32,
-    /// zstd level on the wire (0: no compression).
+    /// zstd level on the wire (0: no compression), when the process server does not hand
+    /// out the policy's `spec.compression.level` (which then wins).
     #[serde(default = "default_level")]
     pub compression_level: i32,
     /// How changes are tracked.
