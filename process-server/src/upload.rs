@@ -13,10 +13,9 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use siterecovery_store::{
     ChunkHash, DiskManifest, FORMAT_VERSION, Manifest, PackedAt, PatchBytes, PatchData, StoreError,
 };
-use siterecovery_wire::{ChunkDelta, Encoding, Frame, Message, Slot};
+use siterecovery_wire::{ChunkDelta, Encoding, Message, Slot};
 
 use crate::chains::{Chains, Places, place_in_manifest};
-use crate::journal::Position;
 use crate::metrics::Metrics;
 use crate::recent::RecentChunks;
 use crate::session::{decode, patched};
@@ -56,21 +55,6 @@ impl UploadBuffer {
         let n = n.min(self.bytes).min(u64::from(u32::MAX)) as u32;
         self.permits.clone().acquire_many_owned(n).await.expect("the semaphore is never closed")
     }
-
-    /// `n` bytes if they are free now (nobody waits for them then).
-    fn try_acquire(&self, n: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let n = n.min(self.bytes).min(u64::from(u32::MAX)) as u32;
-        self.permits.clone().try_acquire_many_owned(n).ok()
-    }
-}
-
-/// The records of the next round, read while this round uploads: only when a whole round
-/// is waiting already (a backlog, as in an initial copy), so a round never starts smaller
-/// than it would have, and only with buffer room that is free.
-struct ReadAhead {
-    from: Position,
-    records: tokio::task::JoinHandle<Result<Vec<(Frame, Position)>, String>>,
-    held: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Runs the uploader of `state` until the process ends.
@@ -85,9 +69,8 @@ pub async fn run(
     let mut known: HashMap<String, HashSet<ChunkHash>> = HashMap::new();
     let mut backoff = Duration::from_millis(200);
     let up = Uploader { state: &state, recent: &recent, metrics: &metrics };
-    let mut ahead = None;
     loop {
-        match up.round(&mut cp, &mut known, &budget, &buffer, &mut ahead).await {
+        match up.round(&mut cp, &mut known, &budget, &buffer).await {
             Ok(true) => backoff = Duration::from_millis(200),
             Ok(false) => {
                 // Nothing to do: wait for the session to journal more.
@@ -147,7 +130,6 @@ impl Uploader<'_> {
         known: &mut HashMap<String, HashSet<ChunkHash>>,
         budget: &CacheBudget,
         buffer: &UploadBuffer,
-        ahead: &mut Option<ReadAhead>,
     ) -> Result<bool, String> {
         let state = self.state;
         let journal = &state.journal;
@@ -159,27 +141,12 @@ impl Uploader<'_> {
         // Held until the round's uploads are done: what was read stays in memory until then.
         // A round may read one record past its share (the last one it starts).
         let want = round_bytes(store.options().parallelism, state.chunk_size, buffer.bytes);
+        let _held = buffer.acquire(want).await;
         let began = std::time::Instant::now();
-        let (batch, _held) = match ahead.take().filter(|a| a.from == from) {
-            Some(a) => (a.records.await.map_err(|e| e.to_string())??, a.held),
-            None => {
-                let held = buffer.acquire(want).await;
-                let batch = tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want))
-                    .map_err(|e| e.to_string())?;
-                (batch, held)
-            }
-        };
+        let batch =
+            tokio::task::block_in_place(|| journal.read_from(from, BATCH_RECORDS, want)).map_err(|e| e.to_string())?;
         let Some((_, end)) = batch.last() else { return Ok(false) };
         let end = *end;
-        if journal.bytes_after(end) >= want
-            && let Some(held) = buffer.try_acquire(want)
-        {
-            let st = state.clone();
-            let records = tokio::task::spawn_blocking(move || {
-                st.journal.read_from(end, BATCH_RECORDS, want).map_err(|e| e.to_string())
-            });
-            *ahead = Some(ReadAhead { from: end, records, held });
-        }
         let messages: Vec<Message> =
             batch.iter().map(|(f, _)| Message::from_frame(f)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
 
