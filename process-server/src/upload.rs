@@ -175,10 +175,6 @@ impl Uploader<'_> {
         let mut manifests = Vec::new();
         // Where this round's patches went: filled into its manifests once uploaded.
         let mut places = Places::new();
-        let stored =
-            |known: &HashMap<String, HashSet<ChunkHash>>, queued: &HashSet<(String, ChunkHash)>, disk: &str, h| {
-                known.get(disk).is_some_and(|k| k.contains(&h)) || queued.contains(&(disk.to_string(), h))
-            };
         for m in &messages {
             match m {
                 Message::Chunk(c, body) => {
@@ -291,13 +287,16 @@ impl Uploader<'_> {
         cp: &Checkpoint,
         known: &HashMap<String, HashSet<ChunkHash>>,
     ) -> Bases {
-        let mut seen = HashSet::new();
+        let (mut seen, mut queued) = (HashSet::new(), HashSet::new());
         let mut bases = Bases::default();
         for m in messages {
             let d = match m {
                 Message::Delta(d, _) => d,
                 Message::Chunk(c, _) => {
                     seen.insert((c.disk.as_str(), c.index));
+                    if let Some(hash) = c.hash.as_deref().and_then(ChunkHash::from_hex) {
+                        queued.insert((c.disk.clone(), hash));
+                    }
                     continue;
                 }
                 Message::Layout(_) => break,
@@ -307,9 +306,10 @@ impl Uploader<'_> {
                 continue;
             }
             let Some(base) = d.base.as_deref().and_then(ChunkHash::from_hex) else { continue };
-            let stored =
-                ChunkHash::from_hex(&d.hash).is_some_and(|h| known.get(&d.disk).is_some_and(|k| k.contains(&h)));
-            if stored || cp.chains.may_grow(&d.disk, d.index, Some(&base), d.covered(), u64::from(d.len)) {
+            let hash = ChunkHash::from_hex(&d.hash).expect("validated before journaling");
+            if stored(known, &queued, &d.disk, hash)
+                || cp.chains.may_grow(&d.disk, d.index, Some(&base), d.covered(), u64::from(d.len))
+            {
                 continue;
             }
             bases.queue.push_back((d.disk.clone(), d.index, base, d.len as usize));
@@ -472,6 +472,16 @@ impl Uploader<'_> {
         places.extend(new);
         Ok(())
     }
+}
+
+/// Whether chunk `h` of `disk` is stored whole already, or queued whole in this round.
+fn stored(
+    known: &HashMap<String, HashSet<ChunkHash>>,
+    queued: &HashSet<(String, ChunkHash)>,
+    disk: &str,
+    h: ChunkHash,
+) -> bool {
+    known.get(disk).is_some_and(|k| k.contains(&h)) || queued.contains(&(disk.to_string(), h))
 }
 
 /// Base downloads the round's rebuilds start ahead of themselves.
