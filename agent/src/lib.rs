@@ -188,7 +188,7 @@ fn default_passes() -> u32 {
     8
 }
 fn default_level() -> i32 {
-    1
+    siterecovery_store::DEFAULT_ZSTD_LEVEL
 }
 
 /// What the agent has done, for logs, status and tests.

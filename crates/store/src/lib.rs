@@ -41,4 +41,4 @@ pub use manifest::{ChunkRef, DiskManifest, Manifest, PackedAt, PatchChain, Point
 pub use page_blob::{VhdPurpose, VhdReport, recovered_prefix, recovered_vhd_name};
 pub use patch::{MAX_CHAIN_PATCHES, PatchBytes, PatchData, apply_patch, chain_may_grow, encode_patch};
 pub use restore::RestoreReport;
-pub use store::{DiskSource, NewPoint, Store, StoreOptions, WriteReport, generate_point_id};
+pub use store::{DEFAULT_ZSTD_LEVEL, DiskSource, NewPoint, Store, StoreOptions, WriteReport, generate_point_id};
