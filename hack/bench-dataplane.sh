@@ -74,8 +74,11 @@ if [ ! -s "$image" ]; then
   rm -rf "$cache/staging" && mkdir -p "$cache/staging/lib" "$cache/staging/doc" "$cache/staging/random"
   # The first ~830 MiB of /usr/lib's regular files in path order (shared libraries,
   # Python modules, locale data: real, moderately compressible content).
+  # awk reads to the end (no `exit`): an early exit kills sort with SIGPIPE, which
+  # pipefail turns into a failed build wherever /usr/lib holds more than that.
   find /usr/lib -type f -printf '%s\t%p\n' | LC_ALL=C sort -t $'\t' -k2 |
-    awk -F'\t' -v cap=$((830 << 20)) '{ if (sum + $1 > cap) exit; sum += $1; print substr($2, 2) }' >"$cache/lib.list"
+    awk -F'\t' -v cap=$((830 << 20)) 'full || sum + $1 > cap { full = 1; next } { sum += $1; print substr($2, 2) }' \
+      >"$cache/lib.list"
   tar -C / -cf - -T "$cache/lib.list" | tar -C "$cache/staging/lib" -xf -
   cp -a /usr/share/doc/. "$cache/staging/doc/"
   # 96 MiB of incompressible data, reproducible (AES-CTR keystream of a fixed key).
