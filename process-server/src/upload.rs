@@ -170,6 +170,9 @@ impl Uploader<'_> {
         let mut work = cp.clone();
         let mut jobs = Vec::new();
         let mut rebuilt_bytes = 0u64;
+        // Where the walk's time goes (the round's debug line): rebuilds, and uploads of
+        // rebuilt chunks made before the walk ends.
+        let (mut rebuilds, mut rebuilding, mut waves) = (0usize, Duration::ZERO, Duration::ZERO);
         // Whole chunks queued this round: each goes up once.
         let mut queued: HashSet<(String, ChunkHash)> = HashSet::new();
         let mut manifests = Vec::new();
@@ -197,7 +200,9 @@ impl Uploader<'_> {
                         work.chains.push(&d.disk, d.index, base, hash, d.covered());
                         jobs.push(Job::Patch { delta: d.clone(), base, hash, body: body.clone() });
                     } else {
+                        let t = std::time::Instant::now();
                         let rebuilt = self.whole_of(&mut work, d, base, body, &mut jobs, known, &mut places).await?;
+                        (rebuilds, rebuilding) = (rebuilds + 1, rebuilding + t.elapsed());
                         bases.done += 1;
                         self.download_bases(&mut bases);
                         match rebuilt {
@@ -234,8 +239,10 @@ impl Uploader<'_> {
             // them once they make one wave of parallel uploads.
             let wave = store.options().parallelism as u64 * u64::from(state.chunk_size);
             if rebuilt_bytes >= wave {
+                let t = std::time::Instant::now();
                 self.upload(std::mem::take(&mut jobs), known, &mut work.chains, &mut places).await?;
                 rebuilt_bytes = 0;
+                waves += t.elapsed();
             }
         }
         let (started, read) = (std::time::Instant::now(), messages.len());
@@ -267,7 +274,7 @@ impl Uploader<'_> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        tracing::debug!(server = %state.server, records = read, points, ?planned, ?uploaded, ?manifested, total = ?started.elapsed(), "upload round");
+        tracing::debug!(server = %state.server, records = read, points, rebuilds, ?rebuilding, ?waves, ?planned, ?uploaded, ?manifested, total = ?started.elapsed(), "upload round");
         *state.uploaded.lock().unwrap_or_else(|p| p.into_inner()) = work.chains.clone();
         *cp = work;
         tokio::task::block_in_place(|| journal.release(end)).map_err(|e| e.to_string())?;
