@@ -189,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let setup = match (&args.blockdev, &args.blockdev_mount) {
-        (Some(device), Some(mount)) if args.phases.iter().any(|p| p == "blockdev") => Some(blockdev::Setup {
+        (Some(device), Some(mount)) if has("blockdev") => Some(blockdev::Setup {
             device: device.clone(),
             mount: std::path::absolute(mount)?,
             files: args.blockdev_files,
@@ -200,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
             timeout: Duration::from_secs(args.phase_timeout),
         }),
         _ => {
-            if args.phases.iter().any(|p| p == "blockdev") {
+            if has("blockdev") {
                 eprintln!(
                     "[dataplane] block device phase skipped: no --blockdev (it needs root; see hack/bench-dataplane.sh)"
                 );
