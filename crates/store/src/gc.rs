@@ -101,7 +101,13 @@ impl Store {
             }
         }
         futures::stream::iter(doomed)
-            .map(|key| async move { self.backend.delete(&key).await })
+            .map(|key| async move {
+                self.backend.delete(&key).await?;
+                if let Some(copies) = &self.copies {
+                    copies.forget(&key);
+                }
+                Ok::<_, crate::backend::BackendError>(())
+            })
             .buffer_unordered(self.options.parallelism)
             .try_collect::<Vec<()>>()
             .await?;

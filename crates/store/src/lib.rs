@@ -19,6 +19,7 @@
 
 pub mod backend;
 mod codec;
+mod copies;
 mod error;
 mod gc;
 mod keys;
@@ -33,6 +34,7 @@ pub mod vhd;
 
 pub use backend::{AccountSas, AzureBlobBackend, BackendError, BlobBackend, LocalBackend, SECRET_SAS_TOKEN, sas_token};
 pub use codec::Codec;
+pub use copies::LocalCopies;
 pub use error::{Result, StoreError};
 pub use gc::{GcReport, delete_server_data};
 pub use keys::{Keyring, SECRET_ACTIVE, SECRET_KEY_PREFIX};

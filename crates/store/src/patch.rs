@@ -117,9 +117,7 @@ impl Store {
         validate_segment("disk id", disk)?;
         let key = server.patch_key(disk, result, base);
         let sealed = self.seal_blocking(key.clone(), encode_patch(ranges, data)).await?;
-        let n = sealed.len() as u64;
-        self.backend.put(&key, sealed).await?;
-        Ok(n)
+        self.put_data(&key, sealed).await
     }
 
     /// Seals each of `patches` (of one disk) as [`Store::put_patch`] would, its own key as
@@ -150,8 +148,7 @@ impl Store {
         })
         .await?;
         let name = ChunkHash::of(&pack);
-        let n = pack.len() as u64;
-        self.backend.put(&server.pack_key(disk, &name), Bytes::from(pack)).await?;
+        let n = self.put_data(&server.pack_key(disk, &name), Bytes::from(pack)).await?;
         Ok((spans.into_iter().map(|(offset, len)| PackedAt { pack: name, offset, len }).collect(), n))
     }
 
@@ -269,9 +266,8 @@ impl Store {
         let (plain, n) = match packed {
             None => self.get_plain(&key).await?,
             Some((pack, at)) => {
-                let sealed = self.backend.get_range(&pack, at.offset, at.len).await?;
                 let named = format!("{key} (in pack {pack} at {}+{})", at.offset, at.len);
-                self.open_plain(&key, sealed).await.map_err(|e| match e {
+                self.get_open(&pack, Some((at.offset, at.len)), &key).await.map_err(|e| match e {
                     StoreError::Corrupt { reason, .. } => StoreError::corrupt(&named, reason),
                     e => e,
                 })?
@@ -282,7 +278,35 @@ impl Store {
 
     /// Downloads and opens (authenticates, decompresses) one object.
     async fn get_plain(&self, key: &str) -> Result<(Vec<u8>, u64)> {
-        let sealed = self.backend.get(key).await?;
+        self.get_open(key, None, key).await
+    }
+
+    /// Reads object `object` (or `range` of it: a patch in a pack) and opens it as `key`:
+    /// from its local copy when there is one that opens, else from the backend. Gives the
+    /// plaintext and the bytes downloaded (0 from a copy).
+    async fn get_open(&self, object: &str, range: Option<(u64, u64)>, key: &str) -> Result<(Vec<u8>, u64)> {
+        if let Some(copies) = self.copies.clone() {
+            let (codec, object, key) = (self.codec.clone(), object.to_string(), key.to_string());
+            let opened = blocking(move || {
+                let Some(sealed) = copies.read(&object, range) else { return Ok(None) };
+                match codec.open(&key, &sealed) {
+                    Ok(plain) => Ok(Some(plain)),
+                    Err(e) => {
+                        tracing::warn!(object, error = %e, "local copy does not open; reading the object from the store");
+                        copies.drop_damaged(&object);
+                        Ok(None)
+                    }
+                }
+            })
+            .await?;
+            if let Some(plain) = opened {
+                return Ok((plain, 0));
+            }
+        }
+        let sealed = match range {
+            None => self.backend.get(object).await?,
+            Some((offset, len)) => self.backend.get_range(object, offset, len).await?,
+        };
         self.open_plain(key, sealed).await
     }
 

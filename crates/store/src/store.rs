@@ -11,6 +11,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::backend::{BackendError, BlobBackend};
 use crate::codec::Codec;
+use crate::copies::LocalCopies;
 use crate::error::{Result, StoreError};
 use crate::keys::Keyring;
 use crate::layout::{ChunkHash, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ServerRef, validate_segment};
@@ -84,6 +85,8 @@ pub struct Store {
     pub(crate) backend: Arc<dyn BlobBackend>,
     pub(crate) codec: Arc<Codec>,
     pub(crate) options: StoreOptions,
+    /// Local copies of the data objects written, read before the backend.
+    pub(crate) copies: Option<Arc<LocalCopies>>,
 }
 
 impl Store {
@@ -96,7 +99,26 @@ impl Store {
             return Err(StoreError::InvalidArgument("parallelism must be at least 1".into()));
         }
         let codec = Arc::new(Codec::new(keyring, options.zstd_level));
-        Ok(Self { backend, codec, options })
+        Ok(Self { backend, codec, options, copies: None })
+    }
+
+    /// This store, keeping local copies of the data objects it writes in `copies` and
+    /// reading them from there (`crate::copies`).
+    pub fn with_copies(self, copies: Arc<LocalCopies>) -> Self {
+        Self { copies: Some(copies), ..self }
+    }
+
+    /// Uploads a data object (a chunk, patch or pack) as sealed, and keeps a local copy.
+    pub(crate) async fn put_data(&self, key: &str, sealed: Bytes) -> Result<u64> {
+        let n = sealed.len() as u64;
+        self.backend.put(key, sealed.clone()).await?;
+        if let Some(copies) = self.copies.clone() {
+            let key = key.to_string();
+            tokio::task::spawn_blocking(move || copies.keep(&key, &sealed))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?;
+        }
+        Ok(n)
     }
 
     /// The backend objects are kept on.
@@ -233,9 +255,7 @@ impl Store {
         validate_segment("disk id", disk)?;
         let key = server.chunk_key(disk, hash);
         let sealed = self.seal_blocking(key.clone(), plain).await?;
-        let n = sealed.len() as u64;
-        self.backend.put(&key, sealed).await?;
-        Ok(n)
+        self.put_data(&key, sealed).await
     }
 
     /// Uploads one chunk given as a zstd frame of its plaintext (as an agent sent it),
@@ -255,9 +275,7 @@ impl Store {
         let sealed = tokio::task::spawn_blocking(move || codec.seal_compressed(&k, &frame).map(Bytes::from))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
-        let n = sealed.len() as u64;
-        self.backend.put(&key, sealed).await?;
-        Ok(n)
+        self.put_data(&key, sealed).await
     }
 
     /// Seals and uploads a manifest after checking it adds up; returns the bytes

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use common::*;
 use siterecovery_store::{
-    BlobBackend, ChunkHash, ChunkRef, LocalBackend, Manifest, PatchBytes, PatchChain, PatchData, ServerRef, Store,
-    StoreError,
+    BlobBackend, ChunkHash, ChunkRef, LocalBackend, LocalCopies, Manifest, PatchBytes, PatchChain, PatchData,
+    ServerRef, Store, StoreError,
 };
 
 const K: u32 = 64 * 1024;
@@ -102,6 +102,34 @@ async fn a_chain_of_patches_restores_bit_exact() {
         n
     };
     assert!(patch_bytes < 20_000, "three patches of 14 KiB of noise take {patch_bytes} bytes");
+}
+
+#[tokio::test]
+async fn local_copies_answer_reads_and_a_damaged_one_is_read_from_the_store_instead() {
+    let mut f = fixture();
+    let copies = Arc::new(LocalCopies::open(&f.dir.path().join("copies"), 1 << 30, 0).unwrap());
+    f.store = f.store.clone().with_copies(copies.clone());
+    let (_, p2, image) = chained_point(&f, true).await;
+    assert!(copies.bytes() > 0, "what the store wrote has copies");
+    let out = f.dir.path().join("out.img");
+    let r = f.store.restore_disk(&f.server, &p2, "sda", &out).await.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), image);
+    // Chunk 0 whole, chunk 1 its base and two patches, chunk 2 one patch: all copies.
+    assert_eq!((copies.hits.get(), r.bytes_downloaded), (5, 0), "nothing downloaded");
+
+    // Every copy damaged: each is dropped, the objects read from the store, same bytes.
+    for entry in std::fs::read_dir(f.dir.path().join("copies")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    std::fs::remove_file(&out).unwrap();
+    let r = f.store.restore_disk(&f.server, &p2, "sda", &out).await.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), image, "bit-exact from the store");
+    assert!(r.bytes_downloaded > 0);
+    assert!(copies.dropped.get() >= 3, "the damaged copies were dropped: {}", copies.dropped.get());
 }
 
 #[tokio::test]
