@@ -148,6 +148,7 @@ impl World {
             metrics: None,
             recent_chunk_bytes: 16 << 20,
             block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
+            local_copy_bytes: siterecovery_process_server::DEFAULT_LOCAL_COPY_BYTES,
         };
         // A process server just dropped may hold the port for a moment.
         let mut tries = 0;

@@ -79,7 +79,18 @@ pub struct Config {
     /// Memory for the chaining values of the blocks of received chunks, which check deltas
     /// without their bases ([`recent::BLOCK_CV_BYTES`] by default; 0 turns that off).
     pub block_cv_bytes: u64,
+    /// Bytes of the cache volume for local copies of what is uploaded, read back instead of
+    /// downloaded (`siterecovery_store::LocalCopies`; 0: none). [`DEFAULT_LOCAL_COPY_BYTES`]
+    /// by default.
+    pub local_copy_bytes: u64,
 }
+
+/// Default bytes of local copies: bases of rebuilds read back from the cache volume
+/// rather than the store (docs/process-servers.md, "Local copies").
+pub const DEFAULT_LOCAL_COPY_BYTES: u64 = 16 << 30;
+
+/// Where the local copies are, in the cache volume (a name no namespace can have).
+const COPIES_DIR: &str = ".copies";
 
 /// What every session and uploader shares.
 pub struct Shared {
@@ -166,7 +177,17 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
         .map_err(|e| anyhow::anyhow!("creating cache {}: {e}", config.cache_dir.display()))?;
 
     let recent = Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes, config.block_cv_bytes));
-    let metrics = Arc::new(Metrics { base_downloads: recent.downloads.clone(), ..Metrics::default() });
+    let mut metrics = Metrics { base_downloads: recent.downloads.clone(), ..Metrics::default() };
+    let targets = if config.local_copy_bytes > 0 {
+        let dir = config.cache_dir.join(COPIES_DIR);
+        let copies = siterecovery_store::LocalCopies::open(&dir, config.local_copy_bytes, config.cache_limit)
+            .map_err(|e| anyhow::anyhow!("local copies in {}: {e}", dir.display()))?;
+        metrics.copies(&copies);
+        Arc::new(target::WithCopies::new(targets, Arc::new(copies)))
+    } else {
+        targets
+    };
+    let metrics = Arc::new(metrics);
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
     let metrics_addr = match config.metrics {

@@ -49,6 +49,11 @@ struct Args {
     /// deltas without their bases (2 KiB for a 4 MiB chunk).
     #[arg(long, env = "SR_BLOCK_CV_BYTES", default_value_t = siterecovery_process_server::recent::BLOCK_CV_BYTES)]
     block_cv_bytes: u64,
+    /// Bytes of the cache volume for local copies of the chunks and patches uploaded, read
+    /// back instead of downloading them (0: none). Copies never take the room the journal
+    /// may need (--cache-limit-bytes stays free besides).
+    #[arg(long, env = "SR_LOCAL_COPY_BYTES", default_value_t = siterecovery_process_server::DEFAULT_LOCAL_COPY_BYTES)]
+    local_copy_bytes: u64,
     /// Log as JSON.
     #[arg(long, env = "SR_LOG_JSON")]
     log_json: bool,
@@ -115,6 +120,7 @@ async fn run() -> anyhow::Result<()> {
         metrics: Some(args.metrics),
         recent_chunk_bytes: args.recent_chunk_bytes,
         block_cv_bytes: args.block_cv_bytes,
+        local_copy_bytes: args.local_copy_bytes,
     };
     let ps = match &args.targets {
         Some(path) => start(config, Arc::new(StaticTargets::load(path)?)).await?,

@@ -39,8 +39,17 @@ pub struct Metrics {
     pub backpressure_waits: Counter,
     /// Consistency-group rounds, by result (`Committed`, `MemberNotConnected`, …).
     pub group_rounds: Family<GroupRoundLabels, Counter>,
-    /// Chunks read back from the store (a clone of `RecentChunks::downloads`).
+    /// Chunks read back because they were not in memory (a clone of
+    /// `RecentChunks::downloads`), from a local copy or the store.
     pub base_downloads: Counter,
+    /// Reads answered from local copies (clones of `LocalCopies`' metrics).
+    pub copy_hits: Counter,
+    /// Local copies not written (no room).
+    pub copies_skipped: Counter,
+    /// Local copies dropped because they did not open.
+    pub copies_dropped: Counter,
+    /// Bytes held in local copies.
+    pub copy_bytes: Gauge,
 }
 
 /// Labels of [`Metrics::group_rounds`].
@@ -53,6 +62,14 @@ pub struct GroupRoundLabels {
 }
 
 impl Metrics {
+    /// Reports the metrics of `copies`.
+    pub fn copies(&mut self, copies: &siterecovery_store::LocalCopies) {
+        self.copy_hits = copies.hits.clone();
+        self.copies_skipped = copies.skipped.clone();
+        self.copies_dropped = copies.dropped.clone();
+        self.copy_bytes = copies.held_bytes.clone();
+    }
+
     /// Registers every metric.
     pub fn register(self: &Arc<Self>, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("siterecovery_process_server");
@@ -74,9 +91,21 @@ impl Metrics {
         r.register("group_rounds", "Consistency-group rounds, by result", self.group_rounds.clone());
         r.register(
             "base_downloads",
-            "Chunks read back from Blob storage because they were not in memory: bases of deltas, to check one or to store its chunk whole",
+            "Chunks read back because they were not in memory, from a local copy or Blob storage: bases of deltas, to check one or to store its chunk whole",
             self.base_downloads.clone(),
         );
+        r.register("local_copy_hits", "Objects read from local copies instead of Blob storage", self.copy_hits.clone());
+        r.register(
+            "local_copies_skipped",
+            "Local copies not written: larger than the budget, or the cache volume short of room beyond the journal's",
+            self.copies_skipped.clone(),
+        );
+        r.register(
+            "local_copies_dropped",
+            "Local copies that did not open (damaged) and were read from Blob storage instead",
+            self.copies_dropped.clone(),
+        );
+        r.register("local_copy_bytes", "Bytes held in local copies on the cache volume", self.copy_bytes.clone());
     }
 }
 

@@ -42,6 +42,32 @@ pub trait Targets: Send + Sync + 'static {
     }
 }
 
+/// Targets whose stores keep local copies of what they upload and read them back from
+/// there (one budget for all of them; `siterecovery_store::LocalCopies`).
+pub struct WithCopies {
+    inner: Arc<dyn Targets>,
+    copies: Arc<siterecovery_store::LocalCopies>,
+}
+
+impl WithCopies {
+    /// `inner`'s targets, their stores with `copies`.
+    pub fn new(inner: Arc<dyn Targets>, copies: Arc<siterecovery_store::LocalCopies>) -> Self {
+        Self { inner, copies }
+    }
+}
+
+#[async_trait::async_trait]
+impl Targets for WithCopies {
+    async fn resolve(&self, namespace: &str, server: &str) -> Result<Arc<Target>, (String, String)> {
+        let t = self.inner.resolve(namespace, server).await?;
+        Ok(Arc::new(Target { store: t.store.clone().with_copies(self.copies.clone()), ..(*t).clone() }))
+    }
+
+    async fn group(&self, namespace: &str, server: &str) -> Result<Option<GroupSpec>, String> {
+        self.inner.group(namespace, server).await
+    }
+}
+
 /// Targets from a file (standalone process servers, tests): one store for every server.
 ///
 /// ```json

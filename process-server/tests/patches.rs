@@ -107,6 +107,11 @@ async fn scattered_small_writes_go_up_as_patches_and_restore_bit_exact() {
         let downloads = metric(ps.metrics_addr.unwrap(), "siterecovery_process_server_base_downloads_total").await;
         let full = round > MAX_CHAIN_PATCHES as u64;
         assert_eq!(downloads, Some(if full { CHUNKS as f64 } else { 0.0 }), "round {round}: bases read back");
+        // Read back from the process server's local copies, not the store: each chain's
+        // base and its patches (ranges of the packs).
+        let hits = metric(ps.metrics_addr.unwrap(), "siterecovery_process_server_local_copy_hits_total").await;
+        let reads = if full { CHUNKS * (1 + MAX_CHAIN_PATCHES as u64) } else { 0 };
+        assert_eq!(hits, Some(reads as f64), "round {round}: objects read from local copies");
     }
     agent.stop().await;
     drop(ps);

@@ -69,6 +69,7 @@ impl LocalPs {
             metrics: None,
             recent_chunk_bytes: 64 << 20,
             block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
+            local_copy_bytes: siterecovery_process_server::DEFAULT_LOCAL_COPY_BYTES,
         };
         let loaded = StaticTargets::load(&dir.join("targets.json")).unwrap();
         let ps = siterecovery_process_server::start(config, targets(loaded)).await.unwrap();

@@ -119,6 +119,7 @@ pub fn ps_config(dir: &Path, pki: &Pki, cache_limit: u64) -> Config {
         metrics: Some("127.0.0.1:0".parse().unwrap()),
         recent_chunk_bytes: 64 << 20,
         block_cv_bytes: siterecovery_process_server::recent::BLOCK_CV_BYTES,
+        local_copy_bytes: siterecovery_process_server::DEFAULT_LOCAL_COPY_BYTES,
     }
 }
 
