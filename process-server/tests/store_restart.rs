@@ -196,7 +196,7 @@ async fn a_delta_whose_base_is_only_in_a_down_store_falls_back_to_the_whole_chun
     AzureBlobBackend::with_sas(&azurite.endpoint(), "dr-base", &sas).unwrap().ensure_container().await.unwrap();
     let targets = azure_targets(&bed.targets, &azurite.endpoint(), "dr-base", &sas);
     // No chunk and no block values kept in memory and no local copies: every delta's base
-    // is read from the store (as after a restart of the process server).
+    // is read from the store (as on a process server that takes over a server from another).
     let config = siterecovery_process_server::Config {
         recent_chunk_bytes: 0,
         block_cv_bytes: 0,

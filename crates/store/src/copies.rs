@@ -12,9 +12,12 @@
 //! missing chunk. Objects are named by their content, so a copy stays right even after
 //! the object was deleted from the backend (it is only never asked for again).
 //!
-//! Copies are a cache, not state: the directory is emptied when opened, files are written
-//! without fsync (into a temporary name, then renamed, so a reader never sees half of
-//! one), and the oldest go first when the budget is reached. A copy is not written when
+//! Copies are a cache, not state: files are written without fsync (into a temporary name,
+//! then renamed, so a reader never sees half of one), and the oldest go first when the
+//! budget is reached. They outlive a restart of the process (which is when its memory
+//! holds no base at all): opening takes up the copies in the directory, oldest first by
+//! modification time, and removes what is not a copy (a temporary file left by a crash).
+//! A copy left damaged by a crash fails to open like any other, and is dropped then. A copy is not written when
 //! the filesystem would be left with less free space than the reserve the caller names
 //! (a process server's journal limit), so copies never take room the journal needs.
 
@@ -45,7 +48,8 @@ pub struct LocalCopies {
     pub held_bytes: Gauge,
 }
 
-/// The copies there are, oldest first, and their bytes.
+/// The copies there are by file name, oldest first, and their bytes. A name kept again
+/// gets a new generation, so that its older place in the order does not drop it.
 #[derive(Debug, Default)]
 struct Held {
     sizes: HashMap<String, (u64, u64)>,
@@ -54,27 +58,64 @@ struct Held {
     generation: u64,
 }
 
-impl LocalCopies {
-    /// Copies in `dir` (emptied first: what was there is not trusted across restarts),
-    /// at most `budget` bytes, written only while the filesystem keeps `reserve` bytes free
-    /// besides.
-    pub fn open(dir: &Path, budget: u64, reserve: u64) -> std::io::Result<Self> {
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+impl Held {
+    /// Adds copy `name` of `len` bytes as the newest; drops the oldest beyond `budget`
+    /// and gives their names.
+    fn add(&mut self, name: String, len: u64, budget: u64) -> Vec<String> {
+        self.generation += 1;
+        self.sizes.insert(name.clone(), (len, self.generation));
+        self.order.push_back((name, self.generation));
+        self.bytes += len;
+        let mut doomed = Vec::new();
+        while self.bytes > budget {
+            let Some((oldest, g)) = self.order.pop_front() else { break };
+            if self.sizes.get(&oldest).is_some_and(|&(_, held)| held == g) {
+                let (n, _) = self.sizes.remove(&oldest).expect("just looked");
+                self.bytes -= n;
+                doomed.push(oldest);
+            }
         }
+        doomed
+    }
+}
+
+impl LocalCopies {
+    /// Copies in `dir`, at most `budget` bytes (the oldest of those there beyond it are
+    /// removed), written only while the filesystem keeps `reserve` bytes free besides.
+    pub fn open(dir: &Path, budget: u64, reserve: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_str().unwrap_or_default().to_string();
+            let meta = entry.metadata()?;
+            if meta.is_file() && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), name, meta.len()));
+            } else if meta.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        found.sort();
+        let mut held = Held::default();
+        for (_, name, len) in found {
+            for old in held.add(name, len, budget) {
+                std::fs::remove_file(dir.join(old))?;
+            }
+        }
+        let copies = Self {
             dir: dir.to_path_buf(),
             budget,
             reserve,
-            held: Mutex::default(),
+            held_bytes: Gauge::default(),
             hits: Counter::default(),
             skipped: Counter::default(),
             dropped: Counter::default(),
-            held_bytes: Gauge::default(),
-        })
+            held: Mutex::new(held),
+        };
+        copies.held_bytes.set(copies.bytes() as i64);
+        Ok(copies)
     }
 
     /// Bytes held in copies now.
@@ -86,10 +127,14 @@ impl LocalCopies {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The file of object `key`: named by a hash of the key (keys have slashes, and a
+    /// The file name of object `key`'s copy: a hash of the key (keys have slashes, and a
     /// name says nothing of the server it belongs to).
+    fn name(key: &str) -> String {
+        blake3::hash(key.as_bytes()).to_hex().to_string()
+    }
+
     fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(blake3::hash(key.as_bytes()).to_hex().as_str())
+        self.dir.join(Self::name(key))
     }
 
     /// Keeps a copy of object `key`, whose sealed bytes are `data`, making room by dropping
@@ -112,26 +157,14 @@ impl LocalCopies {
             self.skipped.inc();
             return;
         }
-        let mut doomed = Vec::new();
-        {
+        let doomed = {
             let mut held = self.lock();
-            held.generation += 1;
-            let generation = held.generation;
-            held.sizes.insert(key.to_string(), (len, generation));
-            held.order.push_back((key.to_string(), generation));
-            held.bytes += len;
-            while held.bytes > self.budget {
-                let Some((oldest, g)) = held.order.pop_front() else { break };
-                if held.sizes.get(&oldest).is_some_and(|&(_, hg)| hg == g) {
-                    let (n, _) = held.sizes.remove(&oldest).expect("just looked");
-                    held.bytes -= n;
-                    doomed.push(oldest);
-                }
-            }
+            let doomed = held.add(Self::name(key), len, self.budget);
             self.held_bytes.set(held.bytes as i64);
-        }
-        for key in doomed {
-            let _ = std::fs::remove_file(self.path(&key));
+            doomed
+        };
+        for name in doomed {
+            let _ = std::fs::remove_file(self.dir.join(name));
         }
     }
 
@@ -172,7 +205,7 @@ impl LocalCopies {
     pub fn forget(&self, key: &str) {
         let removed = {
             let mut held = self.lock();
-            let removed = held.sizes.remove(key).map(|(n, _)| held.bytes -= n).is_some();
+            let removed = held.sizes.remove(&Self::name(key)).map(|(n, _)| held.bytes -= n).is_some();
             self.held_bytes.set(held.bytes as i64);
             removed
         };
@@ -225,12 +258,20 @@ mod tests {
     }
 
     #[test]
-    fn opening_empties_the_directory() {
+    fn copies_outlive_a_restart_within_the_budget_and_a_crash_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let copies = LocalCopies::open(dir.path(), 1 << 20, 0).unwrap();
         copies.keep("a", b"1234");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        copies.keep("b", b"5678");
+        std::fs::write(dir.path().join("0123.tmp"), b"half").unwrap();
+        std::fs::create_dir(dir.path().join("stray")).unwrap();
         let again = LocalCopies::open(dir.path(), 1 << 20, 0).unwrap();
-        assert_eq!(again.read("a", None), None);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!((again.read("a", None).as_deref(), again.bytes()), (Some(&b"1234"[..]), 8));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "only the copies are left");
+        // A smaller budget keeps the newest.
+        let small = LocalCopies::open(dir.path(), 6, 0).unwrap();
+        assert_eq!((small.read("a", None), small.read("b", None).as_deref()), (None, Some(&b"5678"[..])));
+        assert_eq!((small.bytes(), small.held_bytes.get()), (4, 4));
     }
 }
