@@ -1,8 +1,9 @@
 //! Deltas stored as patches (storage format 2), in packs (format 3): an incremental of
 //! small scattered writes uploads packs of patches, not whole chunks, and restores
-//! bit-exact; a chain that reaches its bound is stored whole again (its base read back
-//! from the store, the only time one is); and a process server SIGKILLed after acknowledging
-//! deltas it had not uploaded uploads them after its restart.
+//! bit-exact; a chain that reaches its bound is stored whole again (its base read back,
+//! the only time one is, from the process server's local copies); a process server
+//! SIGKILLed after acknowledging deltas it had not uploaded uploads them after its restart,
+//! and reads the bases of deltas from its local copies then.
 
 mod support;
 
@@ -229,17 +230,60 @@ async fn a_process_server_that_lost_its_cache_continues_from_the_chains_of_the_l
     ps.guard.kill9();
     agent.wait("the agent to notice the lost connection", 30, |s| !s.connected).await;
     std::fs::remove_dir_all(dir.join("cache/prod/lost")).unwrap();
+    std::fs::remove_dir_all(dir.join("cache/.copies")).unwrap();
     let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
     let restarted = agent.wait("a reconnection", 60, |s| s.connected).await;
 
     // Deltas on those chains: their bases come from the store through the chains (nothing
-    // is in memory), and since the chains' sizes are unknown the changes are stored whole.
+    // is in memory, and the local copies went with the volume), and since the chains'
+    // sizes are unknown the changes are stored whole.
     scatter(&a, CHUNKS, 2);
     let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= restarted.deltas_sent + CHUNKS).await;
     assert_eq!(sent.chunks_sent - restarted.chunks_sent, CHUNKS, "only the changes went: {sent:#?}");
     let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
     let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-2")).await;
     assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Data(_))), "{point:?}");
+    agent.stop().await;
+    drop(ps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_bases_of_deltas_are_read_from_local_copies_not_the_store() {
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-1").await;
+    let store = store_of(targets);
+    let server = ServerRef::new("prod", "copied").unwrap();
+
+    const CHUNKS: u64 = 8;
+    let a = dir.join("a.img");
+    write_pattern(&a, 0, (CHUNKS * MIB) as usize, 5);
+    let disks = [("sda", a.as_path())];
+    let files = pki.agent_files(&pki.ca, "prod", "copied", "copied");
+    let agent = start_agent(agent_config(pki, files, "prod", "copied", ps.addr, &disks, 0.2));
+    let s = agent.wait("the initial copy", 60, |s| s.points >= 1).await;
+    wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
+
+    // Killed and started again on its volume: nothing of the chunks is in its memory.
+    ps.guard.kill9();
+    agent.wait("the agent to notice the lost connection", 30, |s| !s.connected).await;
+    let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
+    let reconnected = agent.wait("a reconnection", 60, |s| s.connected).await;
+    // The agent compares its chunks with what the process server holds once it is back.
+    let restarted = agent.wait("a point after the comparison", 60, |s| s.points > reconnected.points).await;
+
+    // Each delta's base is read back to check it, from the copy of the initial copy's
+    // chunk: no request to the store.
+    scatter(&a, CHUNKS, 1);
+    let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= restarted.deltas_sent + CHUNKS).await;
+    assert_eq!(sent.chunks_sent - restarted.chunks_sent, CHUNKS, "each change went once, as a delta: {sent:#?}");
+    let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
+    let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
+    assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Chain(_))), "{point:?}");
+    let downloads = metric(ps.metrics, "siterecovery_process_server_base_downloads_total").await;
+    let hits = metric(ps.metrics, "siterecovery_process_server_local_copy_hits_total").await;
+    assert_eq!((downloads, hits), (Some(CHUNKS as f64), Some(CHUNKS as f64)), "bases read back, all from copies");
     agent.stop().await;
     drop(ps);
 }
