@@ -178,14 +178,21 @@ pub async fn start(config: Config, targets: Arc<dyn Targets>) -> anyhow::Result<
 
     let recent = Arc::new(recent::RecentChunks::new(config.recent_chunk_bytes, config.block_cv_bytes));
     let mut metrics = Metrics { base_downloads: recent.downloads.clone(), ..Metrics::default() };
-    let targets = if config.local_copy_bytes > 0 {
-        let dir = config.cache_dir.join(COPIES_DIR);
-        let copies = siterecovery_store::LocalCopies::open(&dir, config.local_copy_bytes, config.cache_limit)
-            .map_err(|e| anyhow::anyhow!("local copies in {}: {e}", dir.display()))?;
-        metrics.copies(&copies);
-        Arc::new(target::WithCopies::new(targets, Arc::new(copies)))
-    } else {
-        targets
+    // Copies are a cache: without them everything works, reading back from the store.
+    let dir = config.cache_dir.join(COPIES_DIR);
+    let copies = (config.local_copy_bytes > 0)
+        .then(|| siterecovery_store::LocalCopies::open(&dir, config.local_copy_bytes, config.cache_limit))
+        .transpose()
+        .unwrap_or_else(|e| {
+            tracing::warn!(dir = %dir.display(), error = %e, "no local copies: chunks are read back from the store");
+            None
+        });
+    let targets: Arc<dyn Targets> = match copies {
+        Some(copies) => {
+            metrics.copies(&copies);
+            Arc::new(target::WithCopies::new(targets, Arc::new(copies)))
+        }
+        None => targets,
     };
     let metrics = Arc::new(metrics);
     let mut registry = prometheus_client::registry::Registry::default();

@@ -405,6 +405,31 @@ async fn an_unreachable_store_neither_refuses_a_new_server_nor_keeps_a_restart_d
     t.recover().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_volume_that_cannot_hold_local_copies_replicates_without_them() {
+    let bed = Bed::new();
+    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+    // Where the copies' directory would be, a file: copies cannot be kept.
+    std::fs::create_dir_all(dir.join("cache")).unwrap();
+    std::fs::write(dir.join("cache/.copies"), b"not a directory").unwrap();
+    let ps = start_ps(dir, pki, targets, 1 << 30).await;
+    let a = dir.join("a.img");
+    write_random(&a, 0, (2 * MIB) as usize, 7);
+    let disks = [("sda", a.as_path())];
+    let files = pki.agent_files(&pki.ca, "prod", "nocopy", "nocopy");
+    let agent = start_agent(agent_config(pki, files, "prod", "nocopy", ps.addr, &disks, 0.2));
+    let s = agent.wait("a point", 60, |s| s.points >= 1).await;
+    let store = store_of(targets);
+    let server = ServerRef::new("prod", "nocopy").unwrap();
+    let point = wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
+    assert_restores_equal(&store, &server, &point, &disks, &dir.join("restore")).await;
+    let held = metric(ps.metrics_addr.unwrap(), "siterecovery_process_server_local_copy_bytes").await;
+    assert_eq!(held, Some(0.0), "no copies kept");
+    assert!(!dir.join("cache/.copies").is_dir(), "the file in the way is left alone");
+    agent.stop().await;
+    drop(ps);
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Garbage and truncated frames.
 // ---------------------------------------------------------------------------------------
