@@ -108,16 +108,25 @@ impl Store {
         Self { copies: Some(copies), ..self }
     }
 
-    /// Uploads a data object (a chunk, patch or pack) as sealed, and keeps a local copy.
+    /// Uploads a data object (a chunk, patch or pack) as sealed, and keeps a local copy,
+    /// written while the upload runs (not after it: an incremental's pack would wait for
+    /// both); the copy of an upload that failed is dropped.
     pub(crate) async fn put_data(&self, key: &str, sealed: Bytes) -> Result<u64> {
         let n = sealed.len() as u64;
-        self.backend.put(key, sealed.clone()).await?;
-        if let Some(copies) = self.copies.clone() {
-            let key = key.to_string();
+        let copy = self.copies.clone().map(|copies| {
+            let (key, sealed) = (key.to_string(), sealed.clone());
             tokio::task::spawn_blocking(move || copies.keep(&key, &sealed))
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))?;
+        });
+        let put = self.backend.put(key, sealed).await;
+        if let Some(copy) = copy {
+            copy.await.map_err(|e| StoreError::Task(e.to_string()))?;
+            if put.is_err()
+                && let Some(copies) = &self.copies
+            {
+                copies.forget(key);
+            }
         }
+        put?;
         Ok(n)
     }
 
