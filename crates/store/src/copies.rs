@@ -37,7 +37,9 @@ pub struct LocalCopies {
     budget: u64,
     reserve: u64,
     held: Mutex<Held>,
-    /// Reads answered from a copy.
+    writes: std::sync::atomic::AtomicU64,
+    /// Reads answered from a copy (those that then did not open are counted in
+    /// `dropped` too).
     pub hits: Counter,
     /// Copies not written: too large for the budget, the filesystem short of free space
     /// beyond the reserve, or a write that failed.
@@ -59,11 +61,13 @@ struct Held {
 }
 
 impl Held {
-    /// Adds copy `name` of `len` bytes as the newest; drops the oldest beyond `budget`
-    /// and gives their names.
+    /// Adds copy `name` of `len` bytes as the newest (replacing an older copy of that
+    /// name); drops the oldest beyond `budget` and gives their names.
     fn add(&mut self, name: String, len: u64, budget: u64) -> Vec<String> {
         self.generation += 1;
-        self.sizes.insert(name.clone(), (len, self.generation));
+        if let Some((old, _)) = self.sizes.insert(name.clone(), (len, self.generation)) {
+            self.bytes -= old;
+        }
         self.order.push_back((name, self.generation));
         self.bytes += len;
         let mut doomed = Vec::new();
@@ -113,6 +117,7 @@ impl LocalCopies {
             skipped: Counter::default(),
             dropped: Counter::default(),
             held: Mutex::new(held),
+            writes: std::sync::atomic::AtomicU64::new(0),
         };
         copies.held_bytes.set(copies.bytes() as i64);
         Ok(copies)
@@ -146,11 +151,13 @@ impl LocalCopies {
             return;
         }
         let path = self.path(key);
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(data)).and_then(|()| {
-            self.forget(key);
-            std::fs::rename(&tmp, &path)
-        });
+        // Its own temporary name: two writers of one object (two uploads of the same
+        // chunk) never write into the same file.
+        let n = self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{n}.tmp"));
+        // The rename replaces an older copy of the same object at once.
+        let written =
+            std::fs::File::create(&tmp).and_then(|mut f| f.write_all(data)).and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             tracing::debug!(key, error = %e, "no local copy of this object");
@@ -250,6 +257,22 @@ mod tests {
     }
 
     #[test]
+    fn writers_of_one_object_at_once_leave_one_whole_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let copies = LocalCopies::open(dir.path(), 1 << 30, 0).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..8u8 {
+                let copies = &copies;
+                s.spawn(move || copies.keep("a", &vec![i; 1 << 20]));
+            }
+        });
+        let copy = copies.read("a", None).unwrap();
+        assert!(copy.len() == 1 << 20 && copy.iter().all(|&b| b == copy[0]), "one writer's bytes, whole");
+        assert_eq!(copies.bytes(), 1 << 20);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
     fn no_copy_when_the_filesystem_would_keep_less_than_the_reserve() {
         let dir = tempfile::tempdir().unwrap();
         let copies = LocalCopies::open(dir.path(), 1 << 20, u64::MAX / 2).unwrap();
@@ -264,7 +287,7 @@ mod tests {
         copies.keep("a", b"1234");
         std::thread::sleep(std::time::Duration::from_millis(20));
         copies.keep("b", b"5678");
-        std::fs::write(dir.path().join("0123.tmp"), b"half").unwrap();
+        std::fs::write(dir.path().join(format!("{}.7.tmp", LocalCopies::name("c"))), b"half").unwrap();
         std::fs::create_dir(dir.path().join("stray")).unwrap();
         let again = LocalCopies::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!((again.read("a", None).as_deref(), again.bytes()), (Some(&b"1234"[..]), 8));
