@@ -204,88 +204,113 @@ async fn deltas_acknowledged_but_not_uploaded_survive_a_sigkill() {
     drop(ps);
 }
 
+/// Chunks of the disk of [`Restarted`].
+const CHUNKS: u64 = 8;
+
+/// A process server run as a child on fixed ports, and an agent of server `prod/<name>`
+/// whose 8 MiB disk (`a.img`) it replicates.
+struct Restarted {
+    bed: Bed,
+    ports: (u16, u16),
+    ps: PsChild,
+    agent: RunningAgent,
+    store: Store,
+    server: ServerRef,
+    a: std::path::PathBuf,
+}
+
+impl Restarted {
+    /// Started, the agent's initial copy done.
+    async fn start(name: &str, seed: u64) -> (Self, siterecovery_agent::AgentStatus) {
+        let bed = Bed::new();
+        let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
+        let ports = (free_port(), free_port());
+        let ps = PsChild::start(dir, pki, targets, ports.0, ports.1, 1 << 30, "ps-1").await;
+        let (store, server) = (store_of(targets), ServerRef::new("prod", name).unwrap());
+        let a = dir.join("a.img");
+        write_pattern(&a, 0, (CHUNKS * MIB) as usize, seed);
+        let files = pki.agent_files(&pki.ca, "prod", name, name);
+        let agent = start_agent(agent_config(pki, files, "prod", name, ps.addr, &[("sda", a.as_path())], 0.2));
+        let s = agent.wait("the initial copy", 60, |s| s.points >= 1).await;
+        (Self { ps, ports, agent, store, server, a, bed }, s)
+    }
+
+    /// Kills the process server, does `meanwhile` to its directory, starts it again on
+    /// the same ports and cache, and waits for the agent to reconnect.
+    async fn restart(&mut self, meanwhile: impl FnOnce(&Path)) -> siterecovery_agent::AgentStatus {
+        self.ps.guard.kill9();
+        self.agent.wait("the agent to notice the lost connection", 30, |s| !s.connected).await;
+        meanwhile(self.bed.dir());
+        let (dir, pki, targets) = (self.bed.dir(), &self.bed.pki, &self.bed.targets);
+        self.ps = PsChild::start(dir, pki, targets, self.ports.0, self.ports.1, 1 << 30, "ps-2").await;
+        self.agent.wait("a reconnection", 60, |s| s.connected).await
+    }
+
+    /// Scatters writes over every chunk (`scatter`) and waits for their deltas and a point
+    /// after them; gives the status at the deltas and at the point.
+    async fn change(
+        &self,
+        seed: u64,
+        from: &siterecovery_agent::AgentStatus,
+    ) -> (siterecovery_agent::AgentStatus, siterecovery_agent::AgentStatus) {
+        scatter(&self.a, CHUNKS, seed);
+        let sent = self.agent.wait("the deltas", 60, |x| x.deltas_sent >= from.deltas_sent + CHUNKS).await;
+        let s = self.agent.wait("a point after them", 60, |x| x.points > sent.points).await;
+        (sent, s)
+    }
+
+    /// Checks the agent's last point restores equal to the disk; gives its manifest.
+    async fn restores(&self, s: &siterecovery_agent::AgentStatus, to: &str) -> siterecovery_store::Manifest {
+        let disks = [("sda", self.a.as_path())];
+        assert_last_point_restores(&self.store, &self.server, s, &disks, &self.bed.dir().join(to)).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_server_that_lost_its_cache_continues_from_the_chains_of_the_latest_point() {
-    let bed = Bed::new();
-    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
-    let (port, metrics_port) = (free_port(), free_port());
-    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-1").await;
-    let store = store_of(targets);
-    let server = ServerRef::new("prod", "lost").unwrap();
-
-    const CHUNKS: u64 = 8;
-    let a = dir.join("a.img");
-    write_pattern(&a, 0, (CHUNKS * MIB) as usize, 9);
-    let disks = [("sda", a.as_path())];
-    let files = pki.agent_files(&pki.ca, "prod", "lost", "lost");
-    let agent = start_agent(agent_config(pki, files, "prod", "lost", ps.addr, &disks, 0.2));
-    let s = agent.wait("the initial copy", 60, |s| s.points >= 1).await;
-    scatter(&a, CHUNKS, 1);
-    let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= s.deltas_sent + CHUNKS).await;
-    let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
-    let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-1")).await;
+    let (mut t, s) = Restarted::start("lost", 9).await;
+    let (_, s) = t.change(1, &s).await;
+    let point = t.restores(&s, "restore-1").await;
     assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Chain(_))), "{point:?}");
 
     // The cache volume is lost: a new process server knows the server only from the store.
-    ps.guard.kill9();
-    agent.wait("the agent to notice the lost connection", 30, |s| !s.connected).await;
-    std::fs::remove_dir_all(dir.join("cache/prod/lost")).unwrap();
-    std::fs::remove_dir_all(dir.join("cache/.copies")).unwrap();
-    let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
-    let restarted = agent.wait("a reconnection", 60, |s| s.connected).await;
+    let restarted = t
+        .restart(|dir| {
+            std::fs::remove_dir_all(dir.join("cache/prod/lost")).unwrap();
+            std::fs::remove_dir_all(dir.join("cache/.copies")).unwrap();
+        })
+        .await;
 
     // Deltas on those chains: their bases come from the store through the chains (nothing
     // is in memory, and the local copies went with the volume), and since the chains'
     // sizes are unknown the changes are stored whole.
-    scatter(&a, CHUNKS, 2);
-    let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= restarted.deltas_sent + CHUNKS).await;
+    let (sent, s) = t.change(2, &restarted).await;
     assert_eq!(sent.chunks_sent - restarted.chunks_sent, CHUNKS, "only the changes went: {sent:#?}");
-    let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
-    let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore-2")).await;
+    let point = t.restores(&s, "restore-2").await;
     assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Data(_))), "{point:?}");
-    agent.stop().await;
-    drop(ps);
+    t.agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_the_bases_of_deltas_are_read_from_local_copies_not_the_store() {
-    let bed = Bed::new();
-    let (dir, pki, targets) = (bed.dir(), &bed.pki, &bed.targets);
-    let (port, metrics_port) = (free_port(), free_port());
-    let mut ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-1").await;
-    let store = store_of(targets);
-    let server = ServerRef::new("prod", "copied").unwrap();
-
-    const CHUNKS: u64 = 8;
-    let a = dir.join("a.img");
-    write_pattern(&a, 0, (CHUNKS * MIB) as usize, 5);
-    let disks = [("sda", a.as_path())];
-    let files = pki.agent_files(&pki.ca, "prod", "copied", "copied");
-    let agent = start_agent(agent_config(pki, files, "prod", "copied", ps.addr, &disks, 0.2));
-    let s = agent.wait("the initial copy", 60, |s| s.points >= 1).await;
-    wait_point(&store, &server, s.last_point.as_deref().unwrap(), 30).await;
+    let (mut t, s) = Restarted::start("copied", 5).await;
+    wait_point(&t.store, &t.server, s.last_point.as_deref().unwrap(), 30).await;
 
     // Killed and started again on its volume: nothing of the chunks is in its memory.
-    ps.guard.kill9();
-    agent.wait("the agent to notice the lost connection", 30, |s| !s.connected).await;
-    let ps = PsChild::start(dir, pki, targets, port, metrics_port, 1 << 30, "ps-2").await;
-    let reconnected = agent.wait("a reconnection", 60, |s| s.connected).await;
+    let reconnected = t.restart(|_| {}).await;
     // The agent compares its chunks with what the process server holds once it is back.
-    let restarted = agent.wait("a point after the comparison", 60, |s| s.points > reconnected.points).await;
+    let restarted = t.agent.wait("a point after the comparison", 60, |s| s.points > reconnected.points).await;
 
     // Each delta's base is read back to check it, from the copy of the initial copy's
     // chunk: no request to the store.
-    scatter(&a, CHUNKS, 1);
-    let sent = agent.wait("the deltas", 60, |x| x.deltas_sent >= restarted.deltas_sent + CHUNKS).await;
+    let (sent, s) = t.change(1, &restarted).await;
     assert_eq!(sent.chunks_sent - restarted.chunks_sent, CHUNKS, "each change went once, as a delta: {sent:#?}");
-    let s = agent.wait("a point after them", 60, |x| x.points > sent.points).await;
-    let point = assert_last_point_restores(&store, &server, &s, &disks, &dir.join("restore")).await;
+    let point = t.restores(&s, "restore").await;
     assert!(point.disks[0].chunks.iter().all(|c| matches!(c, ChunkRef::Chain(_))), "{point:?}");
-    let downloads = metric(ps.metrics, "siterecovery_process_server_base_downloads_total").await;
-    let hits = metric(ps.metrics, "siterecovery_process_server_local_copy_hits_total").await;
+    let downloads = metric(t.ps.metrics, "siterecovery_process_server_base_downloads_total").await;
+    let hits = metric(t.ps.metrics, "siterecovery_process_server_local_copy_hits_total").await;
     assert_eq!((downloads, hits), (Some(CHUNKS as f64), Some(CHUNKS as f64)), "bases read back, all from copies");
-    agent.stop().await;
-    drop(ps);
+    t.agent.stop().await;
 }
 
 /// 1 % of a 2 GiB image changed in random 64 KiB writes, as in the data-plane benchmark
