@@ -73,7 +73,10 @@ fn main() -> anyhow::Result<()> {
 /// buffer a fresh mapping, faulted in and zeroed: a fifth of the process server's CPU.
 /// So the threshold is fixed above a chunk (16 MiB: chunk buffers are reused from the
 /// heap) and the arenas are two (their holes stay few): 398 MiB peak in the same copy,
-/// and 20–45 % less CPU (docs/benchmarks.md, 2026-11-28 08:10). glibc reads these
+/// and 20–45 % less CPU (docs/benchmarks.md, 2026-11-28 08:10). A fixed threshold also
+/// fixes the trim threshold, at 128 KiB: every buffer freed at the top of a heap went back
+/// to the kernel and the next one was faulted in and zeroed again, so up to 32 MiB of
+/// free heap top is kept (docs/benchmarks.md, 2026-11-29 03:35). glibc reads these
 /// settings from the environment only at start, and `mallopt` is not reachable without
 /// `unsafe`, so the process starts itself again once with them set. A threshold already
 /// in the environment is kept with whatever else is there (an operator's choice; any
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
 fn fixed_mmap_threshold() {
     const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
     const ARENAS: &str = "MALLOC_ARENA_MAX";
+    const TRIM: &str = "MALLOC_TRIM_THRESHOLD_";
     if std::env::var_os(VAR).is_some() {
         return;
     }
@@ -91,6 +95,9 @@ fn fixed_mmap_threshold() {
     cmd.args(std::env::args_os().skip(1)).env(VAR, "16777216");
     if std::env::var_os(ARENAS).is_none() {
         cmd.env(ARENAS, "2");
+    }
+    if std::env::var_os(TRIM).is_none() {
+        cmd.env(TRIM, "33554432");
     }
     let err = cmd.exec();
     // Only reached if the exec failed: run as is.

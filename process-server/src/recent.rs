@@ -1,4 +1,6 @@
-//! Recently received chunk contents, the bases deltas apply to, and the chaining values of
+//! Recent chunk contents, the bases deltas apply to (chunks made from deltas, and bases
+//! read back from local copies or the store; a chunk received whole is kept as its block
+//! values only), and the chaining values of
 //! the 64 KiB blocks of many more chunks, from which a delta is checked without its base
 //! (`siterecovery_store::tree`; 2 KiB for a 4 MiB chunk). Each has one budget for the
 //! whole process server; the oldest entries go first. A miss costs a download from the

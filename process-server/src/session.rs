@@ -339,9 +339,12 @@ async fn receive(
             rebuild(shared, state, d, checked).await?;
         }
         Message::Chunk(c, body) => {
-            if let Some((plain, cvs)) = check_chunk(state, c, body).await? {
+            // The plaintext is not kept: deltas against this chunk are checked from the
+            // values of its blocks, and an uploader that rebuilds one reads it from its
+            // local copy or the store (keeping every received chunk made each a fresh
+            // 4 MiB of memory, a tenth of the process server's CPU in an initial copy).
+            if let Some(cvs) = check_chunk(state, c, body).await? {
                 let hash = ChunkHash::from_hex(c.hash.as_deref().unwrap_or_default()).expect("checked");
-                shared.recent.insert(&state.server, &c.disk, hash, plain);
                 shared.recent.insert_cvs(&state.server, &c.disk, hash, cvs);
             }
         }
@@ -414,13 +417,13 @@ async fn journal(state: &Arc<ServerState>, frame: &Frame, m: &Message) -> Result
 }
 
 /// A chunk must name a known disk and slot, have that slot's length, and hash to what
-/// it claims: checked before anything is acknowledged. Gives its plaintext and the chaining
-/// values of its blocks (computed by the same hashing).
+/// it claims: checked before anything is acknowledged. Gives the chaining values of its
+/// blocks (computed by the same hashing).
 async fn check_chunk(
     state: &ServerState,
     c: &ChunkData,
     body: &bytes::Bytes,
-) -> Result<Option<(Bytes, Arc<[ChainingValue]>)>, Refuse> {
+) -> Result<Option<Arc<[ChainingValue]>>, Refuse> {
     let expected = expected_len(state, &c.disk, c.index)?;
     if u64::from(c.len) != expected {
         return Err(refuse(
@@ -431,10 +434,10 @@ async fn check_chunk(
     let Some(claimed) = &c.hash else { return Ok(None) };
     let claimed = ChunkHash::from_hex(claimed).expect("checked by from_frame");
     let (body, encoding, len) = (body.clone(), c.encoding, c.len as usize);
-    let (actual, plain, cvs) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let plain = decode(&body, encoding, len)?;
-        let (hash, cvs) = hash_blocks(&plain);
-        Ok((hash, plain, cvs))
+    let (actual, cvs) = tokio::task::spawn_blocking(move || match encoding {
+        Encoding::Raw if body.len() != len => Err(format!("body is {} bytes, expected {len}", body.len())),
+        Encoding::Raw => Ok(hash_blocks(&body)),
+        Encoding::Zstd => decoded(&body, len, hash_blocks),
     })
     .await
     .map_err(|e| refuse("ProtocolError", e.to_string()))?
@@ -445,7 +448,7 @@ async fn check_chunk(
             format!("chunk {} of disk {} does not hash to what the agent claims", c.index, c.disk),
         ));
     }
-    Ok(Some((plain, cvs)))
+    Ok(Some(cvs))
 }
 
 /// A chunk's hash and the chaining values of its blocks, hashing its bytes once.
@@ -504,6 +507,32 @@ thread_local! {
     /// incremental is hundreds of small deltas).
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    /// Each blocking thread's buffer for plaintexts that are only looked at (a chunk's,
+    /// to check its hash): reused, where a new one per chunk was fresh memory the kernel
+    /// had to map and zero.
+    static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the `len` bytes zstd frame `body` decompresses to, in this thread's
+/// buffer; an error when it decompresses to anything else.
+fn decoded<T>(body: &[u8], len: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+    PLAIN.with_borrow_mut(|buf| {
+        buf.clear();
+        // At most one chunk more than was asked for, so a frame too long is found out
+        // without decompressing all of it.
+        buf.reserve_exact(len + 1);
+        let n = DECOMPRESSOR.with_borrow_mut(|d| {
+            let d = match d {
+                Some(d) => d,
+                None => d.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?),
+            };
+            d.decompress_to_buffer(body, buf).map_err(|e| format!("zstd: {e}"))
+        })?;
+        if n != len {
+            return Err(format!("body decodes to {n} bytes, expected {len}"));
+        }
+        Ok(f(&buf[..n]))
+    })
 }
 
 /// A body as plaintext of exactly `len` bytes.
@@ -700,6 +729,27 @@ mod tests {
         // A chunk of one block is hashed whole.
         let one = bytes(B, 5);
         assert!(check_by_blocks(&hash_blocks(&one).1, B as u64, &[[0, B as u32]], &one).is_none());
+    }
+
+    #[test]
+    fn a_chunk_body_is_checked_in_a_reused_buffer_and_must_decode_to_its_length() {
+        let len = 4 * tree::BLOCK + 100;
+        let plain = bytes(len, 7);
+        let frame = zstd::bulk::compress(&plain, 1).unwrap();
+        assert_eq!(decoded(&frame, len, hash_blocks).unwrap().0, ChunkHash::of(&plain));
+        let at = PLAIN.with_borrow(|b| b.as_ptr());
+        assert_eq!(decoded(&frame, len, |b| b.to_vec()).unwrap(), plain, "the plaintext, the second time");
+        assert_eq!(PLAIN.with_borrow(|b| b.as_ptr()), at, "in the same buffer");
+        // A frame that makes more or fewer bytes than the chunk's length, or no frame.
+        let longer = zstd::bulk::compress(&bytes(len + 1, 7), 1).unwrap();
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+        for (frame, why) in
+            [(&longer, "one byte more"), (&bomb, "64 MiB"), (&frame[..frame.len() / 2].to_vec(), "cut off")]
+        {
+            assert!(decoded(frame, len, |_| ()).is_err(), "{why}");
+        }
+        assert!(decoded(&zstd::bulk::compress(&plain[..len - 1], 1).unwrap(), len, |_| ()).is_err(), "one byte fewer");
+        assert!(PLAIN.with_borrow(|b| b.capacity()) <= 2 * (len + 1), "a bomb is not decompressed into memory");
     }
 
     #[test]
