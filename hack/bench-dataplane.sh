@@ -16,7 +16,8 @@
 #
 # Environment: BENCH_RPO_SECONDS (default 120), BENCH_RPO_RATE_MB (20),
 # BENCH_DP_PHASES (image,imagedev,blockdev: any of them), BENCH_DP_PERF (1: `perf record`
-# the initial replications into target/bench/perf), BENCH_BLOCKDEV_SYNC (1: the
+# the initial replications into target/bench/perf or BENCH_DP_PERF_DIR;
+# BENCH_DP_PERF_CALL_GRAPH=1 with call graphs), BENCH_BLOCKDEV_SYNC (1: the
 # block-device writer calls fdatasync after every write), BENCH_DP_LOG (the agents' and
 # process servers' RUST_LOG, default info), BENCH_PHASE_TIMEOUT_SECONDS (1200), SR_BENCH_DP_AZURITE_PORT (10041), and SR_BENCH_DP_REV: a
 # commit whose agent and process server to measure instead of the working tree's (built
@@ -197,7 +198,7 @@ if [[ ",$phases," == *",imagedev,"* ]]; then
     blk_args+=(--imagedev "$devloop")
   fi
 fi
-[ "${BENCH_DP_PERF:-0}" = 1 ] && blk_args+=(--perf "$PWD/target/bench/perf")
+[ "${BENCH_DP_PERF:-0}" = 1 ] && blk_args+=(--perf "${BENCH_DP_PERF_DIR:-$PWD/target/bench/perf}")
 if [[ ",$phases," == *",blockdev,"* ]]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "block-device phase skipped: it needs root (loop device, mount, eBPF, fsfreeze)"

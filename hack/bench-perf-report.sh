@@ -11,9 +11,20 @@ data=${1:?usage: $0 <perf.data> [top symbols]}
 top=${2:-25}
 pids=${data%.data}.pids
 [ -s "$pids" ] || { echo "no $pids beside $data" >&2; exit 1; }
-report() {
-  perf report -i "$data" --stdio --no-children --percentage relative --percent-limit 0.5 "$@" 2>/dev/null |
-    grep -v '^#' | grep -v '^$' || true
+# One process's share of the samples by thread name, or by library and symbol, from
+# `perf script`: `perf report --pid` with a sort key that leaves the process out merges
+# a symbol's samples across processes first (the kernel's and libc's symbols of all three
+# counted as this one's), which inflated the shared symbols before 2026-11-29.
+threads() {
+  perf script -i "$data" -F comm,pid,period -G 2>/dev/null |
+    awk -v p="$1" '$(NF - 1) == p { s = $1; for (i = 2; i < NF - 1; i++) s = s " " $i; c[s] += $NF; t += $NF }
+      END { for (k in c) if (100 * c[k] / t >= 0.5) printf "%7.2f%%  %s\n", 100 * c[k] / t, k }' | sort -rn | head -10
+}
+symbols() {
+  perf script -i "$data" -F pid,period,ip,sym,dso -G 2>/dev/null |
+    awk -v p="$1" '$1 == p { s = $4; for (i = 5; i < NF; i++) s = s " " $i; d = $NF; gsub(/[()]/, "", d); sub(/.*\//, "", d)
+        c[d "  " s] += $2; t += $2 }
+      END { for (k in c) if (100 * c[k] / t >= 0.5) printf "%7.2f%%  %s\n", 100 * c[k] / t, k }' | sort -rn | head -"$2"
 }
 
 # cpu-clock samples carry their period in nanoseconds of CPU.
@@ -28,6 +39,6 @@ while read -r name pid; do
   [ -n "$pid" ] || continue
   echo
   echo "== $name (pid $pid): by thread name, then the top $top symbols"
-  report --pid "$pid" --sort comm | head -10
-  report --pid "$pid" --sort dso,sym | head -"$top"
+  threads "$pid"
+  symbols "$pid" "$top"
 done <"$pids"

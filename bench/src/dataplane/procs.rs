@@ -107,6 +107,9 @@ pub struct PerfRecord(std::process::Child);
 
 impl PerfRecord {
     /// Samples every CPU at 499 Hz into `out`; `pids` names the processes of interest.
+    /// `BENCH_DP_PERF_CALL_GRAPH=1` records call graphs too (`-g`: which code path a
+    /// kernel symbol such as a page fault came from; user frames are partial without frame
+    /// pointers).
     pub fn start(pids: &[(&str, Option<u32>)], out: &Path) -> anyhow::Result<Self> {
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir)?;
@@ -114,8 +117,11 @@ impl PerfRecord {
         let names: String = pids.iter().filter_map(|(n, p)| Some(format!("{n} {}\n", (*p)?))).collect();
         std::fs::write(out.with_extension("pids"), names)?;
         let log = File::create(out.with_extension("log"))?;
+        let graph = std::env::var("BENCH_DP_PERF_CALL_GRAPH").is_ok_and(|v| v == "1");
         let child = Command::new("perf")
-            .args(["record", "-q", "-a", "-e", "cpu-clock", "-F", "499", "-o"])
+            .args(["record", "-q", "-a"])
+            .args(graph.then_some("-g"))
+            .args(["-e", "cpu-clock", "-F", "499", "-o"])
             .arg(out)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
