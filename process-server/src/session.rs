@@ -434,14 +434,10 @@ async fn check_chunk(
     let Some(claimed) = &c.hash else { return Ok(None) };
     let claimed = ChunkHash::from_hex(claimed).expect("checked by from_frame");
     let (body, encoding, len) = (body.clone(), c.encoding, c.len as usize);
-    let (actual, cvs) = tokio::task::spawn_blocking(move || match encoding {
-        Encoding::Raw if body.len() != len => Err(format!("body is {} bytes, expected {len}", body.len())),
-        Encoding::Raw => Ok(hash_blocks(&body)),
-        Encoding::Zstd => decoded(&body, len, hash_blocks),
-    })
-    .await
-    .map_err(|e| refuse("ProtocolError", e.to_string()))?
-    .map_err(|e| refuse("ChecksumMismatch", format!("chunk {} of disk {}: {e}", c.index, c.disk)))?;
+    let (actual, cvs) = tokio::task::spawn_blocking(move || with_plain(&body, encoding, len, hash_blocks))
+        .await
+        .map_err(|e| refuse("ProtocolError", e.to_string()))?
+        .map_err(|e| refuse("ChecksumMismatch", format!("chunk {} of disk {}: {e}", c.index, c.disk)))?;
     if actual != claimed {
         return Err(refuse(
             "ChecksumMismatch",
@@ -513,24 +509,41 @@ thread_local! {
     static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on the `len` bytes zstd frame `body` decompresses to, in this thread's
-/// buffer; an error when it decompresses to anything else.
-fn decoded<T>(body: &[u8], len: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+/// Runs `f` with this thread's decompression context.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> Result<T, String> {
+    DECOMPRESSOR.with_borrow_mut(|d| {
+        let d = match d {
+            Some(d) => d,
+            None => d.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?),
+        };
+        f(d).map_err(|e| format!("zstd: {e}"))
+    })
+}
+
+/// A body's plaintext must be exactly the `len` bytes its message names.
+fn exact_len(n: usize, len: usize) -> Result<(), String> {
+    if n != len {
+        return Err(format!("body decodes to {n} bytes, expected {len}"));
+    }
+    Ok(())
+}
+
+/// Runs `f` on the `len` bytes of plaintext a body is: itself when raw, else what it
+/// decompresses to, in this thread's buffer; an error when that is not `len` bytes.
+fn with_plain<T>(body: &[u8], encoding: Encoding, len: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+    if let Encoding::Raw = encoding {
+        exact_len(body.len(), len)?;
+        return Ok(f(body));
+    }
     PLAIN.with_borrow_mut(|buf| {
         buf.clear();
         // At most one chunk more than was asked for, so a frame too long is found out
         // without decompressing all of it.
         buf.reserve_exact(len + 1);
-        let n = DECOMPRESSOR.with_borrow_mut(|d| {
-            let d = match d {
-                Some(d) => d,
-                None => d.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?),
-            };
-            d.decompress_to_buffer(body, buf).map_err(|e| format!("zstd: {e}"))
-        })?;
-        if n != len {
-            return Err(format!("body decodes to {n} bytes, expected {len}"));
-        }
+        let n = with_decompressor(|d| d.decompress_to_buffer(body, buf))?;
+        exact_len(n, len)?;
         Ok(f(&buf[..n]))
     })
 }
@@ -539,17 +552,9 @@ fn decoded<T>(body: &[u8], len: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T, 
 pub(crate) fn decode(body: &Bytes, encoding: Encoding, len: usize) -> Result<Bytes, String> {
     let plain = match encoding {
         Encoding::Raw => body.clone(),
-        Encoding::Zstd => DECOMPRESSOR.with_borrow_mut(|d| {
-            let d = match d {
-                Some(d) => d,
-                None => d.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?),
-            };
-            d.decompress(body, len).map(Bytes::from).map_err(|e| format!("zstd: {e}"))
-        })?,
+        Encoding::Zstd => Bytes::from(with_decompressor(|d| d.decompress(body, len))?),
     };
-    if plain.len() != len {
-        return Err(format!("body decodes to {} bytes, expected {len}", plain.len()));
-    }
+    exact_len(plain.len(), len)?;
     Ok(plain)
 }
 
@@ -736,9 +741,13 @@ mod tests {
         let len = 4 * tree::BLOCK + 100;
         let plain = bytes(len, 7);
         let frame = zstd::bulk::compress(&plain, 1).unwrap();
-        assert_eq!(decoded(&frame, len, hash_blocks).unwrap().0, ChunkHash::of(&plain));
+        assert_eq!(with_plain(&frame, Encoding::Zstd, len, hash_blocks).unwrap().0, ChunkHash::of(&plain));
         let at = PLAIN.with_borrow(|b| b.as_ptr());
-        assert_eq!(decoded(&frame, len, |b| b.to_vec()).unwrap(), plain, "the plaintext, the second time");
+        assert_eq!(
+            with_plain(&frame, Encoding::Zstd, len, |b| b.to_vec()).unwrap(),
+            plain,
+            "the plaintext, the second time"
+        );
         assert_eq!(PLAIN.with_borrow(|b| b.as_ptr()), at, "in the same buffer");
         // A frame that makes more or fewer bytes than the chunk's length, or no frame.
         let longer = zstd::bulk::compress(&bytes(len + 1, 7), 1).unwrap();
@@ -746,9 +755,12 @@ mod tests {
         for (frame, why) in
             [(&longer, "one byte more"), (&bomb, "64 MiB"), (&frame[..frame.len() / 2].to_vec(), "cut off")]
         {
-            assert!(decoded(frame, len, |_| ()).is_err(), "{why}");
+            assert!(with_plain(frame, Encoding::Zstd, len, |_| ()).is_err(), "{why}");
         }
-        assert!(decoded(&zstd::bulk::compress(&plain[..len - 1], 1).unwrap(), len, |_| ()).is_err(), "one byte fewer");
+        assert!(
+            with_plain(&zstd::bulk::compress(&plain[..len - 1], 1).unwrap(), Encoding::Zstd, len, |_| ()).is_err(),
+            "one byte fewer"
+        );
         assert!(PLAIN.with_borrow(|b| b.capacity()) <= 2 * (len + 1), "a bomb is not decompressed into memory");
     }
 
