@@ -115,14 +115,15 @@ impl Store {
         let n = sealed.len() as u64;
         let copy = self.copies.clone().map(|copies| {
             let (key, sealed) = (key.to_string(), sealed.clone());
-            tokio::task::spawn_blocking(move || copies.keep(&key, &sealed))
+            tokio::task::spawn_blocking(move || {
+                copies.keep(&key, &sealed);
+                copies
+            })
         });
         let put = self.backend.put(key, sealed).await;
         if let Some(copy) = copy {
-            copy.await.map_err(|e| StoreError::Task(e.to_string()))?;
-            if put.is_err()
-                && let Some(copies) = &self.copies
-            {
+            let copies = copy.await.map_err(|e| StoreError::Task(e.to_string()))?;
+            if put.is_err() {
                 copies.forget(key);
             }
         }
